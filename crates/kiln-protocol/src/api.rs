@@ -1,0 +1,275 @@
+//! JSON bodies of Kiln's HTTP API under `/v1`.
+//!
+//! Streaming endpoints (exec output, process attach, file watch) answer with
+//! `application/x-ndjson`: one JSON object per line, each an [`ExecEvent`] or a
+//! [`crate::kilnd::WatchEvent`]. Errors are always an [`ErrorBody`].
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::kilnd::{ExitStatus, FileKind, FileStat, ProcessInfo, StreamKind, WatchEvent};
+
+/// `{"error":{"code","message","hint"}}` — the body of every non-2xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// The detail of an API error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `sandbox_not_found`, `invalid_argument`.
+    pub code: String,
+    /// One human sentence saying what was wrong.
+    pub message: String,
+    /// How to fix it, when there is something to say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hint: Option<String>,
+}
+
+/// Network access of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NetworkMode {
+    /// Own network namespace with loopback only (the default).
+    #[default]
+    None,
+    /// Own network namespace with a veth pair, bridged and NATed to the host's uplink.
+    Full,
+}
+
+/// `POST /v1/sandboxes`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    /// Template (image) name; default `base`.
+    #[serde(default)]
+    pub template: Option<String>,
+    /// vCPUs (fractions allowed, e.g. 0.5); default from server config.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory limit: bytes as a number, or a size string like `"512M"`, `"1G"`.
+    #[serde(default)]
+    pub memory: Option<SizeArg>,
+    /// Writable disk limit, same forms as `memory`.
+    #[serde(default)]
+    pub disk: Option<SizeArg>,
+    #[serde(default)]
+    pub network: Option<NetworkMode>,
+    /// Auto-remove after this long: seconds as a number, or `"10m"`, `"1h30m"`.
+    #[serde(default)]
+    pub ttl: Option<DurationArg>,
+    /// Free-form labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A size given as bytes or as a human string (`512M`, `2G`, `100KiB`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SizeArg {
+    Bytes(u64),
+    Text(String),
+}
+
+/// A duration given as seconds or a human string (`10m`, `90s`, `1h`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum DurationArg {
+    Secs(f64),
+    Text(String),
+}
+
+/// Lifecycle state of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    Running,
+    Paused,
+    /// Its processes are gone (found at reconcile, or killed by OOM at PID 1); kept for
+    /// inspection until removed.
+    Dead,
+}
+
+/// A sandbox as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub template: String,
+    /// Content address of the image the rootfs is built from.
+    pub image: String,
+    pub state: SandboxState,
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub network: NetworkMode,
+    /// Unix milliseconds.
+    pub created_at_ms: u64,
+    /// Unix milliseconds after which the sandbox is removed, if it has a TTL.
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+    /// Whether create was served from the warm pool.
+    #[serde(default)]
+    pub from_pool: bool,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Sandbox address on the Kiln bridge when `network` is `full`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+}
+
+/// `GET /v1/sandboxes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxList {
+    pub sandboxes: Vec<Sandbox>,
+}
+
+/// `POST /v1/sandboxes/{id}/exec` (streams [`ExecEvent`]s) and
+/// `POST /v1/sandboxes/{id}/processes` (starts detached, answers [`ProcessStarted`]).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub timeout_secs: Option<f64>,
+    /// Bytes to feed on stdin, base64; stdin is closed after them. Leave empty and set
+    /// `keep_stdin_open` to write later with `POST .../processes/{pid}/stdin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_b64: Option<String>,
+    #[serde(default)]
+    pub keep_stdin_open: bool,
+    #[serde(default)]
+    pub tag: Option<String>,
+}
+
+/// One line of an exec / attach NDJSON stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    Started {
+        pid: String,
+        os_pid: u32,
+    },
+    Stdout {
+        seq: u64,
+        #[serde(with = "crate::b64")]
+        data: Vec<u8>,
+    },
+    Stderr {
+        seq: u64,
+        #[serde(with = "crate::b64")]
+        data: Vec<u8>,
+    },
+    /// Output with `seq` in `[from, to]` was dropped from the ring buffer before attach.
+    Gap {
+        from: u64,
+        to: u64,
+    },
+    Exit(ExitStatus),
+    /// The stream broke (sandbox removed, daemon gone); the process may still run.
+    Error(ErrorDetail),
+}
+
+/// Answer of `POST /v1/sandboxes/{id}/processes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessStarted {
+    pub pid: String,
+    pub os_pid: u32,
+}
+
+/// `GET /v1/sandboxes/{id}/processes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProcessList {
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// `POST /v1/sandboxes/{id}/processes/{pid}/signal`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalRequest {
+    /// Number (`15`) or name (`TERM`, `SIGKILL`).
+    pub signal: SignalArg,
+}
+
+/// A signal by number or name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum SignalArg {
+    Number(i32),
+    Name(String),
+}
+
+/// `GET /v1/sandboxes/{id}/files/list?path=..&depth=..`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FileList {
+    pub entries: Vec<FileStat>,
+}
+
+/// `POST /v1/sandboxes/{id}/files/mkdir`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MkdirRequest {
+    pub path: String,
+    #[serde(default = "yes")]
+    pub parents: bool,
+}
+
+/// `POST /v1/sandboxes/{id}/files/move`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveRequest {
+    pub from: String,
+    pub to: String,
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Text messages on the PTY WebSocket (`GET /v1/sandboxes/{id}/pty`). Binary messages carry
+/// terminal bytes in both directions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PtyMessage {
+    /// Server -> client, first message: the session id (use `?session=ID` to re-attach).
+    Opened { session: String },
+    /// Client -> server.
+    Resize { cols: u16, rows: u16 },
+    /// Server -> client, last message.
+    Exit(ExitStatus),
+}
+
+/// `GET /v1/health`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub runtime: String,
+    pub sandboxes: u64,
+    pub warm_pool: u64,
+}
+
+/// One template/image the server knows (`GET /v1/templates`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Template {
+    pub name: String,
+    /// Content address (`sha256:...`) of its top layer.
+    pub image: String,
+    pub size_bytes: u64,
+    pub created_at_ms: u64,
+}
+
+/// `GET /v1/templates`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateList {
+    pub templates: Vec<Template>,
+}
