@@ -63,6 +63,10 @@ pub struct CreateSandbox {
     /// Free-form labels.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// `false` skips the warm pool and always creates cold (benchmarks); default `true`:
+    /// a matching idle pool member is claimed when there is one.
+    #[serde(default)]
+    pub pool: Option<bool>,
 }
 
 /// A size given as bytes or as a human string (`512M`, `2G`, `100KiB`).

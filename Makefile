@@ -1,0 +1,56 @@
+# Kiln: the two commands are `make run` (set up everything and start the server) and
+# `make test` (set up everything and run the whole test suite). Both are idempotent.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+TARGET_DIR  := $(or $(CARGO_TARGET_DIR),$(CURDIR)/target)
+HOST_TRIPLE := x86_64-unknown-linux-gnu
+KILND       := $(TARGET_DIR)/$(HOST_TRIPLE)/kilnd/kilnd
+KILN        := $(TARGET_DIR)/release/kiln
+DATA_DIR    ?= /var/lib/kiln
+TEST_IMAGES ?= $(or $(KILN_TEST_IMAGES),$(TARGET_DIR)/kiln-test-images)
+BENCH_N     ?= 200
+
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: run test deps toolchain build kilnd test-image bench fmt lint clean-test
+
+## run: install what is missing, build, start `kiln up` on embedded defaults
+run: deps build
+	$(KILN) up --data-dir $(DATA_DIR)
+
+## test: install what is missing, build, run every test as root with the real runtime
+test: deps build test-image
+	KILN_KILND=$(KILND) KILN_TEST_IMAGES=$(TEST_IMAGES) KILN_BIN=$(KILN) \
+	  cargo test --release --workspace --no-fail-fast -- --test-threads=$${KILN_TEST_THREADS:-2}
+
+deps: toolchain
+	scripts/install-deps.sh
+
+toolchain:
+	@command -v cargo >/dev/null || { echo "make: cargo is missing (hint: install Rust with rustup, https://rustup.rs)"; exit 1; }
+
+## kilnd: the in-sandbox daemon, statically linked (glibc + crt-static)
+kilnd: toolchain
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+	  cargo build --profile kilnd --target $(HOST_TRIPLE) -p kilnd --bin kilnd
+	@if ldd $(KILND) >/dev/null 2>&1; then echo "make: $(KILND) is not static"; exit 1; fi
+
+build: kilnd
+	cargo build --release -p kiln-cli
+	install -m 0755 $(KILND) $(TARGET_DIR)/release/kilnd
+
+## test-image: the Debian base image the tests start sandboxes from (cached by build key)
+test-image: build
+	$(KILN) template build base --images-dir $(TEST_IMAGES)
+
+## bench: `kiln bench sandbox` against a throwaway server on port 7787
+bench: build
+	scripts/bench.sh $(KILN) $(BENCH_N)
+
+fmt:
+	cargo fmt --all
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --release --workspace --all-targets

@@ -1,0 +1,308 @@
+//! `kiln bench sandbox`: measures the platform through the server's HTTP API (not by timing
+//! CLI processes) and prints p50/p99 of cold and warm create-to-first-output, exec round trip,
+//! and host memory per idle sandbox.
+//!
+//! The memory figure reads this machine's `/proc/meminfo`, so it is only measured when the
+//! server runs here (a loopback URL).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, Subcommand};
+use kiln_protocol::api::{CreateSandbox, ExecEvent, ExecRequest, Health, Sandbox};
+use reqwest::Method;
+use serde::Serialize;
+
+use crate::api::Api;
+use crate::Global;
+
+#[derive(Subcommand)]
+pub enum BenchCmd {
+    /// Sandbox create/exec latency and idle memory
+    Sandbox(SandboxBench),
+}
+
+#[derive(Args, Debug)]
+pub struct SandboxBench {
+    /// Iterations per latency measurement
+    #[arg(long, default_value_t = 200)]
+    pub n: usize,
+    /// Sandboxes kept alive at once for the memory measurement [default: --n]
+    #[arg(long)]
+    pub idle: Option<usize>,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// p50 and p99 in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+/// Nearest-rank percentiles of a sample (milliseconds).
+pub fn percentiles(samples: &mut [f64]) -> Percentiles {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let pick = |q: f64| {
+        if samples.is_empty() {
+            return f64::NAN;
+        }
+        let rank = (q * samples.len() as f64).ceil() as usize;
+        samples[rank.clamp(1, samples.len()) - 1]
+    };
+    let round = |v: f64| (v * 1000.0).round() / 1000.0;
+    Percentiles { p50: round(pick(0.50)), p99: round(pick(0.99)) }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    iterations: usize,
+    cold_create_to_first_output_ms: Percentiles,
+    warm_create_to_first_output_ms: Option<Percentiles>,
+    /// cold p50 / warm p50, measured in this run.
+    warm_speedup_vs_cold: Option<f64>,
+    exec_roundtrip_ms: Percentiles,
+    idle_sandboxes: usize,
+    memory_per_idle_sandbox_mib: Option<f64>,
+    host_processes_per_idle_sandbox: Option<f64>,
+    targets: serde_json::Value,
+}
+
+pub async fn run(g: &Global, cmd: BenchCmd) -> Result<i32> {
+    match cmd {
+        BenchCmd::Sandbox(b) => sandbox(&g.api(), b).await,
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+async fn create(api: &Api, pool: bool) -> Result<Sandbox> {
+    let req = CreateSandbox { pool: Some(pool), ..CreateSandbox::default() };
+    api.json(Method::POST, "/v1/sandboxes", Some(&req)).await
+}
+
+/// Runs `cmd` and returns (the instant its first stdout chunk arrived, time from request to exit).
+async fn exec_timed(api: &Api, id: &str, cmd: &[&str]) -> Result<(Option<Instant>, Duration)> {
+    let t0 = Instant::now();
+    let req = ExecRequest { cmd: cmd.iter().map(|s| s.to_string()).collect(), ..ExecRequest::default() };
+    let resp = api.send(api.request(Method::POST, &format!("/v1/sandboxes/{id}/exec")).json(&req)).await?;
+    let mut first = None;
+    let mut exited = false;
+    api.each_event(resp, |ev| {
+        match ev {
+            ExecEvent::Stdout { .. } if first.is_none() => first = Some(Instant::now()),
+            ExecEvent::Exit(_) => {
+                exited = true;
+                return Ok(false);
+            }
+            ExecEvent::Error(e) => return Err(anyhow!("exec failed: {}", e.message)),
+            _ => {}
+        }
+        Ok(true)
+    })
+    .await?;
+    if !exited {
+        bail!("exec stream ended without an exit event");
+    }
+    Ok((first, t0.elapsed()))
+}
+
+async fn remove(api: &Api, id: &str) -> Result<()> {
+    api.empty(Method::DELETE, &format!("/v1/sandboxes/{id}")).await
+}
+
+fn mem_available_kib() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    text.lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+fn process_count() -> usize {
+    std::fs::read_dir("/proc")
+        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).count())
+        .unwrap_or(0)
+}
+
+fn local_server(api: &Api) -> bool {
+    let host = api.base.trim_start_matches("http://").trim_start_matches("https://");
+    host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
+}
+
+fn progress(json: bool, msg: &str) {
+    if !json {
+        eprintln!("bench: {msg}");
+    }
+}
+
+async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
+    if b.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let health: Health = api.json(Method::GET, "/v1/health", None::<&()>).await?;
+    let idle_n = b.idle.unwrap_or(b.n);
+
+    // 1. Cold: create (skipping the pool) then the first byte of `echo` output.
+    progress(b.json, &format!("cold create-to-first-output x{}", b.n));
+    let mut cold = Vec::with_capacity(b.n);
+    for _ in 0..b.n {
+        let t0 = Instant::now();
+        let sb = create(api, false).await?;
+        let (first, _) = exec_timed(api, &sb.id, &["echo", "kiln"]).await?;
+        let first = first.ok_or_else(|| anyhow!("echo printed nothing"))?;
+        cold.push(ms(first - t0));
+        remove(api, &sb.id).await?;
+    }
+
+    // 2. Warm: the same, claiming a ready pool member (waiting for the pool to refill between
+    //    iterations is not timed).
+    let warm = if health.warm_pool > 0 || pool_configured(api).await {
+        progress(b.json, &format!("warm-pool create-to-first-output x{}", b.n));
+        let mut warm = Vec::with_capacity(b.n);
+        for _ in 0..b.n {
+            wait_for_pool(api).await?;
+            let t0 = Instant::now();
+            let sb = create(api, true).await?;
+            let (first, _) = exec_timed(api, &sb.id, &["echo", "kiln"]).await?;
+            let first = first.ok_or_else(|| anyhow!("echo printed nothing"))?;
+            if !sb.from_pool {
+                bail!("the warm pool did not serve the create (is --warm-pool 0?)");
+            }
+            warm.push(ms(first - t0));
+            remove(api, &sb.id).await?;
+        }
+        Some(warm)
+    } else {
+        None
+    };
+
+    // 3. Exec round trip of `true` in one live sandbox.
+    progress(b.json, &format!("exec round trip x{}", b.n));
+    let sb = create(api, false).await?;
+    let mut rt = Vec::with_capacity(b.n);
+    for _ in 0..b.n {
+        let (_, total) = exec_timed(api, &sb.id, &["true"]).await?;
+        rt.push(ms(total));
+    }
+    remove(api, &sb.id).await?;
+
+    // 4. Host memory per idle sandbox.
+    let (mem, procs) = if local_server(api) && idle_n > 0 {
+        progress(b.json, &format!("memory with {idle_n} idle sandboxes"));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = mem_available_kib().unwrap_or(0);
+        let p_before = process_count();
+        let mut ids = Vec::with_capacity(idle_n);
+        let result: Result<()> = async {
+            for _ in 0..idle_n {
+                ids.push(create(api, false).await?.id);
+            }
+            Ok(())
+        }
+        .await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = mem_available_kib().unwrap_or(0);
+        let p_after = process_count();
+        progress(b.json, "removing idle sandboxes");
+        let removals = futures_util::future::join_all(ids.chunks(8).map(|chunk| async move {
+            for id in chunk {
+                let _ = remove(api, id).await;
+            }
+        }));
+        removals.await;
+        result?;
+        let per = (before.saturating_sub(after)) as f64 / 1024.0 / idle_n as f64;
+        let procs = p_after.saturating_sub(p_before) as f64 / idle_n as f64;
+        (Some((per * 100.0).round() / 100.0), Some((procs * 100.0).round() / 100.0))
+    } else {
+        (None, None)
+    };
+
+    let cold_p = percentiles(&mut cold);
+    let warm_p = warm.map(|mut w| percentiles(&mut w));
+    let report = Report {
+        iterations: b.n,
+        cold_create_to_first_output_ms: cold_p,
+        warm_speedup_vs_cold: warm_p.map(|w| ((cold_p.p50 / w.p50) * 10.0).round() / 10.0),
+        warm_create_to_first_output_ms: warm_p,
+        exec_roundtrip_ms: percentiles(&mut rt),
+        idle_sandboxes: idle_n,
+        memory_per_idle_sandbox_mib: mem,
+        host_processes_per_idle_sandbox: procs,
+        targets: serde_json::json!({
+            "cold_p50_ms": 50, "cold_p99_ms": 150, "warm_p50_ms": 5, "exec_roundtrip_p50_ms": 3,
+            "memory_per_idle_sandbox_mib": 4
+        }),
+    };
+    if b.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let row = |name: &str, p: &Percentiles, target: &str| {
+            println!("{name:<34} p50 {:>8.2} ms   p99 {:>8.2} ms   (target {target})", p.p50, p.p99);
+        };
+        println!("kiln bench sandbox: {} iterations, runtime {}", b.n, health.runtime);
+        row("cold create -> first output", &report.cold_create_to_first_output_ms, "p50 <= 50, p99 <= 150");
+        match &report.warm_create_to_first_output_ms {
+            Some(w) => row("warm-pool create -> first output", w, "p50 <= 5"),
+            None => println!("{:<34} skipped: the server has no warm pool", "warm-pool create -> first output"),
+        }
+        if let Some(s) = report.warm_speedup_vs_cold {
+            println!("{:<34} {s}x faster than cold (p50, same run)", "warm pool vs cold");
+        }
+        row("exec round trip (`true`)", &report.exec_roundtrip_ms, "p50 <= 3");
+        match report.memory_per_idle_sandbox_mib {
+            Some(m) => println!(
+                "{:<34} {m:.2} MiB per sandbox with {idle_n} alive, {:.2} host processes each (target <= 4 MiB)",
+                "memory per idle sandbox",
+                report.host_processes_per_idle_sandbox.unwrap_or(0.0)
+            ),
+            None => println!("{:<34} skipped: the server is not on this machine", "memory per idle sandbox"),
+        }
+    }
+    Ok(0)
+}
+
+async fn pool_configured(api: &Api) -> bool {
+    // The pool may be empty right now (just drained); give the filler a moment.
+    for _ in 0..50 {
+        if let Ok(h) = api.json::<Health>(Method::GET, "/v1/health", None::<&()>).await {
+            if h.warm_pool > 0 {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
+async fn wait_for_pool(api: &Api) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h: Health = api.json(Method::GET, "/v1/health", None::<&()>).await?;
+        if h.warm_pool > 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the warm pool did not refill within 30s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentiles(&mut v), Percentiles { p50: 50.0, p99: 99.0 });
+        let mut one = vec![3.0];
+        assert_eq!(percentiles(&mut one), Percentiles { p50: 3.0, p99: 3.0 });
+    }
+}

@@ -1,0 +1,120 @@
+//! The `kiln` command: `kiln up` runs the server; every other command is a client of its API.
+//!
+//! Errors print as one line (`error: what went wrong (hint: how to fix it)`) and exit non-zero:
+//! 125 for Kiln's own failures, 2 for bad usage; `exec`/`run` otherwise pass on the exit code of
+//! the command that ran in the sandbox (124 if it timed out, 128+N if killed by signal N).
+
+mod api;
+mod bench;
+mod sandbox;
+mod shell;
+mod template;
+mod up;
+
+use std::path::PathBuf;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+/// Exit code for Kiln's own errors (as `docker run` uses 125).
+pub const EXIT_KILN_ERROR: i32 = 125;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Kiln: development sandboxes for AI agents, self-hosted", long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+/// Where the server is and how to authenticate.
+#[derive(Args, Clone)]
+pub struct Global {
+    /// Server URL [default: http://127.0.0.1:7777]
+    #[arg(long, env = "KILN_URL", global = true)]
+    pub url: Option<String>,
+    /// API token [default: read from <data dir>/token]
+    #[arg(long, env = "KILN_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// Data directory of the local server (used to find its token)
+    #[arg(long = "data-dir", env = "KILN_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl Global {
+    pub fn api(&self) -> api::Api {
+        api::Api::from_env(self.url.clone(), self.token.clone(), self.data_dir.clone())
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the Kiln server (builds the base image on first start)
+    Up(up::UpArgs),
+    /// Create, use and remove sandboxes
+    #[command(subcommand)]
+    Sandbox(sandbox::SandboxCmd),
+    /// Create a sandbox, run one command in it, remove it; exits with the command's code
+    Run(sandbox::RunArgs),
+    /// Build and list templates (sandbox images)
+    #[command(subcommand)]
+    Template(template::TemplateCmd),
+    /// Measure the platform through the server's API
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
+    /// Print shell completions
+    Completions {
+        /// bash, zsh, fish, elvish or powershell
+        shell: clap_complete::Shell,
+    },
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(EXIT_KILN_ERROR);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.cmd {
+            Command::Up(a) => up::run(a).await,
+            Command::Sandbox(c) => sandbox::run(&cli.global, c).await,
+            Command::Run(a) => sandbox::run_once(&cli.global, a).await,
+            Command::Template(c) => template::run(&cli.global, c).await,
+            Command::Bench(c) => bench::run(&cli.global, c).await,
+            Command::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());
+                Ok(0)
+            }
+        }
+    });
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::exit(EXIT_KILN_ERROR);
+        }
+    }
+}
+
+/// An error chain as one line: `outer: inner: cause`.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for c in e.chain() {
+        let s = c.to_string().replace('\n', " ");
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ")
+}

@@ -1,0 +1,652 @@
+//! The axum router: `fn app(state)` and the handlers of `/v1`. Handlers are thin: they parse,
+//! call [`crate::service::Kiln`] or a sandbox's kilnd client, and shape the answer.
+
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use base64::Engine as _;
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt, TryStreamExt};
+use kiln_protocol::api::{
+    CreateSandbox, ExecEvent, ExecRequest, FileList, Health, MkdirRequest, MoveRequest, ProcessList, ProcessStarted,
+    PtyMessage, SandboxList, SignalArg, SignalRequest, StreamKind, Template, TemplateList,
+};
+use kiln_protocol::kilnd::{ExecSpec, PtySpec, Reply};
+use serde::Deserialize;
+
+use crate::error::{ApiError, ApiJson, ApiQuery};
+use crate::service::{AppState, Caller};
+
+/// Builds the whole HTTP application for a server state.
+pub fn app(state: AppState) -> Router {
+    let v1 = Router::new()
+        .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
+        .route("/sandboxes/:id", get(get_sandbox).delete(delete_sandbox))
+        .route("/sandboxes/:id/pause", post(pause_sandbox))
+        .route("/sandboxes/:id/resume", post(resume_sandbox))
+        .route("/sandboxes/:id/exec", post(exec))
+        .route("/sandboxes/:id/processes", post(start_process).get(list_processes))
+        .route("/sandboxes/:id/processes/:pid/output", get(attach_process))
+        .route("/sandboxes/:id/processes/:pid/stdin", post(process_stdin))
+        .route("/sandboxes/:id/processes/:pid/signal", post(process_signal))
+        .route("/sandboxes/:id/files", get(download).put(upload).delete(remove_file))
+        .route("/sandboxes/:id/files/stat", get(stat_file))
+        .route("/sandboxes/:id/files/list", get(list_files))
+        .route("/sandboxes/:id/files/mkdir", post(mkdir))
+        .route("/sandboxes/:id/files/move", post(move_file))
+        .route("/sandboxes/:id/files/watch", get(watch))
+        .route("/sandboxes/:id/pty", get(pty))
+        .route("/templates", get(list_templates))
+        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .route("/health", get(health));
+    Router::new()
+        .nest("/v1", v1)
+        .route("/metrics", get(metrics_endpoint))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
+                .hint("the API lives under /v1; see README for the routes")
+        })
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+/// The single authentication layer: a bearer token, checked in constant time. It attaches the
+/// [`Caller`] that every handler passes on to the service.
+async fn auth(State(k): State<AppState>, mut req: Request, next: Next) -> Response {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let ok = presented.is_some_and(|p| constant_time_eq(p.as_bytes(), k.token.as_bytes()));
+    if !ok {
+        metrics::counter!("kiln_auth_failures_total").increment(1);
+        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token")
+            .hint(format!(
+                "send `Authorization: Bearer <token>`; the token is in {}/token (the CLI reads KILN_TOKEN)",
+                k.cfg.data_dir.display()
+            ))
+            .into_response();
+    }
+    req.extensions_mut().insert(Caller { name: "operator".into() });
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Request counting and latency per route.
+async fn track(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let path = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("kiln_http_requests_total", "method" => method.clone(), "route" => path.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("kiln_http_request_seconds", "method" => method, "route" => path)
+        .record(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn metrics_endpoint(State(k): State<AppState>) -> Response {
+    match &k.metrics {
+        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
+        None => ApiError::new(StatusCode::NOT_FOUND, "metrics_disabled", "metrics are not enabled").into_response(),
+    }
+}
+
+async fn health(State(k): State<AppState>) -> Json<Health> {
+    let sandboxes = k.store.list(false).map(|v| v.len() as u64).unwrap_or(0);
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        runtime: format!("{:?}", k.cfg.runtime).to_lowercase(),
+        sandboxes,
+        warm_pool: k.pool_size(),
+    })
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+async fn create_sandbox(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    ApiJson(req): ApiJson<CreateSandbox>,
+) -> ApiResult<Response> {
+    let sb = k.create(&c, req).await?;
+    Ok((StatusCode::CREATED, Json(sb)).into_response())
+}
+
+async fn list_sandboxes(State(k): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<SandboxList>> {
+    Ok(Json(SandboxList { sandboxes: k.list(&c)? }))
+}
+
+async fn get_sandbox(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(Json(k.sandbox(&c, &id)?).into_response())
+}
+
+async fn delete_sandbox(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    k.remove(&c, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn pause_sandbox(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(Json(k.pause(&c, &id).await?).into_response())
+}
+
+async fn resume_sandbox(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    Ok(Json(k.resume(&c, &id).await?).into_response())
+}
+
+fn exec_spec(req: ExecRequest, detach: bool) -> ApiResult<(ExecSpec, Option<Vec<u8>>)> {
+    if req.cmd.is_empty() || req.cmd[0].is_empty() {
+        return Err(ApiError::invalid("cmd must name a command: a non-empty array like [\"ls\", \"-l\"]"));
+    }
+    if let Some(t) = req.timeout_secs {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(ApiError::invalid(format!("timeout_secs must be a positive number, got {t}")));
+        }
+    }
+    if let Some(cwd) = &req.cwd {
+        if !cwd.starts_with('/') {
+            return Err(ApiError::invalid(format!("cwd must be an absolute path, got `{cwd}`")));
+        }
+    }
+    let stdin = match &req.stdin_b64 {
+        Some(s) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(s)
+                .map_err(|e| ApiError::invalid(format!("stdin_b64 is not valid base64: {e}")))?,
+        ),
+        None => None,
+    };
+    let spec = ExecSpec {
+        cmd: req.cmd,
+        env: req.env,
+        cwd: req.cwd,
+        user: req.user,
+        timeout_secs: req.timeout_secs,
+        stdin: stdin.is_some() || req.keep_stdin_open,
+        detach,
+        tag: req.tag,
+    };
+    Ok((spec, if req.keep_stdin_open { None } else { stdin }))
+}
+
+fn ndjson_line<T: serde::Serialize>(v: &T) -> Bytes {
+    let mut line = serde_json::to_vec(v).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+fn reply_event(r: Reply) -> Option<ExecEvent> {
+    match r {
+        Reply::Output { seq, stream: StreamKind::Stdout, data } => Some(ExecEvent::Stdout { seq, data }),
+        Reply::Output { seq, stream: StreamKind::Stderr, data } => Some(ExecEvent::Stderr { seq, data }),
+        Reply::Gap { from, to } => Some(ExecEvent::Gap { from, to }),
+        Reply::Exited(st) => Some(ExecEvent::Exit(st)),
+        Reply::Error(e) => Some(ExecEvent::Error(ApiError::from(e).body().error)),
+        _ => None,
+    }
+}
+
+fn ndjson_response(body: Body) -> Response {
+    let mut resp = Response::new(body);
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}
+
+/// `POST /v1/sandboxes/{id}/exec`: runs a command and streams its events as NDJSON.
+async fn exec(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    let keep_open = req.keep_stdin_open;
+    let has_stdin = req.stdin_b64.is_some();
+    let (spec, stdin) = exec_spec(req, false)?;
+    let mut stream = match client.exec(spec).await {
+        Ok(s) => s,
+        Err(e) => return Err(k.daemon_error(&id, e).await),
+    };
+    metrics::counter!("kiln_exec_total").increment(1);
+    if has_stdin && !keep_open {
+        if let Some(data) = stdin {
+            if !data.is_empty() {
+                stream.send_stdin(&data).await.map_err(ApiError::from)?;
+            }
+            stream.close_stdin().await.map_err(ApiError::from)?;
+        }
+    }
+    let first = ndjson_line(&ExecEvent::Started { pid: stream.pid().to_string(), os_pid: stream.os_pid() });
+    let events = futures_util::stream::unfold((stream, false), |(mut s, done)| async move {
+        if done {
+            return None;
+        }
+        match s.next().await {
+            None => None,
+            Some(Ok(r)) => {
+                let end = matches!(r, Reply::Exited(_) | Reply::Error(_));
+                let line = reply_event(r).map(|e| ndjson_line(&e)).unwrap_or_default();
+                Some((Ok::<_, std::io::Error>(line), (s, end)))
+            }
+            Some(Err(e)) => {
+                let line = ndjson_line(&ExecEvent::Error(ApiError::from(e).body().error));
+                Some((Ok(line), (s, true)))
+            }
+        }
+    });
+    let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(events);
+    Ok(ndjson_response(Body::from_stream(body)))
+}
+
+/// `POST /v1/sandboxes/{id}/processes`: starts a background process and returns its id.
+async fn start_process(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    let has_stdin = req.stdin_b64.is_some() && !req.keep_stdin_open;
+    let (mut spec, stdin) = exec_spec(req, true)?;
+    if has_stdin {
+        // Stdin given inline: keep the conversation until it is written, then detach.
+        spec.detach = false;
+        spec.stdin = true;
+    }
+    let mut stream = match client.exec(spec).await {
+        Ok(s) => s,
+        Err(e) => return Err(k.daemon_error(&id, e).await),
+    };
+    if has_stdin {
+        if let Some(d) = stdin {
+            if !d.is_empty() {
+                stream.send_stdin(&d).await?;
+            }
+        }
+        stream.close_stdin().await?;
+    }
+    let started = ProcessStarted { pid: stream.pid().to_string(), os_pid: stream.os_pid() };
+    Ok((StatusCode::CREATED, Json(started)).into_response())
+}
+
+async fn list_processes(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ProcessList>> {
+    let client = k.client(&c, &id)?;
+    match client.list_processes().await {
+        Ok(processes) => Ok(Json(ProcessList { processes })),
+        Err(e) => Err(k.daemon_error(&id, e).await),
+    }
+}
+
+#[derive(Deserialize)]
+struct AttachQuery {
+    #[serde(default)]
+    after: u64,
+}
+
+/// `GET /v1/sandboxes/{id}/processes/{pid}/output?after=SEQ`: replay + follow as NDJSON.
+async fn attach_process(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path((id, pid)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<AttachQuery>,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    let stream = match client.attach(&pid, q.after).await {
+        Ok(s) => s,
+        Err(e) => return Err(k.daemon_error(&id, e).await),
+    };
+    let events = futures_util::stream::unfold((stream, false), |(mut s, done)| async move {
+        if done {
+            return None;
+        }
+        match s.next().await {
+            None => None,
+            Some(Ok(r)) => {
+                let end = matches!(r, Reply::Exited(_) | Reply::Error(_));
+                Some((Ok::<_, std::io::Error>(reply_event(r).map(|e| ndjson_line(&e)).unwrap_or_default()), (s, end)))
+            }
+            Some(Err(e)) => Some((Ok(ndjson_line(&ExecEvent::Error(ApiError::from(e).body().error))), (s, true))),
+        }
+    });
+    Ok(ndjson_response(Body::from_stream(events)))
+}
+
+#[derive(Deserialize)]
+struct StdinQuery {
+    #[serde(default)]
+    close: bool,
+}
+
+/// `POST /v1/sandboxes/{id}/processes/{pid}/stdin[?close=true]`: raw body bytes to stdin.
+async fn process_stdin(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path((id, pid)): Path<(String, String)>,
+    ApiQuery(q): ApiQuery<StdinQuery>,
+    body: Bytes,
+) -> ApiResult<StatusCode> {
+    let client = k.client(&c, &id)?;
+    client.stdin(&pid, &body, q.close).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Signal names accepted besides numbers.
+pub fn signal_number(a: &SignalArg) -> Result<i32, ApiError> {
+    let n = match a {
+        SignalArg::Number(n) => *n,
+        SignalArg::Name(name) => {
+            let up = name.trim().to_ascii_uppercase();
+            let bare = up.strip_prefix("SIG").unwrap_or(&up);
+            match bare {
+                "HUP" => 1,
+                "INT" => 2,
+                "QUIT" => 3,
+                "KILL" => 9,
+                "USR1" => 10,
+                "USR2" => 12,
+                "TERM" => 15,
+                "CONT" => 18,
+                "STOP" => 19,
+                "WINCH" => 28,
+                _ => bare.parse().map_err(|_| {
+                    ApiError::invalid(format!("unknown signal `{name}`")).hint("use a number or one of HUP INT QUIT KILL USR1 USR2 TERM CONT STOP WINCH")
+                })?,
+            }
+        }
+    };
+    if !(1..=64).contains(&n) {
+        return Err(ApiError::invalid(format!("signal must be between 1 and 64, got {n}")));
+    }
+    Ok(n)
+}
+
+async fn process_signal(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path((id, pid)): Path<(String, String)>,
+    ApiJson(req): ApiJson<SignalRequest>,
+) -> ApiResult<StatusCode> {
+    let sig = signal_number(&req.signal)?;
+    let client = k.client(&c, &id)?;
+    client.signal(&pid, sig).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct PathQuery {
+    path: String,
+    #[serde(default)]
+    recursive: Option<bool>,
+    #[serde(default)]
+    depth: Option<u32>,
+    #[serde(default)]
+    mode: Option<String>,
+    #[serde(default)]
+    parents: Option<bool>,
+}
+
+/// `GET /v1/sandboxes/{id}/files?path=`: streams a file out.
+async fn download(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    let (stat, data) = match client.read_file(&q.path).await {
+        Ok(v) => v,
+        Err(e) => return Err(k.daemon_error(&id, e).await),
+    };
+    let mut resp = Response::new(Body::from_stream(data.map_err(std::io::Error::other)));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(stat.size));
+    h.insert("x-kiln-file-mode", HeaderValue::from(stat.mode));
+    Ok(resp)
+}
+
+/// `PUT /v1/sandboxes/{id}/files?path=&mode=0644&parents=true`: streams the body into a file,
+/// atomically.
+async fn upload(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+    body: Body,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    let mode = match &q.mode {
+        Some(m) => Some(u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
+            ApiError::invalid(format!("mode must be octal permission bits like 0644, got `{m}`"))
+        })?),
+        None => None,
+    };
+    let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+    let stat = client.write_file(&q.path, mode, q.parents.unwrap_or(true), reader).await?;
+    Ok((StatusCode::CREATED, Json(stat)).into_response())
+}
+
+async fn stat_file(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    Ok(Json(client.stat(&q.path).await?).into_response())
+}
+
+async fn list_files(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> ApiResult<Json<FileList>> {
+    let client = k.client(&c, &id)?;
+    let entries = client.list_dir(&q.path, q.depth.unwrap_or(1)).await?;
+    Ok(Json(FileList { entries }))
+}
+
+async fn mkdir(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<MkdirRequest>,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    Ok((StatusCode::CREATED, Json(client.mkdir(&req.path, req.parents).await?)).into_response())
+}
+
+async fn move_file(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<MoveRequest>,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    Ok(Json(client.move_path(&req.from, &req.to, req.overwrite).await?).into_response())
+}
+
+async fn remove_file(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> ApiResult<StatusCode> {
+    let client = k.client(&c, &id)?;
+    client.remove(&q.path, q.recursive.unwrap_or(false)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/sandboxes/{id}/files/watch?path=&recursive=`: change events as NDJSON.
+async fn watch(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    let stream = client.watch(&q.path, q.recursive.unwrap_or(true)).await?;
+    let events = futures_util::stream::unfold(stream, |mut s| async move {
+        match s.next().await {
+            Some(Ok(ev)) => Some((Ok::<_, std::io::Error>(ndjson_line(&ev)), s)),
+            _ => None,
+        }
+    });
+    Ok(ndjson_response(Body::from_stream(events)))
+}
+
+#[derive(Deserialize)]
+struct PtyQuery {
+    #[serde(default)]
+    session: Option<String>,
+    #[serde(default)]
+    cols: Option<u16>,
+    #[serde(default)]
+    rows: Option<u16>,
+    /// Command to run instead of the login shell (space separated).
+    #[serde(default)]
+    cmd: Option<String>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+}
+
+/// `GET /v1/sandboxes/{id}/pty` (WebSocket): an interactive terminal. Binary messages carry
+/// terminal bytes both ways; text messages are [`PtyMessage`]s. Closing detaches; the session
+/// keeps running and `?session=ID` re-attaches.
+async fn pty(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<PtyQuery>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    let client = k.client(&c, &id)?;
+    let session = match &q.session {
+        Some(s) => client.pty_attach(s).await?,
+        None => {
+            let spec = PtySpec {
+                cmd: q.cmd.as_deref().map(|c| c.split_whitespace().map(str::to_string).collect()).unwrap_or_default(),
+                env: Default::default(),
+                cwd: q.cwd.clone(),
+                user: q.user.clone(),
+                cols: q.cols.unwrap_or(80).max(1),
+                rows: q.rows.unwrap_or(24).max(1),
+            };
+            match client.pty_open(spec).await {
+                Ok(s) => s,
+                Err(e) => return Err(k.daemon_error(&id, e).await),
+            }
+        }
+    };
+    Ok(ws.on_upgrade(move |socket| pump_pty(socket, session)))
+}
+
+async fn pump_pty(socket: WebSocket, session: kilnd::client::PtySession) {
+    let sid = session.id().to_string();
+    let (mut ws_tx, mut ws_rx) = socket.split();
+    let (mut reader, mut writer) = session.into_split();
+    let opened = serde_json::to_string(&PtyMessage::Opened { session: sid }).unwrap_or_default();
+    if ws_tx.send(Message::Text(opened)).await.is_err() {
+        return;
+    }
+    let out = async move {
+        while let Some(ev) = reader.next().await {
+            match ev {
+                Ok(kilnd::client::PtyEvent::Output(b)) => {
+                    if ws_tx.send(Message::Binary(b.to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(kilnd::client::PtyEvent::Exited(st)) => {
+                    let msg = serde_json::to_string(&PtyMessage::Exit(st)).unwrap_or_default();
+                    let _ = ws_tx.send(Message::Text(msg)).await;
+                    let _ = ws_tx.close().await;
+                    return;
+                }
+                Err(_) => break,
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    let inp = async move {
+        while let Some(Ok(msg)) = ws_rx.next().await {
+            let ok = match msg {
+                Message::Binary(b) => writer.input(&b).await.is_ok(),
+                Message::Text(t) => match serde_json::from_str::<PtyMessage>(&t) {
+                    Ok(PtyMessage::Resize { cols, rows }) => writer.resize(cols.max(1), rows.max(1)).await.is_ok(),
+                    _ => writer.input(t.as_bytes()).await.is_ok(),
+                },
+                Message::Close(_) => false,
+                _ => true,
+            };
+            if !ok {
+                break;
+            }
+        }
+    };
+    // Either side ending ends the bridge; the PTY session itself lives on in kilnd.
+    tokio::select! {
+        _ = out => {}
+        _ = inp => {}
+    }
+}
+
+async fn list_templates(State(k): State<AppState>) -> Json<TemplateList> {
+    let templates = k
+        .images
+        .list()
+        .into_iter()
+        .map(|r| Template {
+            name: r.name,
+            image: r.layers.first().cloned().unwrap_or_default(),
+            size_bytes: r.size_bytes,
+            created_at_ms: r.created_at_ms,
+        })
+        .collect();
+    Json(TemplateList { templates })
+}

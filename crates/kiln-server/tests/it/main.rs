@@ -1,0 +1,11 @@
+//! Integration tests of the Kiln server against the real runtime (runc, overlayfs, kilnd), as
+//! root: the API through `tower::ServiceExt::oneshot` and over a real socket.
+
+mod harness;
+
+mod errors;
+mod exec;
+mod files;
+mod lifecycle;
+mod pty;
+mod restart;

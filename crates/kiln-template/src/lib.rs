@@ -1,0 +1,52 @@
+//! Kiln images: a content-addressed store of read-only root filesystem layers, and the
+//! build of the Debian base layer with debootstrap.
+//!
+//! What it does not do: mount anything (the sandbox runtime stacks layers with overlayfs)
+//! or run Ansible (templates built from roles come on top of this store).
+
+pub mod apt_sources;
+pub mod base;
+pub mod digest;
+pub mod store;
+
+pub use base::{BaseSpec, Progress};
+pub use store::{ImageRef, ImageStore, LayerManifest};
+
+/// Version of the on-disk layer format; part of every build key so a format change
+/// rebuilds instead of reusing incompatible layers.
+pub const LAYER_FORMAT_VERSION: u32 = 1;
+
+/// Errors of the image store and builders.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    #[error("template `{0}` is not built")]
+    NotBuilt(String),
+    #[error("invalid template name `{0}`: use lower-case letters, digits, `-` and `_`")]
+    InvalidName(String),
+    #[error("no Debian mirror found in the host's apt sources ({0})")]
+    NoMirror(String),
+    #[error("`{tool}` is not installed: {hint}")]
+    MissingTool { tool: String, hint: String },
+    #[error("{tool} failed with {status}: {tail}")]
+    ToolFailed { tool: String, status: String, tail: String },
+    #[error("corrupt image store entry {path}: {message}")]
+    Corrupt { path: String, message: String },
+    #[error("I/O error at {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
+    move |source| TemplateError::Io { path: path.display().to_string(), source }
+}
+
+/// Unix milliseconds now.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

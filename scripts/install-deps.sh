@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Installs the system packages Kiln needs on Debian 12, idempotently, at pinned versions whose
+# .deb SHA256 (as published in the signed archive index) must match the pins below.
+# Usage: scripts/install-deps.sh [--check]   (--check only reports what is missing)
+set -euo pipefail
+
+# package      version                    sha256 of the .deb
+PINS="
+runc         1.1.5+ds1-1+deb12u1        a00351f8c0318de0b424ecf5cd0fdb69880a89f3511cae4f6fff7de3e57881c5
+debootstrap  1.0.128+nmu2+deb12u2       63f354316e9bbe747b143b7b0d83e5f237c90314a17734fba9ff202c2ef02760
+iproute2     6.1.0-3                    1204b29e916e836267096d0b9d778106752f821ebde0d281539008b4386d9070
+nftables     1.0.6-2+deb12u2            966ff20ce58c17163a771c02ddbca264291408f94c512bd85dd18da0ebdbe88c
+"
+# Tools that come with every Debian system but must be there: mkfs.ext4 (e2fsprogs), losetup and
+# mount (util-linux / mount).
+BASE_TOOLS="mkfs.ext4 losetup mount"
+
+check_only=0
+[ "${1:-}" = "--check" ] && check_only=1
+
+if [ "$(id -u)" != 0 ]; then
+  echo "install-deps: must run as root (it installs Debian packages)" >&2
+  exit 1
+fi
+
+missing=()
+while read -r pkg ver sha; do
+  [ -n "$pkg" ] || continue
+  have=$(dpkg-query -W -f='${Status} ${Version}' "$pkg" 2>/dev/null || true)
+  if [ "$have" = "install ok installed $ver" ]; then
+    continue
+  fi
+  missing+=("$pkg $ver $sha")
+done <<< "$PINS"
+
+for t in $BASE_TOOLS; do
+  command -v "$t" >/dev/null 2>&1 || PATH="$PATH:/sbin:/usr/sbin" command -v "$t" >/dev/null 2>&1 || {
+    echo "install-deps: $t is missing (hint: apt-get install e2fsprogs mount util-linux)" >&2
+    exit 1
+  }
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all pinned packages present"
+  exit 0
+fi
+if [ "$check_only" = 1 ]; then
+  printf 'install-deps: missing %s\n' "${missing[@]}"
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+args=()
+for m in "${missing[@]}"; do
+  read -r pkg ver sha <<< "$m"
+  got=$(apt-cache show "$pkg=$ver" 2>/dev/null | awk '/^SHA256:/{print $2; exit}')
+  if [ -z "$got" ]; then
+    echo "install-deps: $pkg $ver is not offered by the configured apt sources (hint: enable Debian 12 bookworm main)" >&2
+    exit 1
+  fi
+  if [ "$got" != "$sha" ]; then
+    echo "install-deps: $pkg $ver has SHA256 $got in the archive index, expected $sha; refusing to install" >&2
+    exit 1
+  fi
+  args+=("$pkg=$ver")
+done
+apt-get install -y -qq --no-install-recommends "${args[@]}"
+echo "install-deps: installed ${args[*]}"
