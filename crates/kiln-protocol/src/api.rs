@@ -89,6 +89,8 @@ pub enum DurationArg {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxState {
+    /// Being created; not usable yet (a create interrupted by a crash is cleaned up on start).
+    Creating,
     Running,
     Paused,
     /// Its processes are gone (found at reconcile, or killed by OOM at PID 1); kept for

@@ -217,9 +217,10 @@ pub enum Reply {
     Watch(WatchEvent),
 }
 
-/// Payloads of [`Reply::Ok`].
+/// Payloads of [`Reply::Ok`]. Tagged with `type` (not `kind`: [`FileStat`] has a `kind`
+/// field, and `Stat` is flattened into the tagged object).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum OkBody {
     Pong { version: String },
     Stat(FileStat),
@@ -351,6 +352,29 @@ mod tests {
         let r = Reply::Output { seq: 3, stream: StreamKind::Stderr, data: b"hi\n".to_vec() };
         let s = serde_json::to_string(&r).unwrap_or_default();
         assert_eq!(s, r#"{"reply":"output","seq":3,"stream":"stderr","data":"aGkK"}"#);
+        let back: Reply = serde_json::from_str(&s).expect("parse");
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn stat_body_round_trips() {
+        let stat = FileStat {
+            path: "/etc".into(),
+            name: "etc".into(),
+            kind: FileKind::Dir,
+            size: 4096,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            modified_ms: 1,
+            symlink_target: None,
+        };
+        let r = Reply::Ok { body: Some(OkBody::Stat(stat)) };
+        let s = serde_json::to_string(&r).unwrap_or_default();
+        assert_eq!(
+            s,
+            r#"{"reply":"ok","body":{"type":"stat","path":"/etc","name":"etc","kind":"dir","size":4096,"mode":493,"uid":0,"gid":0,"modified_ms":1}}"#
+        );
         let back: Reply = serde_json::from_str(&s).expect("parse");
         assert_eq!(back, r);
     }

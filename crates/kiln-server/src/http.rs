@@ -284,24 +284,19 @@ async fn start_process(
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id)?;
-    let has_stdin = req.stdin_b64.is_some() && !req.keep_stdin_open;
+    let inline_stdin = req.stdin_b64.is_some() && !req.keep_stdin_open;
     let (mut spec, stdin) = exec_spec(req, true)?;
-    if has_stdin {
-        // Stdin given inline: keep the conversation until it is written, then detach.
-        spec.detach = false;
+    if inline_stdin {
+        // Keep stdin open past the detach, then write it and close it through the process id
+        // (a non-detached conversation that never reads output could stall on back-pressure).
         spec.stdin = true;
     }
-    let mut stream = match client.exec(spec).await {
+    let stream = match client.exec(spec).await {
         Ok(s) => s,
         Err(e) => return Err(k.daemon_error(&id, e).await),
     };
-    if has_stdin {
-        if let Some(d) = stdin {
-            if !d.is_empty() {
-                stream.send_stdin(&d).await?;
-            }
-        }
-        stream.close_stdin().await?;
+    if inline_stdin {
+        client.stdin(stream.pid(), &stdin.unwrap_or_default(), true).await?;
     }
     let started = ProcessStarted { pid: stream.pid().to_string(), os_pid: stream.os_pid() };
     Ok((StatusCode::CREATED, Json(started)).into_response())

@@ -160,7 +160,9 @@ pub async fn serve(
     kiln.spawn_background(shutdown.clone());
     on_listen(bound);
     let sd = shutdown.clone();
+    // Streams are many small writes; without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
     let result = axum::serve(listener, app(kiln.clone()))
+        .tcp_nodelay(true)
         .with_graceful_shutdown(async move { sd.cancelled().await })
         .await;
     shutdown.cancel();

@@ -105,6 +105,12 @@ impl Kiln {
                 format!("sandbox `{id}` is paused"),
             )
             .hint(format!("resume it first: `kiln sandbox resume {id}`"))),
+            SandboxState::Creating => Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "sandbox_creating",
+                format!("sandbox `{id}` is still being created"),
+            )
+            .hint("retry in a moment")),
             SandboxState::Dead => Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "sandbox_dead",
@@ -258,7 +264,7 @@ impl Kiln {
             id: id.clone(),
             template: a.template.clone(),
             image: a.image.layers.first().cloned().unwrap_or_default(),
-            state: SandboxState::Running,
+            state: SandboxState::Creating,
             cpus: a.cpus,
             memory_bytes: a.memory_bytes,
             disk_bytes: a.disk_bytes,
@@ -269,16 +275,14 @@ impl Kiln {
             labels: if pooled { BTreeMap::new() } else { a.labels.clone() },
             ip: None,
         };
-        // Record first: a crash during create leaves a known id that reconcile cleans up.
+        // Record first, as `creating`: a crash during create leaves a known id that reconcile
+        // cleans up, and nothing can claim or use the sandbox before it is ready.
         self.store.insert(&SandboxRow { sandbox: sandbox.clone(), pooled })?;
         match self.runtime.create(&self.spec_for(&id, a)).await {
             Ok(created) => {
-                if created.ip.is_some() {
-                    sandbox.ip = created.ip.clone();
-                    // The row is re-read by later lookups; keep the address there too.
-                    self.store.delete(&id)?;
-                    self.store.insert(&SandboxRow { sandbox: sandbox.clone(), pooled })?;
-                }
+                self.store.mark_created(&id, created.ip.as_deref())?;
+                sandbox.state = SandboxState::Running;
+                sandbox.ip = created.ip;
                 Ok(sandbox)
             }
             Err(e) => {
@@ -305,7 +309,9 @@ impl Kiln {
         let sb = self.sandbox(caller, id)?;
         match sb.state {
             SandboxState::Paused => Ok(sb),
-            SandboxState::Dead => Err(self.running(caller, id).err().unwrap_or_else(|| ApiError::internal("state"))),
+            SandboxState::Dead | SandboxState::Creating => {
+                Err(self.running(caller, id).err().unwrap_or_else(|| ApiError::internal("state")))
+            }
             SandboxState::Running => {
                 self.runtime.pause(id).await?;
                 self.store.set_state(id, SandboxState::Paused)?;
@@ -318,7 +324,9 @@ impl Kiln {
         let sb = self.sandbox(caller, id)?;
         match sb.state {
             SandboxState::Running => Ok(sb),
-            SandboxState::Dead => Err(self.running(caller, id).err().unwrap_or_else(|| ApiError::internal("state"))),
+            SandboxState::Dead | SandboxState::Creating => {
+                Err(self.running(caller, id).err().unwrap_or_else(|| ApiError::internal("state")))
+            }
             SandboxState::Paused => {
                 self.runtime.resume(id).await?;
                 self.store.set_state(id, SandboxState::Running)?;
@@ -339,6 +347,13 @@ impl Kiln {
         }
         for row in &rows {
             let id = &row.sandbox.id;
+            if row.sandbox.state == SandboxState::Creating {
+                // Its create was cut short by a crash: nobody has seen it work; undo it.
+                tracing::warn!(%id, "reconcile: removing a sandbox whose create was interrupted");
+                let _ = self.runtime.remove(id).await;
+                self.store.delete(id)?;
+                continue;
+            }
             if report.dead.contains(id) {
                 let _ = self.runtime.remove(id).await;
                 if row.pooled {
@@ -384,15 +399,15 @@ impl Kiln {
         n
     }
 
-    /// Number of idle warm-pool members.
+    /// Number of idle warm-pool members ready to be claimed.
     pub fn pool_size(&self) -> u64 {
-        self.store.pooled_count(POOL_TEMPLATE).unwrap_or(0)
+        self.store.pooled_count(POOL_TEMPLATE, true).unwrap_or(0)
     }
 
     /// Creates pool members until the pool is full; returns how many were added.
     pub async fn fill_pool(&self) -> Result<usize, ApiError> {
         let mut added = 0;
-        while (self.pool_size() as usize) < self.cfg.warm_pool {
+        while (self.store.pooled_count(POOL_TEMPLATE, false)? as usize) < self.cfg.warm_pool {
             let a = self.admit(CreateSandbox::default())?;
             self.create_cold(&a, true).await?;
             added += 1;

@@ -71,6 +71,7 @@ const COLS: &str = "id, template, image, state, cpus, memory_bytes, disk_bytes, 
 
 fn state_str(s: SandboxState) -> &'static str {
     match s {
+        SandboxState::Creating => "creating",
         SandboxState::Running => "running",
         SandboxState::Paused => "paused",
         SandboxState::Dead => "dead",
@@ -91,6 +92,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<SandboxRow, StoreError>> {
     let labels: String = r.get(12)?;
     let bad = |m: String| StoreError::Corrupt { id: id.clone(), message: m };
     let state = match state.as_str() {
+        "creating" => SandboxState::Creating,
         "running" => SandboxState::Running,
         "paused" => SandboxState::Paused,
         "dead" => SandboxState::Dead,
@@ -200,6 +202,14 @@ impl Store {
         Ok(self.conn().execute("UPDATE sandboxes SET state = ?2 WHERE id = ?1", params![id, state_str(state)])? > 0)
     }
 
+    /// A create finished: `creating` -> `running`, recording the sandbox's address.
+    pub fn mark_created(&self, id: &str, ip: Option<&str>) -> Result<bool, StoreError> {
+        Ok(self.conn().execute(
+            "UPDATE sandboxes SET state = 'running', ip = ?2 WHERE id = ?1 AND state = 'creating'",
+            params![id, ip],
+        )? > 0)
+    }
+
     pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
         Ok(self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", [id])? > 0)
     }
@@ -240,11 +250,12 @@ impl Store {
         }
     }
 
-    /// Number of idle warm-pool members for a template.
-    pub fn pooled_count(&self, template: &str) -> Result<u64, StoreError> {
+    /// Number of warm-pool members for a template: all of them, or only those ready to be
+    /// claimed (`ready_only`: not still being created).
+    pub fn pooled_count(&self, template: &str, ready_only: bool) -> Result<u64, StoreError> {
         let n: i64 = self.conn().query_row(
-            "SELECT COUNT(*) FROM sandboxes WHERE pooled = 1 AND template = ?1",
-            [template],
+            "SELECT COUNT(*) FROM sandboxes WHERE pooled = 1 AND template = ?1 AND (?2 = 0 OR state = 'running')",
+            params![template, ready_only as i64],
             |r| r.get(0),
         )?;
         Ok(n as u64)
@@ -308,7 +319,8 @@ mod tests {
         s.insert(&row("sb-a", true)).expect("insert");
         s.insert(&row("sb-b", false)).expect("insert");
         assert_eq!(s.list(false).expect("list").len(), 1);
-        assert_eq!(s.pooled_count("base").expect("count"), 1);
+        assert_eq!(s.pooled_count("base", false).expect("count"), 1);
+        assert_eq!(s.pooled_count("base", true).expect("count"), 1);
         let labels = [("k".to_string(), "v".to_string())].into_iter().collect();
         let c = s.claim_pooled(&key(), 42, Some(100), &labels).expect("claim").expect("some");
         assert_eq!(c.sandbox.id, "sb-a");
@@ -320,6 +332,21 @@ mod tests {
         assert_eq!(s.claim_pooled(&other, 43, None, &labels).expect("claim"), None);
         assert_eq!(s.expired(99).expect("exp"), Vec::<String>::new());
         assert_eq!(s.expired(100).expect("exp"), vec!["sb-a".to_string()]);
+    }
+
+    #[test]
+    fn creating_members_cannot_be_claimed() {
+        let s = Store::in_memory().expect("open");
+        let mut r = row("sb-a", true);
+        r.sandbox.state = SandboxState::Creating;
+        s.insert(&r).expect("insert");
+        let labels = Default::default();
+        assert_eq!(s.claim_pooled(&key(), 1, None, &labels).expect("claim"), None);
+        assert_eq!((s.pooled_count("base", false).expect("n"), s.pooled_count("base", true).expect("n")), (1, 0));
+        assert!(s.mark_created("sb-a", Some("10.0.0.2")).expect("mark"));
+        assert!(!s.mark_created("sb-a", None).expect("mark twice is a no-op"));
+        let c = s.claim_pooled(&key(), 1, None, &labels).expect("claim").expect("some");
+        assert_eq!(c.sandbox.ip.as_deref(), Some("10.0.0.2"));
     }
 
     #[test]

@@ -1,0 +1,490 @@
+//! The protocol server: accepts connections and runs one conversation per connection (see
+//! `kiln_protocol::kilnd` for what each request looks like on the wire).
+
+use std::io;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use kiln_protocol::kilnd::{
+    Control, DaemonError, DaemonErrorCode, ExecSpec, OkBody, PtySpec, Reply, Request, MAX_FRAME,
+};
+use kilnd::frame::{self, Frame, DATA_CHUNK};
+use tokio::io::{AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use super::files::{self, err, AtomicWriter};
+use super::procs::{Proc, Procs};
+use super::pty::{Pty, Ptys};
+use super::ring::{Event, Subscription};
+use super::watch::Watcher;
+
+type Reader = BufReader<OwnedReadHalf>;
+type Writer = OwnedWriteHalf;
+
+/// Shared state of the daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    pub procs: Arc<Procs>,
+    pub ptys: Arc<Ptys>,
+}
+
+/// Accepts connections forever.
+pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let d = daemon.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = handle(&d, stream).await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn reply<W: AsyncWrite + Unpin>(w: &mut W, r: &Reply) -> io::Result<()> {
+    let mut buf = Vec::new();
+    if let Err(e) = frame::encode_json(&mut buf, r) {
+        // Too large for one frame (e.g. a huge listing): say so instead.
+        buf.clear();
+        let msg = format!("reply too large for one frame ({e}, limit {MAX_FRAME} bytes)");
+        frame::encode_json(&mut buf, &Reply::Error(err(DaemonErrorCode::Invalid, msg)))?;
+    }
+    w.write_all(&buf).await
+}
+
+async fn reply_result<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    r: Result<Option<OkBody>, DaemonError>,
+) -> io::Result<()> {
+    match r {
+        Ok(body) => reply(w, &Reply::Ok { body }).await,
+        Err(e) => reply(w, &Reply::Error(e)).await,
+    }
+}
+
+/// Runs blocking file-system work off the runtime thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, DaemonError> + Send + 'static,
+) -> Result<T, DaemonError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(err(
+            DaemonErrorCode::Internal,
+            format!("worker failed: {e}"),
+        ))
+    })
+}
+
+async fn handle(d: &Daemon, stream: UnixStream) -> io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut r = BufReader::with_capacity(DATA_CHUNK + 16, r);
+    let req = match frame::read_frame(&mut r).await {
+        Ok(Some(f)) => f.parse::<Request>(),
+        Ok(None) => return Ok(()),
+        Err(e) => Err(e),
+    };
+    let req = match req {
+        Ok(req) => req,
+        Err(e) => {
+            let msg = format!("malformed request: {e}");
+            return reply(&mut w, &Reply::Error(err(DaemonErrorCode::Invalid, msg))).await;
+        }
+    };
+    tracing::trace!(?req, "request");
+    match req {
+        Request::Ping => {
+            reply_result(
+                &mut w,
+                Ok(Some(OkBody::Pong {
+                    version: kilnd::VERSION.to_string(),
+                })),
+            )
+            .await
+        }
+        Request::Exec { spec } => exec(d, spec, &mut r, &mut w).await,
+        Request::Attach { pid, after_seq } => match d.procs.get(&pid) {
+            Ok(proc) => {
+                let sub = proc.ring.subscribe(after_seq);
+                follow(&proc, sub, &mut r, &mut w, false).await
+            }
+            Err(e) => reply(&mut w, &Reply::Error(e)).await,
+        },
+        Request::Stdin { pid, close } => stdin(d, &pid, close, &mut r, &mut w).await,
+        Request::Signal { pid, signal } => {
+            let res = d.procs.get(&pid).and_then(|p| {
+                if p.ring.finished().is_some() {
+                    Ok(()) // already exited: nothing to do
+                } else {
+                    super::procs::signal_group(p.os_pid, signal)
+                }
+            });
+            reply_result(&mut w, res.map(|()| None)).await
+        }
+        Request::ListProcesses => {
+            reply_result(
+                &mut w,
+                Ok(Some(OkBody::Processes {
+                    processes: d.procs.list(),
+                })),
+            )
+            .await
+        }
+        Request::PtyOpen { spec } => pty_open(d, spec, &mut r, &mut w).await,
+        Request::PtyAttach { id } => match d.ptys.get(&id) {
+            Ok(pty) => {
+                let sub = pty.ring.subscribe(0);
+                pty_session(pty, sub, &mut r, &mut w).await
+            }
+            Err(e) => reply(&mut w, &Reply::Error(e)).await,
+        },
+        Request::ReadFile { path } => read_file(path, &mut w).await,
+        Request::WriteFile {
+            path,
+            mode,
+            parents,
+        } => write_file(path, mode, parents, &mut r, &mut w).await,
+        Request::ListDir { path, depth } => {
+            let res = blocking(move || files::list_dir(&path, depth)).await;
+            reply_result(&mut w, res.map(|entries| Some(OkBody::Entries { entries }))).await
+        }
+        Request::Stat { path } => {
+            let res = blocking(move || files::stat(&path)).await;
+            reply_result(&mut w, res.map(|s| Some(OkBody::Stat(s)))).await
+        }
+        Request::Mkdir { path, parents } => {
+            let res = blocking(move || files::mkdir(&path, parents)).await;
+            reply_result(&mut w, res.map(|s| Some(OkBody::Stat(s)))).await
+        }
+        Request::Move {
+            from,
+            to,
+            overwrite,
+        } => {
+            let res = blocking(move || files::move_path(&from, &to, overwrite)).await;
+            reply_result(&mut w, res.map(|s| Some(OkBody::Stat(s)))).await
+        }
+        Request::Remove { path, recursive } => {
+            let res = blocking(move || files::remove(&path, recursive)).await;
+            reply_result(&mut w, res.map(|()| None)).await
+        }
+        Request::Watch { path, recursive } => {
+            match blocking(move || Watcher::arm(&path, recursive)).await {
+                Ok(watcher) => {
+                    reply(&mut w, &Reply::Ok { body: None }).await?;
+                    watcher.run(&mut r, &mut w).await
+                }
+                Err(e) => reply(&mut w, &Reply::Error(e)).await,
+            }
+        }
+    }
+}
+
+async fn exec(d: &Daemon, spec: ExecSpec, r: &mut Reader, w: &mut Writer) -> io::Result<()> {
+    let accept_stdin = spec.stdin;
+    let (proc, sub) = match d.procs.spawn(spec) {
+        Ok(x) => x,
+        Err(e) => return reply(w, &Reply::Error(e)).await,
+    };
+    reply(
+        w,
+        &Reply::Started {
+            pid: proc.id.clone(),
+            os_pid: proc.os_pid,
+        },
+    )
+    .await?;
+    match sub {
+        Some(sub) => follow(&proc, sub, r, w, accept_stdin).await,
+        None => Ok(()), // detached
+    }
+}
+
+/// Streams a process's output until it exits; meanwhile forwards stdin frames (exec
+/// connections). The client going away ends the conversation, never the process.
+async fn follow(
+    proc: &Proc,
+    mut sub: Subscription,
+    r: &mut Reader,
+    w: &mut Writer,
+    accept_stdin: bool,
+) -> io::Result<()> {
+    let input = async {
+        loop {
+            match frame::read_frame(r).await {
+                Ok(Some(Frame::Data(data))) if accept_stdin => {
+                    let mut stdin = proc.stdin.lock().await;
+                    if let Some(pipe) = stdin.as_mut() {
+                        if pipe.write_all(&data).await.is_err() {
+                            *stdin = None; // the process closed its stdin
+                        }
+                    }
+                }
+                Ok(Some(Frame::End)) if accept_stdin => {
+                    proc.stdin.lock().await.take();
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    };
+    let output = async {
+        loop {
+            let mut buf = Vec::new();
+            match sub.next().await {
+                Event::Gap { from, to } => frame::encode_json(&mut buf, &Reply::Gap { from, to })?,
+                Event::Chunks(chunks) => {
+                    for c in chunks {
+                        let out = Reply::Output {
+                            seq: c.seq,
+                            stream: c.stream,
+                            data: c.data.to_vec(),
+                        };
+                        frame::encode_json(&mut buf, &out)?;
+                    }
+                }
+                Event::Finished(status) => {
+                    frame::encode_json(&mut buf, &Reply::Exited(status))?;
+                    w.write_all(&buf).await?;
+                    return Ok(());
+                }
+            }
+            w.write_all(&buf).await?;
+        }
+    };
+    tokio::select! {
+        res = output => res,
+        () = input => Ok(()),
+    }
+}
+
+async fn stdin(
+    d: &Daemon,
+    pid: &str,
+    close: bool,
+    r: &mut Reader,
+    w: &mut Writer,
+) -> io::Result<()> {
+    let proc = match d.procs.get(pid) {
+        Ok(p) => p,
+        Err(e) => return reply(w, &Reply::Error(e)).await,
+    };
+    let mut guard = proc.stdin.lock().await;
+    let Some(pipe) = guard.as_mut() else {
+        let msg = format!("stdin of process {pid} is not open (start it with stdin: true)");
+        return reply(w, &Reply::Error(err(DaemonErrorCode::Invalid, msg))).await;
+    };
+    loop {
+        match frame::read_frame(r).await? {
+            Some(Frame::Data(data)) => {
+                if let Err(e) = pipe.write_all(&data).await {
+                    *guard = None;
+                    let msg = format!("writing to stdin of process {pid}: {e}");
+                    return reply(w, &Reply::Error(err(DaemonErrorCode::Invalid, msg))).await;
+                }
+            }
+            Some(Frame::End) => break,
+            Some(Frame::Json(_)) => {
+                let msg = "expected data frames and an end frame".to_string();
+                return reply(w, &Reply::Error(err(DaemonErrorCode::Invalid, msg))).await;
+            }
+            None => return Ok(()),
+        }
+    }
+    if close {
+        *guard = None;
+    }
+    drop(guard);
+    reply(w, &Reply::Ok { body: None }).await
+}
+
+async fn pty_open(d: &Daemon, spec: PtySpec, r: &mut Reader, w: &mut Writer) -> io::Result<()> {
+    match d.ptys.open(&spec) {
+        Ok((pty, sub)) => pty_session(pty, sub, r, w).await,
+        Err(e) => reply(w, &Reply::Error(e)).await,
+    }
+}
+
+async fn pty_session(
+    pty: Arc<Pty>,
+    mut sub: Subscription,
+    r: &mut Reader,
+    w: &mut Writer,
+) -> io::Result<()> {
+    reply(
+        w,
+        &Reply::PtyOpened {
+            id: pty.id.clone(),
+            os_pid: pty.os_pid,
+        },
+    )
+    .await?;
+    let input = async {
+        loop {
+            match frame::read_frame(r).await {
+                Ok(Some(Frame::Data(data))) => {
+                    if let Err(e) = pty.input(&data).await {
+                        tracing::debug!(id = %pty.id, "PTY input: {e}");
+                    }
+                }
+                Ok(Some(f @ Frame::Json(_))) => match f.parse::<Control>() {
+                    Ok(Control::Resize { cols, rows }) => {
+                        if let Err(e) = pty.resize(cols, rows) {
+                            tracing::debug!(id = %pty.id, "{}", e.message);
+                        }
+                    }
+                    Ok(Control::Signal { signal }) => {
+                        if let Err(e) = pty.signal(signal) {
+                            tracing::debug!(id = %pty.id, "{}", e.message);
+                        }
+                    }
+                    Err(e) => tracing::debug!(id = %pty.id, "bad PTY control message: {e}"),
+                },
+                Ok(Some(Frame::End)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    };
+    let output = async {
+        loop {
+            let mut buf = Vec::new();
+            match sub.next().await {
+                Event::Gap { .. } => continue,
+                Event::Chunks(chunks) => {
+                    for c in chunks {
+                        frame::encode_data(&mut buf, &c.data);
+                    }
+                }
+                Event::Finished(status) => {
+                    frame::encode_json(&mut buf, &Reply::Exited(status))?;
+                    w.write_all(&buf).await?;
+                    return Ok(());
+                }
+            }
+            w.write_all(&buf).await?;
+        }
+    };
+    tokio::select! {
+        res = output => res,
+        () = input => Ok(()),
+    }
+}
+
+async fn read_file(path: String, w: &mut Writer) -> io::Result<()> {
+    let (file, stat) = match blocking(move || files::open_read(&path)).await {
+        Ok(x) => x,
+        Err(e) => return reply(w, &Reply::Error(e)).await,
+    };
+    let stat_path = stat.path.clone();
+    reply(
+        w,
+        &Reply::Ok {
+            body: Some(OkBody::Stat(stat)),
+        },
+    )
+    .await?;
+    let (tx, mut rx) = mpsc::channel::<io::Result<Vec<u8>>>(4);
+    tokio::task::spawn_blocking(move || {
+        let mut file = file;
+        loop {
+            let item = files::read_chunk(&mut file, DATA_CHUNK);
+            let stop = !matches!(item, Ok(Some(_)));
+            let msg = match item {
+                Ok(Some(chunk)) => Ok(chunk),
+                Ok(None) => break,
+                Err(e) => Err(e),
+            };
+            if tx.blocking_send(msg).is_err() || stop {
+                break;
+            }
+        }
+    });
+    while let Some(item) = rx.recv().await {
+        match item {
+            Ok(chunk) => frame::write_data(w, &chunk).await?,
+            Err(e) => {
+                // Mid-stream failure: an error instead of the end frame.
+                return reply(w, &Reply::Error(files::io_error(&e, &stat_path))).await;
+            }
+        }
+    }
+    frame::write_end(w).await
+}
+
+enum WriteMsg {
+    Data(Bytes),
+    End,
+}
+
+async fn write_file(
+    path: String,
+    mode: Option<u32>,
+    parents: bool,
+    r: &mut Reader,
+    w: &mut Writer,
+) -> io::Result<()> {
+    let writer = match blocking(move || AtomicWriter::create(&path, mode, parents)).await {
+        Ok(x) => x,
+        Err(e) => return reply(w, &Reply::Error(e)).await,
+    };
+    let (tx, mut rx) = mpsc::channel::<WriteMsg>(8);
+    let job = tokio::task::spawn_blocking(move || {
+        let mut writer = writer;
+        loop {
+            match rx.blocking_recv() {
+                Some(WriteMsg::Data(d)) => writer.write(&d)?,
+                Some(WriteMsg::End) => return writer.commit().map(Some),
+                // The client went away before `End`: dropping the writer removes the temp file.
+                None => return Ok(None),
+            }
+        }
+    });
+    let mut protocol_error = None;
+    loop {
+        let msg = match frame::read_frame(r).await {
+            Ok(Some(Frame::Data(d))) => WriteMsg::Data(d),
+            Ok(Some(Frame::End)) => WriteMsg::End,
+            Ok(Some(Frame::Json(_))) => {
+                protocol_error = Some(err(
+                    DaemonErrorCode::Invalid,
+                    "expected data frames and an end frame",
+                ));
+                break;
+            }
+            Ok(None) | Err(_) => break,
+        };
+        let end = matches!(msg, WriteMsg::End);
+        if tx.send(msg).await.is_err() || end {
+            break; // the writer failed (its error is reported below) or we are done
+        }
+    }
+    drop(tx);
+    let res = job.await.unwrap_or_else(|e| {
+        Err(err(
+            DaemonErrorCode::Internal,
+            format!("writer failed: {e}"),
+        ))
+    });
+    match (protocol_error, res) {
+        (Some(e), _) => reply(w, &Reply::Error(e)).await,
+        (None, Ok(Some(stat))) => {
+            reply(
+                w,
+                &Reply::Ok {
+                    body: Some(OkBody::Stat(stat)),
+                },
+            )
+            .await
+        }
+        (None, Ok(None)) => Ok(()), // client gone
+        (None, Err(e)) => reply(w, &Reply::Error(e)).await,
+    }
+}

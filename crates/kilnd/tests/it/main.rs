@@ -1,0 +1,9 @@
+//! Integration tests of kilnd: the real `kilnd` binary serving a socket in a tempdir, driven
+//! through the library's `Client` (and the host reaper through `ReaperClient`).
+
+mod exec;
+mod files;
+mod harness;
+mod pty;
+mod reaper;
+mod watch;
