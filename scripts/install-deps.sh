@@ -10,10 +10,11 @@ runc         1.1.5+ds1-1+deb12u1        a00351f8c0318de0b424ecf5cd0fdb69880a89f3
 debootstrap  1.0.128+nmu2+deb12u2       63f354316e9bbe747b143b7b0d83e5f237c90314a17734fba9ff202c2ef02760
 iproute2     6.1.0-3                    1204b29e916e836267096d0b9d778106752f821ebde0d281539008b4386d9070
 nftables     1.0.6-2+deb12u2            966ff20ce58c17163a771c02ddbca264291408f94c512bd85dd18da0ebdbe88c
+btrfs-progs  6.2-1+deb12u2              8b9f4223957c327ea355c66876014f8a0ba6c74964c237266442fffa02fbf62e
 "
-# Tools that come with every Debian system but must be there: mkfs.ext4 (e2fsprogs), losetup and
-# mount (util-linux / mount).
-BASE_TOOLS="mkfs.ext4 losetup mount"
+# Tools that come with every Debian system but must be there: losetup and mount (util-linux /
+# mount). btrfs-progs (mkfs.btrfs) formats the disk pool that holds the writable layers.
+BASE_TOOLS="losetup mount"
 
 check_only=0
 [ "${1:-}" = "--check" ] && check_only=1
@@ -35,7 +36,7 @@ done <<< "$PINS"
 
 for t in $BASE_TOOLS; do
   command -v "$t" >/dev/null 2>&1 || PATH="$PATH:/sbin:/usr/sbin" command -v "$t" >/dev/null 2>&1 || {
-    echo "install-deps: $t is missing (hint: apt-get install e2fsprogs mount util-linux)" >&2
+    echo "install-deps: $t is missing (hint: apt-get install mount util-linux)" >&2
     exit 1
   }
 done

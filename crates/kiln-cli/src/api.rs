@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, Result};
 use kiln_protocol::api::{ErrorBody, ExecEvent};
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -25,7 +25,6 @@ pub struct Api {
 /// An error the API answered with, kept whole so the CLI can print message and hint.
 #[derive(Debug)]
 pub struct ApiFailure {
-    pub status: StatusCode,
     pub body: ErrorBody,
 }
 
@@ -44,10 +43,15 @@ impl std::error::Error for ApiFailure {}
 impl Api {
     /// Resolves the URL (`KILN_URL`) and token (`KILN_TOKEN`, else `<data dir>/token`).
     pub fn from_env(url: Option<String>, token: Option<String>, data_dir: Option<PathBuf>) -> Self {
-        let base = url.unwrap_or_else(|| DEFAULT_URL.to_string()).trim_end_matches('/').to_string();
+        let base = url
+            .unwrap_or_else(|| DEFAULT_URL.to_string())
+            .trim_end_matches('/')
+            .to_string();
         let token = token.or_else(|| {
             let dir = data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-            std::fs::read_to_string(dir.join("token")).ok().map(|t| t.trim().to_string())
+            std::fs::read_to_string(dir.join("token"))
+                .ok()
+                .map(|t| t.trim().to_string())
         });
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(16)
@@ -67,7 +71,10 @@ impl Api {
 
     /// The WebSocket URL and token for a path.
     pub fn ws_url(&self, path: &str) -> (String, Option<String>) {
-        let base = self.base.replacen("http://", "ws://", 1).replacen("https://", "wss://", 1);
+        let base = self
+            .base
+            .replacen("http://", "ws://", 1)
+            .replacen("https://", "wss://", 1);
         (format!("{base}{path}"), self.token.clone())
     }
 
@@ -86,7 +93,7 @@ impl Api {
                 hint: None,
             },
         });
-        Err(ApiFailure { status, body }.into())
+        Err(ApiFailure { body }.into())
     }
 
     pub fn transport_error(&self, e: reqwest::Error) -> anyhow::Error {
@@ -100,13 +107,20 @@ impl Api {
         }
     }
 
-    pub async fn json<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T> {
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T> {
         let mut rb = self.request(method, path);
         if let Some(b) = body {
             rb = rb.json(b);
         }
         let resp = self.send(rb).await?;
-        resp.json::<T>().await.map_err(|e| anyhow!("unexpected answer from the server: {e}"))
+        resp.json::<T>()
+            .await
+            .map_err(|e| anyhow!("unexpected answer from the server: {e}"))
     }
 
     pub async fn empty(&self, method: Method, path: &str) -> Result<()> {

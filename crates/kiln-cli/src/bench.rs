@@ -53,7 +53,10 @@ pub fn percentiles(samples: &mut [f64]) -> Percentiles {
         samples[rank.clamp(1, samples.len()) - 1]
     };
     let round = |v: f64| (v * 1000.0).round() / 1000.0;
-    Percentiles { p50: round(pick(0.50)), p99: round(pick(0.99)) }
+    Percentiles {
+        p50: round(pick(0.50)),
+        p99: round(pick(0.99)),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -81,15 +84,26 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn create(api: &Api, pool: bool) -> Result<Sandbox> {
-    let req = CreateSandbox { pool: Some(pool), ..CreateSandbox::default() };
+    let req = CreateSandbox {
+        pool: Some(pool),
+        ..CreateSandbox::default()
+    };
     api.json(Method::POST, "/v1/sandboxes", Some(&req)).await
 }
 
 /// Runs `cmd` and returns (the instant its first stdout chunk arrived, time from request to exit).
 async fn exec_timed(api: &Api, id: &str, cmd: &[&str]) -> Result<(Option<Instant>, Duration)> {
     let t0 = Instant::now();
-    let req = ExecRequest { cmd: cmd.iter().map(|s| s.to_string()).collect(), ..ExecRequest::default() };
-    let resp = api.send(api.request(Method::POST, &format!("/v1/sandboxes/{id}/exec")).json(&req)).await?;
+    let req = ExecRequest {
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        ..ExecRequest::default()
+    };
+    let resp = api
+        .send(
+            api.request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+                .json(&req),
+        )
+        .await?;
     let mut first = None;
     let mut exited = false;
     api.each_event(resp, |ev| {
@@ -112,7 +126,8 @@ async fn exec_timed(api: &Api, id: &str, cmd: &[&str]) -> Result<(Option<Instant
 }
 
 async fn remove(api: &Api, id: &str) -> Result<()> {
-    api.empty(Method::DELETE, &format!("/v1/sandboxes/{id}")).await
+    api.empty(Method::DELETE, &format!("/v1/sandboxes/{id}"))
+        .await
 }
 
 fn mem_available_kib() -> Option<u64> {
@@ -125,12 +140,24 @@ fn mem_available_kib() -> Option<u64> {
 
 fn process_count() -> usize {
     std::fs::read_dir("/proc")
-        .map(|rd| rd.filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit())).count())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
+                .count()
+        })
         .unwrap_or(0)
 }
 
 fn local_server(api: &Api) -> bool {
-    let host = api.base.trim_start_matches("http://").trim_start_matches("https://");
+    let host = api
+        .base
+        .trim_start_matches("http://")
+        .trim_start_matches("https://");
     host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
 }
 
@@ -162,7 +189,10 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
     // 2. Warm: the same, claiming a ready pool member (waiting for the pool to refill between
     //    iterations is not timed).
     let warm = if health.warm_pool > 0 || pool_configured(api).await {
-        progress(b.json, &format!("warm-pool create-to-first-output x{}", b.n));
+        progress(
+            b.json,
+            &format!("warm-pool create-to-first-output x{}", b.n),
+        );
         let mut warm = Vec::with_capacity(b.n);
         for _ in 0..b.n {
             wait_for_pool(api).await?;
@@ -218,7 +248,10 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
         result?;
         let per = (before.saturating_sub(after)) as f64 / 1024.0 / idle_n as f64;
         let procs = p_after.saturating_sub(p_before) as f64 / idle_n as f64;
-        (Some((per * 100.0).round() / 100.0), Some((procs * 100.0).round() / 100.0))
+        (
+            Some((per * 100.0).round() / 100.0),
+            Some((procs * 100.0).round() / 100.0),
+        )
     } else {
         (None, None)
     };
@@ -243,18 +276,38 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         let row = |name: &str, p: &Percentiles, target: &str| {
-            println!("{name:<34} p50 {:>8.2} ms   p99 {:>8.2} ms   (target {target})", p.p50, p.p99);
+            println!(
+                "{name:<34} p50 {:>8.2} ms   p99 {:>8.2} ms   (target {target})",
+                p.p50, p.p99
+            );
         };
-        println!("kiln bench sandbox: {} iterations, runtime {}", b.n, health.runtime);
-        row("cold create -> first output", &report.cold_create_to_first_output_ms, "p50 <= 50, p99 <= 150");
+        println!(
+            "kiln bench sandbox: {} iterations, runtime {}",
+            b.n, health.runtime
+        );
+        row(
+            "cold create -> first output",
+            &report.cold_create_to_first_output_ms,
+            "p50 <= 50, p99 <= 150",
+        );
         match &report.warm_create_to_first_output_ms {
             Some(w) => row("warm-pool create -> first output", w, "p50 <= 5"),
-            None => println!("{:<34} skipped: the server has no warm pool", "warm-pool create -> first output"),
+            None => println!(
+                "{:<34} skipped: the server has no warm pool",
+                "warm-pool create -> first output"
+            ),
         }
         if let Some(s) = report.warm_speedup_vs_cold {
-            println!("{:<34} {s}x faster than cold (p50, same run)", "warm pool vs cold");
+            println!(
+                "{:<34} {s}x faster than cold (p50, same run)",
+                "warm pool vs cold"
+            );
         }
-        row("exec round trip (`true`)", &report.exec_roundtrip_ms, "p50 <= 3");
+        row(
+            "exec round trip (`true`)",
+            &report.exec_roundtrip_ms,
+            "p50 <= 3",
+        );
         match report.memory_per_idle_sandbox_mib {
             Some(m) => println!(
                 "{:<34} {m:.2} MiB per sandbox with {idle_n} alive, {:.2} host processes each (target <= 4 MiB)",
@@ -270,7 +323,10 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
 async fn pool_configured(api: &Api) -> bool {
     // The pool may be empty right now (just drained); give the filler a moment.
     for _ in 0..50 {
-        if let Ok(h) = api.json::<Health>(Method::GET, "/v1/health", None::<&()>).await {
+        if let Ok(h) = api
+            .json::<Health>(Method::GET, "/v1/health", None::<&()>)
+            .await
+        {
             if h.warm_pool > 0 {
                 return true;
             }
@@ -301,7 +357,13 @@ mod tests {
     #[test]
     fn nearest_rank_percentiles() {
         let mut v: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(percentiles(&mut v), Percentiles { p50: 50.0, p99: 99.0 });
+        assert_eq!(
+            percentiles(&mut v),
+            Percentiles {
+                p50: 50.0,
+                p99: 99.0
+            }
+        );
         let mut one = vec![3.0];
         assert_eq!(percentiles(&mut one), Percentiles { p50: 3.0, p99: 3.0 });
     }

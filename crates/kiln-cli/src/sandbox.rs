@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use kiln_protocol::api::{
-    CreateSandbox, DurationArg, ExecEvent, ExecRequest, ExitStatus, FileStat, NetworkMode, Sandbox, SandboxList,
-    SizeArg,
+    CreateSandbox, DurationArg, ExecEvent, ExecRequest, ExitStatus, FileStat, NetworkMode, Sandbox,
+    SandboxList, SizeArg,
 };
 use reqwest::Method;
 
@@ -44,10 +44,7 @@ pub enum SandboxCmd {
     /// Open an interactive shell (PTY) in a sandbox
     Shell(crate::shell::ShellArgs),
     /// Copy a file between this machine and a sandbox: either side may be `ID:/path`
-    Cp {
-        src: String,
-        dst: String,
-    },
+    Cp { src: String, dst: String },
 }
 
 /// Resources and options of a new sandbox.
@@ -96,7 +93,9 @@ impl CreateArgs {
         }
         let mut labels = std::collections::BTreeMap::new();
         for l in &self.labels {
-            let (k, v) = l.split_once('=').ok_or_else(|| anyhow!("--label `{l}` must look like KEY=VALUE"))?;
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| anyhow!("--label `{l}` must look like KEY=VALUE"))?;
             labels.insert(k.to_string(), v.to_string());
         }
         Ok(CreateSandbox {
@@ -104,7 +103,11 @@ impl CreateArgs {
             cpus: self.cpus,
             memory: self.memory.clone().map(SizeArg::Text),
             disk: self.disk.clone().map(SizeArg::Text),
-            network: Some(if self.network == "full" { NetworkMode::Full } else { NetworkMode::None }),
+            network: Some(if self.network == "full" {
+                NetworkMode::Full
+            } else {
+                NetworkMode::None
+            }),
             ttl: self.ttl.clone().map(DurationArg::Text),
             labels,
             pool: if self.no_pool { Some(false) } else { None },
@@ -175,7 +178,13 @@ pub async fn run(g: &Global, cmd: SandboxCmd) -> Result<i32> {
             Ok(0)
         }
         SandboxCmd::Get { id, json } => {
-            let sb: Sandbox = api.json(Method::GET, &format!("/v1/sandboxes/{}", check_id(&id)?), None::<&()>).await?;
+            let sb: Sandbox = api
+                .json(
+                    Method::GET,
+                    &format!("/v1/sandboxes/{}", check_id(&id)?),
+                    None::<&()>,
+                )
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&sb)?);
             } else {
@@ -186,7 +195,10 @@ pub async fn run(g: &Global, cmd: SandboxCmd) -> Result<i32> {
         SandboxCmd::Rm { ids } => {
             let mut failed = 0;
             for id in ids {
-                match api.empty(Method::DELETE, &format!("/v1/sandboxes/{}", check_id(&id)?)).await {
+                match api
+                    .empty(Method::DELETE, &format!("/v1/sandboxes/{}", check_id(&id)?))
+                    .await
+                {
                     Ok(()) => println!("{id}"),
                     Err(e) => {
                         eprintln!("error: {e}");
@@ -194,17 +206,31 @@ pub async fn run(g: &Global, cmd: SandboxCmd) -> Result<i32> {
                     }
                 }
             }
-            Ok(if failed > 0 { crate::EXIT_KILN_ERROR } else { 0 })
+            Ok(if failed > 0 {
+                crate::EXIT_KILN_ERROR
+            } else {
+                0
+            })
         }
         SandboxCmd::Pause { id } => {
-            let sb: Sandbox =
-                api.json(Method::POST, &format!("/v1/sandboxes/{}/pause", check_id(&id)?), None::<&()>).await?;
+            let sb: Sandbox = api
+                .json(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/pause", check_id(&id)?),
+                    None::<&()>,
+                )
+                .await?;
             println!("{} {}", sb.id, state_name(&sb));
             Ok(0)
         }
         SandboxCmd::Resume { id } => {
-            let sb: Sandbox =
-                api.json(Method::POST, &format!("/v1/sandboxes/{}/resume", check_id(&id)?), None::<&()>).await?;
+            let sb: Sandbox = api
+                .json(
+                    Method::POST,
+                    &format!("/v1/sandboxes/{}/resume", check_id(&id)?),
+                    None::<&()>,
+                )
+                .await?;
             println!("{} {}", sb.id, state_name(&sb));
             Ok(0)
         }
@@ -215,18 +241,29 @@ pub async fn run(g: &Global, cmd: SandboxCmd) -> Result<i32> {
 
 /// Sandbox ids are `[a-z0-9-]`; anything else is refused before a request is made.
 fn check_id(id: &str) -> Result<&str> {
-    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if id.is_empty()
+        || id.len() > 64
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         bail!("`{id}` is not a sandbox id (hint: ids look like sb-1a2b3c4d5e6f; list them with `kiln sandbox ls`)");
     }
     Ok(id)
 }
 
 fn state_name(sb: &Sandbox) -> String {
-    serde_json::to_value(sb.state).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::to_value(sb.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 fn print_table(list: &[Sandbox]) {
-    println!("{:<16} {:<10} {:<8} {:>5} {:>7} {:>6} {:<7} {:<20}", "ID", "TEMPLATE", "STATE", "CPUS", "MEMORY", "DISK", "NETWORK", "EXPIRES");
+    println!(
+        "{:<16} {:<10} {:<8} {:>5} {:>7} {:>6} {:<7} {:<20}",
+        "ID", "TEMPLATE", "STATE", "CPUS", "MEMORY", "DISK", "NETWORK", "EXPIRES"
+    );
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -245,7 +282,11 @@ fn print_table(list: &[Sandbox]) {
             s.cpus,
             kiln_server::units::format_size(s.memory_bytes),
             kiln_server::units::format_size(s.disk_bytes),
-            if s.network == NetworkMode::Full { "full" } else { "none" },
+            if s.network == NetworkMode::Full {
+                "full"
+            } else {
+                "none"
+            },
             expires
         );
     }
@@ -269,7 +310,9 @@ pub async fn create(api: &Api, a: &CreateArgs) -> Result<Sandbox> {
 fn exec_request(opts: &ExecOpts, cmd: Vec<String>) -> Result<ExecRequest> {
     let mut env = std::collections::BTreeMap::new();
     for e in &opts.env {
-        let (k, v) = e.split_once('=').ok_or_else(|| anyhow!("--env `{e}` must look like KEY=VALUE"))?;
+        let (k, v) = e
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--env `{e}` must look like KEY=VALUE"))?;
         env.insert(k.to_string(), v.to_string());
     }
     if let Some(t) = opts.timeout {
@@ -306,7 +349,13 @@ pub fn exit_code(st: &ExitStatus) -> i32 {
 pub async fn exec(api: &Api, id: &str, opts: &ExecOpts, cmd: Vec<String>) -> Result<i32> {
     let req = exec_request(opts, cmd)?;
     let resp = api
-        .send(api.request(Method::POST, &format!("/v1/sandboxes/{}/exec", check_id(id)?)).json(&req))
+        .send(
+            api.request(
+                Method::POST,
+                &format!("/v1/sandboxes/{}/exec", check_id(id)?),
+            )
+            .json(&req),
+        )
         .await?;
     let mut code: Option<i32> = None;
     let mut stdin_task: Option<tokio::task::JoinHandle<()>> = None;
@@ -315,7 +364,11 @@ pub async fn exec(api: &Api, id: &str, opts: &ExecOpts, cmd: Vec<String>) -> Res
         match ev {
             ExecEvent::Started { pid, .. } => {
                 if opts.interactive {
-                    stdin_task = Some(tokio::spawn(forward_stdin(api.clone(), id.to_string(), pid)));
+                    stdin_task = Some(tokio::spawn(forward_stdin(
+                        api.clone(),
+                        id.to_string(),
+                        pid,
+                    )));
                 }
             }
             ExecEvent::Stdout { data, .. } => {
@@ -328,7 +381,9 @@ pub async fn exec(api: &Api, id: &str, opts: &ExecOpts, cmd: Vec<String>) -> Res
                 e.write_all(&data)?;
                 e.flush()?;
             }
-            ExecEvent::Gap { from, to } => eprintln!("kiln: output {from}..{to} was dropped from the buffer"),
+            ExecEvent::Gap { from, to } => {
+                eprintln!("kiln: output {from}..{to} was dropped from the buffer")
+            }
             ExecEvent::Exit(st) => {
                 if st.timed_out {
                     eprintln!("kiln: command timed out and was killed");
@@ -353,7 +408,11 @@ pub async fn exec(api: &Api, id: &str, opts: &ExecOpts, cmd: Vec<String>) -> Res
     if let Some(e) = err {
         bail!(e);
     }
-    code.ok_or_else(|| anyhow!("the exec stream ended before the command finished (the sandbox may have been removed)"))
+    code.ok_or_else(|| {
+        anyhow!(
+            "the exec stream ended before the command finished (the sandbox may have been removed)"
+        )
+    })
 }
 
 async fn forward_stdin(api: Api, id: String, pid: String) {
@@ -363,7 +422,10 @@ async fn forward_stdin(api: Api, id: String, pid: String) {
     loop {
         let n = stdin.read(&mut buf).await.unwrap_or(0);
         let close = n == 0;
-        let path = format!("/v1/sandboxes/{id}/processes/{pid}/stdin{}", if close { "?close=true" } else { "" });
+        let path = format!(
+            "/v1/sandboxes/{id}/processes/{pid}/stdin{}",
+            if close { "?close=true" } else { "" }
+        );
         let rb = api.request(Method::POST, &path).body(buf[..n].to_vec());
         if api.send(rb).await.is_err() || close {
             return;
@@ -376,16 +438,24 @@ pub async fn run_once(g: &Global, a: RunArgs) -> Result<i32> {
     let api = g.api();
     let sb = create(&api, &a.create).await?;
     let result = exec(&api, &sb.id, &a.opts, a.cmd).await;
-    let removed = api.empty(Method::DELETE, &format!("/v1/sandboxes/{}", sb.id)).await;
+    let removed = api
+        .empty(Method::DELETE, &format!("/v1/sandboxes/{}", sb.id))
+        .await;
     let code = result?;
-    removed.with_context(|| format!("the command finished but sandbox {} could not be removed", sb.id))?;
+    removed.with_context(|| {
+        format!(
+            "the command finished but sandbox {} could not be removed",
+            sb.id
+        )
+    })?;
     Ok(code)
 }
 
 /// `ID:/path` -> (id, path).
 fn remote(s: &str) -> Option<(&str, &str)> {
     let (id, path) = s.split_once(':')?;
-    (id.starts_with("sb-") || (!id.contains('/') && !id.is_empty() && path.starts_with('/'))).then_some((id, path))
+    (id.starts_with("sb-") || (!id.contains('/') && !id.is_empty() && path.starts_with('/')))
+        .then_some((id, path))
 }
 
 async fn cp(api: &Api, src: &str, dst: &str) -> Result<i32> {

@@ -54,16 +54,24 @@ pub async fn run(api: &Api, a: ShellArgs) -> Result<i32> {
         q.push(format!("cwd={}", urlencode(c)));
     }
     // Surface API errors (404, 409 paused ...) as one line before upgrading.
-    api.send(api.request(reqwest::Method::GET, &format!("/v1/sandboxes/{}", a.id))).await?;
+    api.send(api.request(reqwest::Method::GET, &format!("/v1/sandboxes/{}", a.id)))
+        .await?;
     let (url, token) = api.ws_url(&format!("/v1/sandboxes/{}/pty?{}", a.id, q.join("&")));
-    let mut req = url.as_str().into_client_request().context("bad server URL")?;
+    let mut req = url
+        .as_str()
+        .into_client_request()
+        .context("bad server URL")?;
     if let Some(t) = token {
         req.headers_mut().insert(
             "authorization",
-            format!("Bearer {t}").parse().map_err(|_| anyhow!("the token contains invalid characters"))?,
+            format!("Bearer {t}")
+                .parse()
+                .map_err(|_| anyhow!("the token contains invalid characters"))?,
         );
     }
-    let (ws, _) = tokio_tungstenite::connect_async(req).await.map_err(|e| anyhow!("cannot open the terminal: {e}"))?;
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .map_err(|e| anyhow!("cannot open the terminal: {e}"))?;
     let (mut tx, mut rx) = ws.split();
     let is_tty = crossterm::tty::IsTty::is_tty(&std::io::stdin());
     let _guard = RawGuard(is_tty && crossterm::terminal::enable_raw_mode().is_ok());
@@ -72,12 +80,20 @@ pub async fn run(api: &Api, a: ShellArgs) -> Result<i32> {
         use tokio::io::AsyncReadExt;
         let mut stdin = tokio::io::stdin();
         let mut buf = [0u8; 4096];
-        let mut winch = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
+        let mut winch =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::window_change()).ok();
+        let mut eof = false;
         loop {
             tokio::select! {
-                n = stdin.read(&mut buf) => {
+                n = stdin.read(&mut buf), if !eof => {
                     let n = n.unwrap_or(0);
-                    if n == 0 { break; }
+                    if n == 0 {
+                        // End of piped input: send EOT (what Ctrl-D types) so the program sees
+                        // end-of-file, and keep the socket open until it exits.
+                        eof = true;
+                        if tx.send(Message::Binary(vec![4])).await.is_err() { break; }
+                        continue;
+                    }
                     if tx.send(Message::Binary(buf[..n].to_vec())).await.is_err() { break; }
                 }
                 Some(_) = async { match winch.as_mut() { Some(w) => w.recv().await, None => std::future::pending().await } } => {

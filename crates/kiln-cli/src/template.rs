@@ -40,31 +40,60 @@ pub enum TemplateCmd {
 
 pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
     match cmd {
-        TemplateCmd::Build { name, images_dir, mirror, force, json } => {
+        TemplateCmd::Build {
+            name,
+            images_dir,
+            mirror,
+            force,
+            json,
+        } => {
             if name != "base" {
                 bail!("unknown template `{name}` (hint: this version builds `base`; role-based templates come with the templates issue)");
             }
             let dir = images_dir.unwrap_or_else(|| {
-                g.data_dir.clone().unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_DATA_DIR)).join("images")
+                g.data_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_DATA_DIR))
+                    .join("images")
             });
-            let spec = BaseSpec { mirror, ..BaseSpec::default() };
-            let r = tokio::task::spawn_blocking(move || build_base(&dir, &spec, force, json)).await??;
+            let spec = BaseSpec {
+                mirror,
+                ..BaseSpec::default()
+            };
+            let r =
+                tokio::task::spawn_blocking(move || build_base(&dir, &spec, force, json)).await??;
             if json {
-                println!("{}", serde_json::json!({"event": "result", "template": r.name, "image": r.layers[0], "size_bytes": r.size_bytes}));
+                println!(
+                    "{}",
+                    serde_json::json!({"event": "result", "template": r.name, "image": r.layers[0], "size_bytes": r.size_bytes})
+                );
             } else {
                 println!("{} {}", r.name, r.layers[0]);
             }
             Ok(0)
         }
         TemplateCmd::Ls { json } => {
-            let list: TemplateList = g.api().json(Method::GET, "/v1/templates", None::<&()>).await?;
+            let list: TemplateList = g
+                .api()
+                .json(Method::GET, "/v1/templates", None::<&()>)
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!("{:<16} {:<20} {:>10}", "NAME", "IMAGE", "SIZE");
                 for t in list.templates {
-                    let short: String = t.image.trim_start_matches("sha256:").chars().take(12).collect();
-                    println!("{:<16} {:<20} {:>10}", t.name, short, kiln_server::units::format_size(t.size_bytes));
+                    let short: String = t
+                        .image
+                        .trim_start_matches("sha256:")
+                        .chars()
+                        .take(12)
+                        .collect();
+                    println!(
+                        "{:<16} {:<20} {:>10}",
+                        t.name,
+                        short,
+                        kiln_server::units::format_size(t.size_bytes)
+                    );
                 }
             }
             Ok(0)
@@ -73,21 +102,32 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
 }
 
 /// Builds the base image with progress output; shared by `kiln template build` and `kiln up`.
-pub fn build_base(images_dir: &std::path::Path, spec: &BaseSpec, force: bool, json: bool) -> Result<ImageRef> {
-    let store = ImageStore::open(images_dir).with_context(|| format!("cannot open the image store at {}", images_dir.display()))?;
+pub fn build_base(
+    images_dir: &std::path::Path,
+    spec: &BaseSpec,
+    force: bool,
+    json: bool,
+) -> Result<ImageRef> {
+    let store = ImageStore::open(images_dir)
+        .with_context(|| format!("cannot open the image store at {}", images_dir.display()))?;
     let tty = std::io::stderr().is_terminal() && !json;
     let bar = tty.then(|| {
         let pb = indicatif::ProgressBar::new_spinner();
         pb.set_style(
-            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {prefix:>9} {pos:>4} steps  {wide_msg}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {prefix:>9} {pos:>4} steps  {wide_msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
         );
         pb.enable_steady_tick(std::time::Duration::from_millis(120));
         pb
     });
     let mut on = |p: Progress| {
         if json {
-            println!("{}", serde_json::json!({"event": "progress", "stage": p.stage, "step": p.step, "message": p.message}));
+            println!(
+                "{}",
+                serde_json::json!({"event": "progress", "stage": p.stage, "step": p.step, "message": p.message})
+            );
         } else if let Some(pb) = &bar {
             pb.set_prefix(p.stage.clone());
             pb.set_position(p.step);

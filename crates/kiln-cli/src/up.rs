@@ -58,7 +58,10 @@ fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
         if p.is_file() {
             return Ok(p);
         }
-        bail!("kilnd not found at {} (hint: build it with `make build`)", p.display());
+        bail!(
+            "kilnd not found at {} (hint: build it with `make build`)",
+            p.display()
+        );
     }
     let mut candidates = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
@@ -78,16 +81,29 @@ fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 pub async fn run(a: UpArgs) -> Result<i32> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&a.log).map_err(|e| anyhow!("--log: {e}"))?;
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(&a.log).map_err(|e| anyhow!("--log: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     if !nix_is_root() {
         bail!("kiln up must run as root: it mounts overlays and runs an OCI runtime (hint: sudo kiln up)");
     }
     let kilnd = find_kilnd(a.kilnd)?;
-    let name = if a.runtime == "gvisor" { "runsc" } else { a.runtime.as_str() };
-    let runtime = kiln_server::config::runtime_kind(name)
-        .ok_or_else(|| anyhow!("unknown --runtime `{}` (hint: use runc, crun, runsc or youki)", a.runtime))?;
-    let size = |flag: &str, v: &str| kiln_server::units::parse_size(v).map_err(|e| anyhow!("{flag}: {e}"));
+    let name = if a.runtime == "gvisor" {
+        "runsc"
+    } else {
+        a.runtime.as_str()
+    };
+    let runtime = kiln_server::config::runtime_kind(name).ok_or_else(|| {
+        anyhow!(
+            "unknown --runtime `{}` (hint: use runc, crun, runsc or youki)",
+            a.runtime
+        )
+    })?;
+    let size =
+        |flag: &str, v: &str| kiln_server::units::parse_size(v).map_err(|e| anyhow!("{flag}: {e}"));
     let mut cfg = kiln_server::ServerConfig::new(a.data_dir.clone(), kilnd);
     cfg.listen = a.listen;
     if let Some(d) = a.images_dir {
@@ -101,13 +117,18 @@ pub async fn run(a: UpArgs) -> Result<i32> {
     cfg.defaults.memory_bytes = size("--default-memory", &a.default_memory)?;
     cfg.defaults.disk_bytes = size("--default-disk", &a.default_disk)?;
     if let Some(t) = &a.max_ttl {
-        cfg.max_ttl = Some(kiln_server::units::parse_duration(t).map_err(|e| anyhow!("--max-ttl: {e}"))?);
+        cfg.max_ttl =
+            Some(kiln_server::units::parse_duration(t).map_err(|e| anyhow!("--max-ttl: {e}"))?);
     }
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     let (token, created) = kiln_server::ensure_token(&cfg.data_dir)?;
     if created {
         eprintln!("kiln: created API token {token}");
-        eprintln!("kiln: it is stored in {}/token (mode 0600); the CLI reads it from there", cfg.data_dir.display());
+        eprintln!(
+            "kiln: it is stored in {}/token (mode 0600); the CLI reads it from there",
+            cfg.data_dir.display()
+        );
     }
     if !a.no_build {
         let store = kiln_template::ImageStore::open(&cfg.images_dir)?;
@@ -120,14 +141,17 @@ pub async fn run(a: UpArgs) -> Result<i32> {
             .await??;
         }
     }
-    let kiln = kiln_server::start(cfg).await.context("cannot start the server")?;
+    let kiln = kiln_server::start(cfg)
+        .await
+        .context("cannot start the server")?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return,
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}

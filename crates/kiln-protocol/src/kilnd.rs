@@ -173,9 +173,14 @@ pub struct PtySpec {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "control", rename_all = "snake_case")]
 pub enum Control {
-    Resize { cols: u16, rows: u16 },
+    Resize {
+        cols: u16,
+        rows: u16,
+    },
     /// Send a signal to the session's process group.
-    Signal { signal: i32 },
+    Signal {
+        signal: i32,
+    },
 }
 
 /// Which output stream a chunk came from.
@@ -197,7 +202,10 @@ pub enum Reply {
     Error(DaemonError),
     /// A process was started; `pid` is kilnd's id for it (stable across re-attach),
     /// `os_pid` the Linux pid inside the sandbox.
-    Started { pid: String, os_pid: u32 },
+    Started {
+        pid: String,
+        os_pid: u32,
+    },
     /// One chunk of output. `seq` numbers all chunks of a process in one total order
     /// (stdout and stderr interleaved as kilnd read them), starting at 1.
     Output {
@@ -208,11 +216,17 @@ pub enum Reply {
     },
     /// Output with `seq` in `[from, to]` was dropped from the bounded ring buffer before this
     /// client attached.
-    Gap { from: u64, to: u64 },
+    Gap {
+        from: u64,
+        to: u64,
+    },
     /// The process ended. `exit_code` is set when it exited, `signal` when it was killed.
     Exited(ExitStatus),
     /// A PTY session is open.
-    PtyOpened { id: String, os_pid: u32 },
+    PtyOpened {
+        id: String,
+        os_pid: u32,
+    },
     /// A change under a watched path.
     Watch(WatchEvent),
 }
@@ -336,7 +350,10 @@ mod tests {
     #[test]
     fn request_json_shape_is_stable() {
         let r = Request::Exec {
-            spec: ExecSpec { cmd: vec!["true".into()], ..Default::default() },
+            spec: ExecSpec {
+                cmd: vec!["true".into()],
+                ..Default::default()
+            },
         };
         let s = serde_json::to_string(&r).unwrap_or_default();
         assert_eq!(
@@ -344,14 +361,27 @@ mod tests {
             r#"{"op":"exec","spec":{"cmd":["true"],"env":{},"cwd":null,"user":null,"timeout_secs":null,"stdin":false,"detach":false,"tag":null}}"#
         );
         let back: Request = serde_json::from_str(r#"{"op":"list_dir","path":"/"}"#).expect("parse");
-        assert_eq!(back, Request::ListDir { path: "/".into(), depth: 1 });
+        assert_eq!(
+            back,
+            Request::ListDir {
+                path: "/".into(),
+                depth: 1
+            }
+        );
     }
 
     #[test]
     fn output_carries_base64() {
-        let r = Reply::Output { seq: 3, stream: StreamKind::Stderr, data: b"hi\n".to_vec() };
+        let r = Reply::Output {
+            seq: 3,
+            stream: StreamKind::Stderr,
+            data: b"hi\n".to_vec(),
+        };
         let s = serde_json::to_string(&r).unwrap_or_default();
-        assert_eq!(s, r#"{"reply":"output","seq":3,"stream":"stderr","data":"aGkK"}"#);
+        assert_eq!(
+            s,
+            r#"{"reply":"output","seq":3,"stream":"stderr","data":"aGkK"}"#
+        );
         let back: Reply = serde_json::from_str(&s).expect("parse");
         assert_eq!(back, r);
     }
@@ -369,7 +399,9 @@ mod tests {
             modified_ms: 1,
             symlink_target: None,
         };
-        let r = Reply::Ok { body: Some(OkBody::Stat(stat)) };
+        let r = Reply::Ok {
+            body: Some(OkBody::Stat(stat)),
+        };
         let s = serde_json::to_string(&r).unwrap_or_default();
         assert_eq!(
             s,

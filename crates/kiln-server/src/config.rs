@@ -15,7 +15,12 @@ pub struct Defaults {
 
 impl Default for Defaults {
     fn default() -> Self {
-        Self { cpus: 1.0, memory_bytes: 512 << 20, disk_bytes: 2 << 30, pids_limit: 1024 }
+        Self {
+            cpus: 1.0,
+            memory_bytes: 512 << 20,
+            disk_bytes: 2 << 30,
+            pids_limit: 1024,
+        }
     }
 }
 
@@ -48,7 +53,9 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Defaults for a data dir, as `kiln up` uses them.
     pub fn new(data_dir: PathBuf, kilnd_path: PathBuf) -> Self {
-        let cpus = std::thread::available_parallelism().map(|n| n.get() as f64).unwrap_or(1.0);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as f64)
+            .unwrap_or(1.0);
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 7777)),
             images_dir: data_dir.join("images"),

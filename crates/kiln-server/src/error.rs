@@ -19,7 +19,12 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into(), hint: None }
+        Self {
+            status,
+            code,
+            message: message.into(),
+            hint: None,
+        }
     }
 
     pub fn hint(mut self, hint: impl Into<String>) -> Self {
@@ -32,8 +37,12 @@ impl ApiError {
     }
 
     pub fn sandbox_not_found(id: &str) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "sandbox_not_found", format!("no sandbox with id `{id}`"))
-            .hint("list sandboxes with `kiln sandbox ls` (GET /v1/sandboxes)")
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "sandbox_not_found",
+            format!("no sandbox with id `{id}`"),
+        )
+        .hint("list sandboxes with `kiln sandbox ls` (GET /v1/sandboxes)")
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
@@ -42,7 +51,11 @@ impl ApiError {
 
     pub fn body(&self) -> ErrorBody {
         ErrorBody {
-            error: ErrorDetail { code: self.code.to_string(), message: self.message.clone(), hint: self.hint.clone() },
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message.clone(),
+                hint: self.hint.clone(),
+            },
         }
     }
 }
@@ -100,7 +113,11 @@ impl From<ClientError> for ApiError {
                 format!("the sandbox's daemon does not answer: {err}"),
             )
             .hint("the sandbox may have died; check `kiln sandbox ls` and recreate it"),
-            other => ApiError::new(StatusCode::BAD_GATEWAY, "sandbox_daemon_error", other.to_string()),
+            other => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "sandbox_daemon_error",
+                other.to_string(),
+            ),
         }
     }
 }
@@ -152,8 +169,9 @@ where
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
-            Err(rej) => Err(ApiError::invalid(rej.body_text())
-                .hint("send a JSON body with Content-Type: application/json; see /v1 docs in README")),
+            Err(rej) => Err(ApiError::invalid(rej.body_text()).hint(
+                "send a JSON body with Content-Type: application/json; see /v1 docs in README",
+            )),
         }
     }
 }
@@ -169,7 +187,10 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
         match axum::extract::Query::<T>::from_request_parts(parts, state).await {
             Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
             Err(rej) => Err(ApiError::invalid(rej.body_text())),

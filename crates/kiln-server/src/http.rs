@@ -15,8 +15,9 @@ use base64::Engine as _;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use kiln_protocol::api::{
-    CreateSandbox, ExecEvent, ExecRequest, FileList, Health, MkdirRequest, MoveRequest, ProcessList, ProcessStarted,
-    PtyMessage, SandboxList, SignalArg, SignalRequest, StreamKind, Template, TemplateList,
+    CreateSandbox, ExecEvent, ExecRequest, FileList, Health, MkdirRequest, MoveRequest,
+    ProcessList, ProcessStarted, PtyMessage, SandboxList, SignalArg, SignalRequest, StreamKind,
+    Template, TemplateList,
 };
 use kiln_protocol::kilnd::{ExecSpec, PtySpec, Reply};
 use serde::Deserialize;
@@ -32,11 +33,17 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/:id/pause", post(pause_sandbox))
         .route("/sandboxes/:id/resume", post(resume_sandbox))
         .route("/sandboxes/:id/exec", post(exec))
-        .route("/sandboxes/:id/processes", post(start_process).get(list_processes))
+        .route(
+            "/sandboxes/:id/processes",
+            post(start_process).get(list_processes),
+        )
         .route("/sandboxes/:id/processes/:pid/output", get(attach_process))
         .route("/sandboxes/:id/processes/:pid/stdin", post(process_stdin))
         .route("/sandboxes/:id/processes/:pid/signal", post(process_signal))
-        .route("/sandboxes/:id/files", get(download).put(upload).delete(remove_file))
+        .route(
+            "/sandboxes/:id/files",
+            get(download).put(upload).delete(remove_file),
+        )
         .route("/sandboxes/:id/files/stat", get(stat_file))
         .route("/sandboxes/:id/files/list", get(list_files))
         .route("/sandboxes/:id/files/mkdir", post(mkdir))
@@ -76,7 +83,9 @@ async fn auth(State(k): State<AppState>, mut req: Request, next: Next) -> Respon
             ))
             .into_response();
     }
-    req.extensions_mut().insert(Caller { name: "operator".into() });
+    req.extensions_mut().insert(Caller {
+        name: "operator".into(),
+    });
     next.run(req).await
 }
 
@@ -107,8 +116,17 @@ async fn track(req: Request, next: Next) -> Response {
 
 async fn metrics_endpoint(State(k): State<AppState>) -> Response {
     match &k.metrics {
-        Some(h) => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], h.render()).into_response(),
-        None => ApiError::new(StatusCode::NOT_FOUND, "metrics_disabled", "metrics are not enabled").into_response(),
+        Some(h) => (
+            [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+            h.render(),
+        )
+            .into_response(),
+        None => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "metrics_disabled",
+            "metrics are not enabled",
+        )
+        .into_response(),
     }
 }
 
@@ -134,8 +152,13 @@ async fn create_sandbox(
     Ok((StatusCode::CREATED, Json(sb)).into_response())
 }
 
-async fn list_sandboxes(State(k): State<AppState>, Extension(c): Extension<Caller>) -> ApiResult<Json<SandboxList>> {
-    Ok(Json(SandboxList { sandboxes: k.list(&c)? }))
+async fn list_sandboxes(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+) -> ApiResult<Json<SandboxList>> {
+    Ok(Json(SandboxList {
+        sandboxes: k.list(&c)?,
+    }))
 }
 
 async fn get_sandbox(
@@ -173,16 +196,22 @@ async fn resume_sandbox(
 
 fn exec_spec(req: ExecRequest, detach: bool) -> ApiResult<(ExecSpec, Option<Vec<u8>>)> {
     if req.cmd.is_empty() || req.cmd[0].is_empty() {
-        return Err(ApiError::invalid("cmd must name a command: a non-empty array like [\"ls\", \"-l\"]"));
+        return Err(ApiError::invalid(
+            "cmd must name a command: a non-empty array like [\"ls\", \"-l\"]",
+        ));
     }
     if let Some(t) = req.timeout_secs {
         if !(t.is_finite() && t > 0.0) {
-            return Err(ApiError::invalid(format!("timeout_secs must be a positive number, got {t}")));
+            return Err(ApiError::invalid(format!(
+                "timeout_secs must be a positive number, got {t}"
+            )));
         }
     }
     if let Some(cwd) = &req.cwd {
         if !cwd.starts_with('/') {
-            return Err(ApiError::invalid(format!("cwd must be an absolute path, got `{cwd}`")));
+            return Err(ApiError::invalid(format!(
+                "cwd must be an absolute path, got `{cwd}`"
+            )));
         }
     }
     let stdin = match &req.stdin_b64 {
@@ -214,8 +243,16 @@ fn ndjson_line<T: serde::Serialize>(v: &T) -> Bytes {
 
 fn reply_event(r: Reply) -> Option<ExecEvent> {
     match r {
-        Reply::Output { seq, stream: StreamKind::Stdout, data } => Some(ExecEvent::Stdout { seq, data }),
-        Reply::Output { seq, stream: StreamKind::Stderr, data } => Some(ExecEvent::Stderr { seq, data }),
+        Reply::Output {
+            seq,
+            stream: StreamKind::Stdout,
+            data,
+        } => Some(ExecEvent::Stdout { seq, data }),
+        Reply::Output {
+            seq,
+            stream: StreamKind::Stderr,
+            data,
+        } => Some(ExecEvent::Stderr { seq, data }),
         Reply::Gap { from, to } => Some(ExecEvent::Gap { from, to }),
         Reply::Exited(st) => Some(ExecEvent::Exit(st)),
         Reply::Error(e) => Some(ExecEvent::Error(ApiError::from(e).body().error)),
@@ -225,8 +262,12 @@ fn reply_event(r: Reply) -> Option<ExecEvent> {
 
 fn ndjson_response(body: Body) -> Response {
     let mut resp = Response::new(body);
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
-    resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -254,7 +295,10 @@ async fn exec(
             stream.close_stdin().await.map_err(ApiError::from)?;
         }
     }
-    let first = ndjson_line(&ExecEvent::Started { pid: stream.pid().to_string(), os_pid: stream.os_pid() });
+    let first = ndjson_line(&ExecEvent::Started {
+        pid: stream.pid().to_string(),
+        os_pid: stream.os_pid(),
+    });
     let events = futures_util::stream::unfold((stream, false), |(mut s, done)| async move {
         if done {
             return None;
@@ -272,7 +316,8 @@ async fn exec(
             }
         }
     });
-    let body = futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(events);
+    let body =
+        futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(events);
     Ok(ndjson_response(Body::from_stream(body)))
 }
 
@@ -296,9 +341,14 @@ async fn start_process(
         Err(e) => return Err(k.daemon_error(&id, e).await),
     };
     if inline_stdin {
-        client.stdin(stream.pid(), &stdin.unwrap_or_default(), true).await?;
+        client
+            .stdin(stream.pid(), &stdin.unwrap_or_default(), true)
+            .await?;
     }
-    let started = ProcessStarted { pid: stream.pid().to_string(), os_pid: stream.os_pid() };
+    let started = ProcessStarted {
+        pid: stream.pid().to_string(),
+        os_pid: stream.os_pid(),
+    };
     Ok((StatusCode::CREATED, Json(started)).into_response())
 }
 
@@ -340,9 +390,19 @@ async fn attach_process(
             None => None,
             Some(Ok(r)) => {
                 let end = matches!(r, Reply::Exited(_) | Reply::Error(_));
-                Some((Ok::<_, std::io::Error>(reply_event(r).map(|e| ndjson_line(&e)).unwrap_or_default()), (s, end)))
+                Some((
+                    Ok::<_, std::io::Error>(
+                        reply_event(r).map(|e| ndjson_line(&e)).unwrap_or_default(),
+                    ),
+                    (s, end),
+                ))
             }
-            Some(Err(e)) => Some((Ok(ndjson_line(&ExecEvent::Error(ApiError::from(e).body().error))), (s, true))),
+            Some(Err(e)) => Some((
+                Ok(ndjson_line(&ExecEvent::Error(
+                    ApiError::from(e).body().error,
+                ))),
+                (s, true),
+            )),
         }
     });
     Ok(ndjson_response(Body::from_stream(events)))
@@ -386,13 +446,17 @@ pub fn signal_number(a: &SignalArg) -> Result<i32, ApiError> {
                 "STOP" => 19,
                 "WINCH" => 28,
                 _ => bare.parse().map_err(|_| {
-                    ApiError::invalid(format!("unknown signal `{name}`")).hint("use a number or one of HUP INT QUIT KILL USR1 USR2 TERM CONT STOP WINCH")
+                    ApiError::invalid(format!("unknown signal `{name}`")).hint(
+                        "use a number or one of HUP INT QUIT KILL USR1 USR2 TERM CONT STOP WINCH",
+                    )
                 })?,
             }
         }
     };
     if !(1..=64).contains(&n) {
-        return Err(ApiError::invalid(format!("signal must be between 1 and 64, got {n}")));
+        return Err(ApiError::invalid(format!(
+            "signal must be between 1 and 64, got {n}"
+        )));
     }
     Ok(n)
 }
@@ -436,7 +500,10 @@ async fn download(
     };
     let mut resp = Response::new(Body::from_stream(data.map_err(std::io::Error::other)));
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     h.insert(header::CONTENT_LENGTH, HeaderValue::from(stat.size));
     h.insert("x-kiln-file-mode", HeaderValue::from(stat.mode));
     Ok(resp)
@@ -453,13 +520,20 @@ async fn upload(
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id)?;
     let mode = match &q.mode {
-        Some(m) => Some(u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
-            ApiError::invalid(format!("mode must be octal permission bits like 0644, got `{m}`"))
-        })?),
+        Some(m) => Some(
+            u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
+                ApiError::invalid(format!(
+                    "mode must be octal permission bits like 0644, got `{m}`"
+                ))
+            })?,
+        ),
         None => None,
     };
-    let reader = tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
-    let stat = client.write_file(&q.path, mode, q.parents.unwrap_or(true), reader).await?;
+    let reader =
+        tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+    let stat = client
+        .write_file(&q.path, mode, q.parents.unwrap_or(true), reader)
+        .await?;
     Ok((StatusCode::CREATED, Json(stat)).into_response())
 }
 
@@ -491,7 +565,11 @@ async fn mkdir(
     ApiJson(req): ApiJson<MkdirRequest>,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id)?;
-    Ok((StatusCode::CREATED, Json(client.mkdir(&req.path, req.parents).await?)).into_response())
+    Ok((
+        StatusCode::CREATED,
+        Json(client.mkdir(&req.path, req.parents).await?),
+    )
+        .into_response())
 }
 
 async fn move_file(
@@ -565,7 +643,11 @@ async fn pty(
         Some(s) => client.pty_attach(s).await?,
         None => {
             let spec = PtySpec {
-                cmd: q.cmd.as_deref().map(|c| c.split_whitespace().map(str::to_string).collect()).unwrap_or_default(),
+                cmd: q
+                    .cmd
+                    .as_deref()
+                    .map(|c| c.split_whitespace().map(str::to_string).collect())
+                    .unwrap_or_default(),
                 env: Default::default(),
                 cwd: q.cwd.clone(),
                 user: q.user.clone(),
@@ -613,7 +695,9 @@ async fn pump_pty(socket: WebSocket, session: kilnd::client::PtySession) {
             let ok = match msg {
                 Message::Binary(b) => writer.input(&b).await.is_ok(),
                 Message::Text(t) => match serde_json::from_str::<PtyMessage>(&t) {
-                    Ok(PtyMessage::Resize { cols, rows }) => writer.resize(cols.max(1), rows.max(1)).await.is_ok(),
+                    Ok(PtyMessage::Resize { cols, rows }) => {
+                        writer.resize(cols.max(1), rows.max(1)).await.is_ok()
+                    }
                     _ => writer.input(t.as_bytes()).await.is_ok(),
                 },
                 Message::Close(_) => false,

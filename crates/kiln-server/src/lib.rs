@@ -47,7 +47,10 @@ pub enum ServerError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
-    move |source| ServerError::Io { path: path.display().to_string(), source }
+    move |source| ServerError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Reads the API token from `data_dir/token`, creating it (mode 0600) on first start.
@@ -63,7 +66,9 @@ pub fn ensure_token(data_dir: &Path) -> Result<(String, bool), ServerError> {
     use rand::Rng;
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::rngs::OsRng;
-    let secret: String = (0..40).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect();
+    let secret: String = (0..40)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
     let token = format!("kiln_{secret}");
     let tmp = p.with_extension("tmp");
     {
@@ -75,7 +80,8 @@ pub fn ensure_token(data_dir: &Path) -> Result<(String, bool), ServerError> {
             .mode_0600()
             .open(&tmp)
             .map_err(io(&tmp))?;
-        f.write_all(format!("{token}\n").as_bytes()).map_err(io(&tmp))?;
+        f.write_all(format!("{token}\n").as_bytes())
+            .map_err(io(&tmp))?;
     }
     std::fs::rename(&tmp, &p).map_err(io(&p))?;
     Ok((token, true))
@@ -112,7 +118,8 @@ pub fn install_kilnd(src: &Path, data_dir: &Path) -> Result<PathBuf, ServerError
 /// The process-wide Prometheus recorder (installed once; later servers in the same process —
 /// tests — share it).
 pub fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle> {
-    static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> = OnceLock::new();
+    static HANDLE: OnceLock<Option<metrics_exporter_prometheus::PrometheusHandle>> =
+        OnceLock::new();
     HANDLE
         .get_or_init(|| {
             let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
@@ -141,22 +148,35 @@ pub async fn start(cfg: ServerConfig) -> Result<Arc<Kiln>, ServerError> {
         cgroup_parent: format!("kiln/{}", cfg.instance_tag()),
     };
     let runtime = kiln_sandbox::Runtime::new(rt_cfg).await?;
-    let kiln = Arc::new(Kiln::new(cfg, store, images, runtime, token, metrics_handle()));
-    kiln.reconcile().await.map_err(|e| ServerError::Reconcile(e.to_string()))?;
+    let kiln = Arc::new(Kiln::new(
+        cfg,
+        store,
+        images,
+        runtime,
+        token,
+        metrics_handle(),
+    ));
+    kiln.reconcile()
+        .await
+        .map_err(|e| ServerError::Reconcile(e.to_string()))?;
     Ok(kiln)
 }
 
 /// Serves until `shutdown` fires, then stops cleanly: stops accepting, finishes in-flight
-/// requests, removes idle warm-pool sandboxes. User sandboxes keep running and are adopted by
-/// the next start. `on_listen` is called with the bound address.
+/// requests, removes idle warm-pool sandboxes and, if no user sandbox is left, releases the
+/// runtime's kernel resources. User sandboxes keep running and are adopted by the next start. `on_listen` is called with the bound address.
 pub async fn serve(
     kiln: Arc<Kiln>,
     shutdown: CancellationToken,
     on_listen: impl FnOnce(SocketAddr),
 ) -> Result<(), ServerError> {
     let addr = kiln.cfg.listen;
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|source| ServerError::Bind { addr, source })?;
-    let bound = listener.local_addr().map_err(|source| ServerError::Bind { addr, source })?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ServerError::Bind { addr, source })?;
     kiln.spawn_background(shutdown.clone());
     on_listen(bound);
     let sd = shutdown.clone();
@@ -167,5 +187,20 @@ pub async fn serve(
         .await;
     shutdown.cancel();
     kiln.drain_pool().await;
-    result.map_err(|source| ServerError::Io { path: "http server".into(), source })
+    // With no user sandboxes left, release everything (disk pool mount, cgroup parents) so a
+    // stopped server leaves nothing in the kernel; otherwise the next start adopts them.
+    if kiln
+        .store
+        .list(true)
+        .map(|rows| rows.is_empty())
+        .unwrap_or(false)
+    {
+        if let Err(e) = kiln.runtime.destroy_all().await {
+            tracing::warn!(error = %e, "releasing runtime resources failed");
+        }
+    }
+    result.map_err(|source| ServerError::Io {
+        path: "http server".into(),
+        source,
+    })
 }

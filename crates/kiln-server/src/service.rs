@@ -54,7 +54,9 @@ pub fn new_sandbox_id() -> String {
     use rand::Rng;
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut rng = rand::thread_rng();
-    let s: String = (0..12).map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char).collect();
+    let s: String = (0..12)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
+        .collect();
     format!("sb-{s}")
 }
 
@@ -83,7 +85,15 @@ impl Kiln {
         token: String,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> Self {
-        Self { cfg, store, images, runtime, token, pool_wake: Notify::new(), metrics }
+        Self {
+            cfg,
+            store,
+            images,
+            runtime,
+            token,
+            pool_wake: Notify::new(),
+            metrics,
+        }
     }
 
     /// The sandbox `id` as `caller` may see it (404 otherwise). Warm-pool members are invisible.
@@ -116,7 +126,9 @@ impl Kiln {
                 "sandbox_dead",
                 format!("sandbox `{id}` is dead: its processes are gone"),
             )
-            .hint(format!("remove it with `kiln sandbox rm {id}` and create a new one"))),
+            .hint(format!(
+                "remove it with `kiln sandbox rm {id}` and create a new one"
+            ))),
         }
     }
 
@@ -130,21 +142,30 @@ impl Kiln {
     /// dead when its container is gone.
     pub async fn daemon_error(&self, id: &str, e: kilnd::client::ClientError) -> ApiError {
         if matches!(e, kilnd::client::ClientError::Connect(_)) {
-            if let Ok(RuntimeStatus::Stopped | RuntimeStatus::Missing) = self.runtime.status(id).await {
+            if let Ok(RuntimeStatus::Stopped | RuntimeStatus::Missing) =
+                self.runtime.status(id).await
+            {
                 let _ = self.store.set_state(id, SandboxState::Dead);
                 return ApiError::new(
                     StatusCode::CONFLICT,
                     "sandbox_dead",
                     format!("sandbox `{id}` is dead: its init process exited (out of memory?)"),
                 )
-                .hint(format!("remove it with `kiln sandbox rm {id}` and create a new one"));
+                .hint(format!(
+                    "remove it with `kiln sandbox rm {id}` and create a new one"
+                ));
             }
         }
         e.into()
     }
 
     pub fn list(&self, _caller: &Caller) -> Result<Vec<Sandbox>, ApiError> {
-        Ok(self.store.list(false)?.into_iter().map(|r| r.sandbox).collect())
+        Ok(self
+            .store
+            .list(false)?
+            .into_iter()
+            .map(|r| r.sandbox)
+            .collect())
     }
 
     fn admit(&self, req: CreateSandbox) -> Result<Admitted, ApiError> {
@@ -183,7 +204,8 @@ impl Kiln {
         }
         let expires_at_ms = match &req.ttl {
             Some(t) => {
-                let ttl = units::duration_arg(t).map_err(|e| ApiError::invalid(format!("ttl: {e}")))?;
+                let ttl =
+                    units::duration_arg(t).map_err(|e| ApiError::invalid(format!("ttl: {e}")))?;
                 if ttl.is_zero() {
                     return Err(ApiError::invalid("ttl must be greater than zero"));
                 }
@@ -202,7 +224,9 @@ impl Kiln {
         };
         for (k, v) in &req.labels {
             if k.is_empty() || k.len() > 128 || v.len() > 1024 {
-                return Err(ApiError::invalid("labels: keys must be 1-128 bytes and values at most 1024 bytes"));
+                return Err(ApiError::invalid(
+                    "labels: keys must be 1-128 bytes and values at most 1024 bytes",
+                ));
             }
         }
         Ok(Admitted {
@@ -244,7 +268,10 @@ impl Kiln {
                 disk_bytes: a.disk_bytes,
                 network: a.network.clone(),
             };
-            if let Some(row) = self.store.claim_pooled(&key, now_ms(), a.expires_at_ms, &a.labels)? {
+            if let Some(row) =
+                self.store
+                    .claim_pooled(&key, now_ms(), a.expires_at_ms, &a.labels)?
+            {
                 self.pool_wake.notify_one();
                 metrics::counter!("kiln_sandboxes_created_total", "source" => "pool").increment(1);
                 metrics::histogram!("kiln_sandbox_create_seconds", "source" => "pool")
@@ -254,7 +281,8 @@ impl Kiln {
         }
         let sb = self.create_cold(&a, false).await?;
         metrics::counter!("kiln_sandboxes_created_total", "source" => "cold").increment(1);
-        metrics::histogram!("kiln_sandbox_create_seconds", "source" => "cold").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("kiln_sandbox_create_seconds", "source" => "cold")
+            .record(started.elapsed().as_secs_f64());
         Ok(sb)
     }
 
@@ -272,12 +300,19 @@ impl Kiln {
             created_at_ms: now_ms(),
             expires_at_ms: if pooled { None } else { a.expires_at_ms },
             from_pool: false,
-            labels: if pooled { BTreeMap::new() } else { a.labels.clone() },
+            labels: if pooled {
+                BTreeMap::new()
+            } else {
+                a.labels.clone()
+            },
             ip: None,
         };
         // Record first, as `creating`: a crash during create leaves a known id that reconcile
         // cleans up, and nothing can claim or use the sandbox before it is ready.
-        self.store.insert(&SandboxRow { sandbox: sandbox.clone(), pooled })?;
+        self.store.insert(&SandboxRow {
+            sandbox: sandbox.clone(),
+            pooled,
+        })?;
         match self.runtime.create(&self.spec_for(&id, a)).await {
             Ok(created) => {
                 self.store.mark_created(&id, created.ip.as_deref())?;
@@ -309,9 +344,10 @@ impl Kiln {
         let sb = self.sandbox(caller, id)?;
         match sb.state {
             SandboxState::Paused => Ok(sb),
-            SandboxState::Dead | SandboxState::Creating => {
-                Err(self.running(caller, id).err().unwrap_or_else(|| ApiError::internal("state")))
-            }
+            SandboxState::Dead | SandboxState::Creating => Err(self
+                .running(caller, id)
+                .err()
+                .unwrap_or_else(|| ApiError::internal("state"))),
             SandboxState::Running => {
                 self.runtime.pause(id).await?;
                 self.store.set_state(id, SandboxState::Paused)?;
@@ -324,9 +360,10 @@ impl Kiln {
         let sb = self.sandbox(caller, id)?;
         match sb.state {
             SandboxState::Running => Ok(sb),
-            SandboxState::Dead | SandboxState::Creating => {
-                Err(self.running(caller, id).err().unwrap_or_else(|| ApiError::internal("state")))
-            }
+            SandboxState::Dead | SandboxState::Creating => Err(self
+                .running(caller, id)
+                .err()
+                .unwrap_or_else(|| ApiError::internal("state"))),
             SandboxState::Paused => {
                 self.runtime.resume(id).await?;
                 self.store.set_state(id, SandboxState::Running)?;

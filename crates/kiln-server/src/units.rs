@@ -7,11 +7,13 @@ use kiln_protocol::api::{DurationArg, SizeArg};
 /// Parses a size; the error says what was wrong in one line.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size: use a number with an optional unit, like 512M or 2G"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("`{s}` is not a size: use a number with an optional unit, like 512M or 2G")
+    })?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -46,20 +48,28 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn secs_duration(secs: f64) -> Option<std::time::Duration> {
-    (secs.is_finite() && secs >= 0.0 && secs < 1e12).then(|| std::time::Duration::from_secs_f64(secs))
+    (secs.is_finite() && secs >= 0.0 && secs < 1e12)
+        .then(|| std::time::Duration::from_secs_f64(secs))
 }
 
 /// A [`DurationArg`] as a duration.
 pub fn duration_arg(a: &DurationArg) -> Result<std::time::Duration, String> {
     match a {
-        DurationArg::Secs(s) => secs_duration(*s).ok_or_else(|| format!("`{s}` is not a valid number of seconds")),
+        DurationArg::Secs(s) => {
+            secs_duration(*s).ok_or_else(|| format!("`{s}` is not a valid number of seconds"))
+        }
         DurationArg::Text(t) => parse_duration(t),
     }
 }
 
 /// Formats bytes the way [`parse_size`] reads them back (`512M`, `2G`).
 pub fn format_size(b: u64) -> String {
-    for (unit, m) in [("T", 1u64 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)] {
+    for (unit, m) in [
+        ("T", 1u64 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ] {
         if b >= m && b % m == 0 {
             return format!("{}{unit}", b / m);
         }
@@ -77,8 +87,13 @@ mod tests {
 
     #[test]
     fn sizes() {
-        let cases = ["512M", "2G", "1.5GiB", "100k", "42", " 1 g", "12X", "abc", "-1M", ""];
-        let out: Vec<String> = cases.iter().map(|c| format!("{c:?} -> {:?}", parse_size(c))).collect();
+        let cases = [
+            "512M", "2G", "1.5GiB", "100k", "42", " 1 g", "12X", "abc", "-1M", "",
+        ];
+        let out: Vec<String> = cases
+            .iter()
+            .map(|c| format!("{c:?} -> {:?}", parse_size(c)))
+            .collect();
         expect![[r#"
             "512M" -> Ok(536870912)
             "2G" -> Ok(2147483648)
@@ -97,9 +112,15 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("10m"), Ok(std::time::Duration::from_secs(600)));
+        assert_eq!(
+            parse_duration("10m"),
+            Ok(std::time::Duration::from_secs(600))
+        );
         assert_eq!(parse_duration("90"), Ok(std::time::Duration::from_secs(90)));
-        assert_eq!(parse_duration("1h30m"), Ok(std::time::Duration::from_secs(5400)));
+        assert_eq!(
+            parse_duration("1h30m"),
+            Ok(std::time::Duration::from_secs(5400))
+        );
         assert!(parse_duration("soon").is_err());
         assert!(duration_arg(&DurationArg::Secs(-1.0)).is_err());
     }

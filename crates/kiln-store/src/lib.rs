@@ -90,7 +90,10 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Result<SandboxRow, StoreError>> {
     let state: String = r.get(3)?;
     let network: String = r.get(7)?;
     let labels: String = r.get(12)?;
-    let bad = |m: String| StoreError::Corrupt { id: id.clone(), message: m };
+    let bad = |m: String| StoreError::Corrupt {
+        id: id.clone(),
+        message: m,
+    };
     let state = match state.as_str() {
         "creating" => SandboxState::Creating,
         "running" => SandboxState::Running,
@@ -144,7 +147,9 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "busy_timeout", 5000)?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Self { conn: Mutex::new(conn) })
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -189,17 +194,29 @@ impl Store {
 
     /// A sandbox by id, pooled members included.
     pub fn get(&self, id: &str) -> Result<Option<SandboxRow>, StoreError> {
-        Ok(self.query(&format!("SELECT {COLS} FROM sandboxes WHERE id = ?1"), [id])?.pop())
+        Ok(self
+            .query(&format!("SELECT {COLS} FROM sandboxes WHERE id = ?1"), [id])?
+            .pop())
     }
 
     /// All sandboxes, oldest first; `include_pooled` adds idle warm-pool members.
     pub fn list(&self, include_pooled: bool) -> Result<Vec<SandboxRow>, StoreError> {
-        let w = if include_pooled { "" } else { "WHERE pooled = 0" };
-        self.query(&format!("SELECT {COLS} FROM sandboxes {w} ORDER BY created_at_ms, id"), [])
+        let w = if include_pooled {
+            ""
+        } else {
+            "WHERE pooled = 0"
+        };
+        self.query(
+            &format!("SELECT {COLS} FROM sandboxes {w} ORDER BY created_at_ms, id"),
+            [],
+        )
     }
 
     pub fn set_state(&self, id: &str, state: SandboxState) -> Result<bool, StoreError> {
-        Ok(self.conn().execute("UPDATE sandboxes SET state = ?2 WHERE id = ?1", params![id, state_str(state)])? > 0)
+        Ok(self.conn().execute(
+            "UPDATE sandboxes SET state = ?2 WHERE id = ?1",
+            params![id, state_str(state)],
+        )? > 0)
     }
 
     /// A create finished: `creating` -> `running`, recording the sandbox's address.
@@ -211,7 +228,10 @@ impl Store {
     }
 
     pub fn delete(&self, id: &str) -> Result<bool, StoreError> {
-        Ok(self.conn().execute("DELETE FROM sandboxes WHERE id = ?1", [id])? > 0)
+        Ok(self
+            .conn()
+            .execute("DELETE FROM sandboxes WHERE id = ?1", [id])?
+            > 0)
     }
 
     /// Atomically takes one running, idle warm-pool member matching `key` and turns it into a
@@ -267,12 +287,17 @@ impl Store {
         let mut st = conn.prepare_cached(
             "SELECT id FROM sandboxes WHERE pooled = 0 AND expires_at_ms IS NOT NULL AND expires_at_ms <= ?1",
         )?;
-        let ids = st.query_map([now_ms as i64], |r| r.get(0))?.collect::<Result<Vec<String>, _>>()?;
+        let ids = st
+            .query_map([now_ms as i64], |r| r.get(0))?
+            .collect::<Result<Vec<String>, _>>()?;
         Ok(ids)
     }
 
     pub fn get_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
-        Ok(self.conn().query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+        Ok(self
+            .conn()
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
@@ -310,7 +335,13 @@ mod tests {
     }
 
     fn key() -> PoolKey {
-        PoolKey { template: "base".into(), cpus: 1.0, memory_bytes: 512 << 20, disk_bytes: 2 << 30, network: NetworkMode::None }
+        PoolKey {
+            template: "base".into(),
+            cpus: 1.0,
+            memory_bytes: 512 << 20,
+            disk_bytes: 2 << 30,
+            network: NetworkMode::None,
+        }
     }
 
     #[test]
@@ -322,14 +353,23 @@ mod tests {
         assert_eq!(s.pooled_count("base", false).expect("count"), 1);
         assert_eq!(s.pooled_count("base", true).expect("count"), 1);
         let labels = [("k".to_string(), "v".to_string())].into_iter().collect();
-        let c = s.claim_pooled(&key(), 42, Some(100), &labels).expect("claim").expect("some");
+        let c = s
+            .claim_pooled(&key(), 42, Some(100), &labels)
+            .expect("claim")
+            .expect("some");
         assert_eq!(c.sandbox.id, "sb-a");
         assert!(c.sandbox.from_pool && !c.pooled);
         assert_eq!(c.sandbox.labels, labels);
-        assert_eq!(s.claim_pooled(&key(), 43, None, &labels).expect("claim"), None);
+        assert_eq!(
+            s.claim_pooled(&key(), 43, None, &labels).expect("claim"),
+            None
+        );
         let other = PoolKey { cpus: 2.0, ..key() };
         s.insert(&row("sb-c", true)).expect("insert");
-        assert_eq!(s.claim_pooled(&other, 43, None, &labels).expect("claim"), None);
+        assert_eq!(
+            s.claim_pooled(&other, 43, None, &labels).expect("claim"),
+            None
+        );
         assert_eq!(s.expired(99).expect("exp"), Vec::<String>::new());
         assert_eq!(s.expired(100).expect("exp"), vec!["sb-a".to_string()]);
     }
@@ -341,11 +381,23 @@ mod tests {
         r.sandbox.state = SandboxState::Creating;
         s.insert(&r).expect("insert");
         let labels = Default::default();
-        assert_eq!(s.claim_pooled(&key(), 1, None, &labels).expect("claim"), None);
-        assert_eq!((s.pooled_count("base", false).expect("n"), s.pooled_count("base", true).expect("n")), (1, 0));
+        assert_eq!(
+            s.claim_pooled(&key(), 1, None, &labels).expect("claim"),
+            None
+        );
+        assert_eq!(
+            (
+                s.pooled_count("base", false).expect("n"),
+                s.pooled_count("base", true).expect("n")
+            ),
+            (1, 0)
+        );
         assert!(s.mark_created("sb-a", Some("10.0.0.2")).expect("mark"));
         assert!(!s.mark_created("sb-a", None).expect("mark twice is a no-op"));
-        let c = s.claim_pooled(&key(), 1, None, &labels).expect("claim").expect("some");
+        let c = s
+            .claim_pooled(&key(), 1, None, &labels)
+            .expect("claim")
+            .expect("some");
         assert_eq!(c.sandbox.ip.as_deref(), Some("10.0.0.2"));
     }
 
@@ -354,7 +406,10 @@ mod tests {
         let s = Store::in_memory().expect("open");
         s.insert(&row("sb-a", false)).expect("insert");
         assert!(s.set_state("sb-a", SandboxState::Paused).expect("set"));
-        assert_eq!(s.get("sb-a").expect("get").expect("some").sandbox.state, SandboxState::Paused);
+        assert_eq!(
+            s.get("sb-a").expect("get").expect("some").sandbox.state,
+            SandboxState::Paused
+        );
         assert!(!s.set_state("nope", SandboxState::Dead).expect("set"));
         assert!(s.delete("sb-a").expect("del"));
         assert_eq!(s.get("sb-a").expect("get"), None);

@@ -31,7 +31,9 @@ pub fn parse_list(text: &str) -> Vec<AptSource> {
                 }
             }
         }
-        let (Some(uri), Some(suite)) = (words.next(), words.next()) else { continue };
+        let (Some(uri), Some(suite)) = (words.next(), words.next()) else {
+            continue;
+        };
         out.push(AptSource {
             uri: uri.to_string(),
             suites: vec![suite.to_string()],
@@ -54,7 +56,9 @@ pub fn parse_deb822(text: &str) -> Vec<AptSource> {
             if line.starts_with('#') {
                 continue;
             }
-            let Some((k, v)) = line.split_once(':') else { continue };
+            let Some((k, v)) = line.split_once(':') else {
+                continue;
+            };
             let vals = v.split_whitespace().map(str::to_string).collect::<Vec<_>>();
             match k.trim().to_ascii_lowercase().as_str() {
                 "types" => types = vals,
@@ -69,7 +73,11 @@ pub fn parse_deb822(text: &str) -> Vec<AptSource> {
             continue;
         }
         for uri in uris {
-            out.push(AptSource { uri, suites: suites.clone(), components: comps.clone() });
+            out.push(AptSource {
+                uri,
+                suites: suites.clone(),
+                components: comps.clone(),
+            });
         }
     }
     out
@@ -86,7 +94,9 @@ pub fn read_sources(root: &Path) -> Vec<AptSource> {
         .unwrap_or_default();
     files.sort();
     for f in files {
-        let Ok(t) = std::fs::read_to_string(&f) else { continue };
+        let Ok(t) = std::fs::read_to_string(&f) else {
+            continue;
+        };
         match f.extension().and_then(|e| e.to_str()) {
             Some("list") => out.extend(parse_list(&t)),
             Some("sources") => out.extend(parse_deb822(&t)),
@@ -104,11 +114,17 @@ pub fn pick_mirror(sources: &[AptSource], suite: &str) -> Option<String> {
         s.suites.iter().any(|x| x == suite)
             && s.components.iter().any(|c| c == "main")
             && !s.uri.contains("security")
-            && (s.uri.starts_with("http://") || s.uri.starts_with("https://") || s.uri.starts_with("file:/"))
+            && (s.uri.starts_with("http://")
+                || s.uri.starts_with("https://")
+                || s.uri.starts_with("file:/"))
     });
     let mut best: Option<(&AptSource, u8)> = None;
     for s in candidates {
-        let score = if s.uri.trim_end_matches('/').ends_with("/debian") { 2 } else { 1 };
+        let score = if s.uri.trim_end_matches('/').ends_with("/debian") {
+            2
+        } else {
+            1
+        };
         if best.is_none_or(|(_, b)| score > b) {
             best = Some((s, score));
         }
@@ -169,13 +185,18 @@ mod tests {
             ]
         "#]]
         .assert_debug_eq(&s);
-        assert_eq!(pick_mirror(&s, "bookworm").as_deref(), Some("http://mirror.example/debian"));
+        assert_eq!(
+            pick_mirror(&s, "bookworm").as_deref(),
+            Some("http://mirror.example/debian")
+        );
         assert_eq!(pick_mirror(&s, "trixie"), None);
     }
 
     #[test]
     fn disabled_paragraphs_are_ignored() {
-        let s = parse_deb822("Types: deb\nURIs: http://a/debian\nSuites: bookworm\nComponents: main\nEnabled: no\n");
+        let s = parse_deb822(
+            "Types: deb\nURIs: http://a/debian\nSuites: bookworm\nComponents: main\nEnabled: no\n",
+        );
         assert!(s.is_empty());
     }
 }

@@ -23,7 +23,12 @@ pub struct BaseSpec {
 
 impl Default for BaseSpec {
     fn default() -> Self {
-        Self { suite: "bookworm".into(), variant: "minbase".into(), mirror: None, include: Vec::new() }
+        Self {
+            suite: "bookworm".into(),
+            variant: "minbase".into(),
+            mirror: None,
+            include: Vec::new(),
+        }
     }
 }
 
@@ -76,19 +81,32 @@ pub fn build_base(
     let mut step = 0u64;
     let mut report = |stage: &str, message: String| {
         step += 1;
-        progress(Progress { stage: stage.into(), step, message });
+        progress(Progress {
+            stage: stage.into(),
+            step,
+            message,
+        });
     };
     let mirror = resolve_mirror(spec)?;
     let key = build_key(spec, &mirror);
     if !force {
         if let Ok(existing) = store.get("base") {
             if existing.build_key == key {
-                report("cached", format!("base image {} is up to date", existing.layers[0]));
+                report(
+                    "cached",
+                    format!("base image {} is up to date", existing.layers[0]),
+                );
                 return Ok(existing);
             }
         }
     }
-    report("resolve", format!("debootstrap {} ({}) from {mirror}", spec.suite, spec.variant));
+    report(
+        "resolve",
+        format!(
+            "debootstrap {} ({}) from {mirror}",
+            spec.suite, spec.variant
+        ),
+    );
     let debootstrap = which("debootstrap").ok_or_else(|| TemplateError::MissingTool {
         tool: "debootstrap".into(),
         hint: "run `make deps` (or `apt-get install debootstrap`)".into(),
@@ -102,7 +120,9 @@ pub fn build_base(
             cmd.arg(format!("--include={}", spec.include.join(",")));
         }
         cmd.arg(&spec.suite).arg(&rootfs).arg(&mirror);
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(Stdio::null());
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
         let mut child = cmd.spawn().map_err(io_err(Path::new("debootstrap")))?;
         let stderr = child.stderr.take();
         let err_thread = std::thread::spawn(move || {
@@ -120,7 +140,9 @@ pub fn build_base(
         let mut tail = Vec::new();
         if let Some(out) = child.stdout.take() {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let stage = if line.starts_with("I: Retrieving") || line.starts_with("I: Validating") {
+                let stage = if line.starts_with("I: Retrieving")
+                    || line.starts_with("I: Validating")
+                {
                     "fetch"
                 } else if line.starts_with("I: Extracting") || line.starts_with("I: Unpacking") {
                     "unpack"
@@ -150,7 +172,10 @@ pub fn build_base(
         }
         prepare_rootfs(&rootfs)?;
         report("digest", "hashing the root filesystem".into());
-        let source = format!("debootstrap --variant={} {} {mirror}", spec.variant, spec.suite);
+        let source = format!(
+            "debootstrap --variant={} {} {mirror}",
+            spec.variant, spec.suite
+        );
         let layer = store.publish(&rootfs, None, &key, &source)?;
         report("publish", format!("layer {}", layer.digest));
         let r = ImageRef {
@@ -177,7 +202,12 @@ pub fn prepare_rootfs(rootfs: &Path) -> Result<(), TemplateError> {
         let p = rootfs.join(d);
         std::fs::create_dir_all(&p).map_err(io_err(&p))?;
     }
-    for f in [".kiln/kilnd", "etc/hosts", "etc/hostname", "etc/resolv.conf"] {
+    for f in [
+        ".kiln/kilnd",
+        "etc/hosts",
+        "etc/hostname",
+        "etc/resolv.conf",
+    ] {
         let p = rootfs.join(f);
         // Replace symlinks (resolv.conf may be one) with plain files usable as bind targets.
         if std::fs::symlink_metadata(&p).is_ok_and(|m| !m.is_file()) {
@@ -193,7 +223,14 @@ pub fn prepare_rootfs(rootfs: &Path) -> Result<(), TemplateError> {
 }
 
 fn which(tool: &str) -> Option<std::path::PathBuf> {
-    for dir in ["/usr/sbin", "/usr/bin", "/sbin", "/bin", "/usr/local/sbin", "/usr/local/bin"] {
+    for dir in [
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+        "/usr/local/sbin",
+        "/usr/local/bin",
+    ] {
         let p = Path::new(dir).join(tool);
         if p.is_file() {
             return Some(p);
@@ -212,7 +249,10 @@ mod tests {
         let a = build_key(&s, "http://m/debian");
         assert_eq!(a, build_key(&s, "http://m/debian"));
         assert_ne!(a, build_key(&s, "http://other/debian"));
-        let s2 = BaseSpec { include: vec!["procps".into()], ..BaseSpec::default() };
+        let s2 = BaseSpec {
+            include: vec!["procps".into()],
+            ..BaseSpec::default()
+        };
         assert_ne!(a, build_key(&s2, "http://m/debian"));
     }
 }

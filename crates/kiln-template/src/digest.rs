@@ -40,7 +40,14 @@ fn walk(root: &Path, dir: &Path, h: &mut Sha256, total: &mut u64) -> Result<(), 
         } else {
             'o'
         };
-        h.update(format!("{kind} {} {:o} {}:{} {}\n", rel.display(), md.mode(), md.uid(), md.gid(), md.size()));
+        h.update(format!(
+            "{kind} {} {:o} {}:{} {}\n",
+            rel.display(),
+            md.mode(),
+            md.uid(),
+            md.gid(),
+            md.size()
+        ));
         if ft.is_file() {
             *total += md.size();
             let mut f = std::fs::File::open(&path).map_err(io_err(&path))?;

@@ -28,7 +28,11 @@ pub enum TemplateError {
     #[error("`{tool}` is not installed: {hint}")]
     MissingTool { tool: String, hint: String },
     #[error("{tool} failed with {status}: {tail}")]
-    ToolFailed { tool: String, status: String, tail: String },
+    ToolFailed {
+        tool: String,
+        status: String,
+        tail: String,
+    },
     #[error("corrupt image store entry {path}: {message}")]
     Corrupt { path: String, message: String },
     #[error("I/O error at {path}: {source}")]
@@ -40,7 +44,10 @@ pub enum TemplateError {
 }
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TemplateError + '_ {
-    move |source| TemplateError::Io { path: path.display().to_string(), source }
+    move |source| TemplateError::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 /// Unix milliseconds now.

@@ -53,7 +53,9 @@ pub struct ImageStore {
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && name.as_bytes()[0].is_ascii_alphanumeric()
 }
 
@@ -79,13 +81,18 @@ impl ImageStore {
 
     /// A fresh scratch directory for a build, on the same filesystem as `layers/`.
     pub fn scratch(&self, label: &str) -> Result<PathBuf, TemplateError> {
-        let p = self.root.join("tmp").join(format!("{label}-{:016x}", rand::random::<u64>()));
+        let p = self
+            .root
+            .join("tmp")
+            .join(format!("{label}-{:016x}", rand::random::<u64>()));
         std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         Ok(p)
     }
 
     fn layer_dir(&self, digest: &str) -> PathBuf {
-        self.root.join("layers").join(digest.trim_start_matches("sha256:"))
+        self.root
+            .join("layers")
+            .join(digest.trim_start_matches("sha256:"))
     }
 
     /// Path of a layer's root filesystem (an overlay lowerdir).
@@ -124,7 +131,8 @@ impl ImageStore {
         std::fs::create_dir_all(&staging).map_err(io_err(&staging))?;
         std::fs::rename(rootfs, staging.join("rootfs")).map_err(io_err(rootfs))?;
         let mj = staging.join("layer.json");
-        std::fs::write(&mj, serde_json::to_vec_pretty(&m).unwrap_or_default()).map_err(io_err(&mj))?;
+        std::fs::write(&mj, serde_json::to_vec_pretty(&m).unwrap_or_default())
+            .map_err(io_err(&mj))?;
         if dest.exists() {
             // A half-published directory without layer.json: replace it.
             std::fs::remove_dir_all(&dest).map_err(io_err(&dest))?;
@@ -136,8 +144,10 @@ impl ImageStore {
     pub fn layer(&self, digest: &str) -> Result<LayerManifest, TemplateError> {
         let p = self.layer_dir(digest).join("layer.json");
         let bytes = std::fs::read(&p).map_err(io_err(&p))?;
-        serde_json::from_slice(&bytes)
-            .map_err(|e| TemplateError::Corrupt { path: p.display().to_string(), message: e.to_string() })
+        serde_json::from_slice(&bytes).map_err(|e| TemplateError::Corrupt {
+            path: p.display().to_string(),
+            message: e.to_string(),
+        })
     }
 
     /// Points `name` at a layer stack (atomic replace).
@@ -147,7 +157,8 @@ impl ImageStore {
         }
         let p = self.root.join("refs").join(format!("{}.json", r.name));
         let tmp = p.with_extension("json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(r).unwrap_or_default()).map_err(io_err(&tmp))?;
+        std::fs::write(&tmp, serde_json::to_vec_pretty(r).unwrap_or_default())
+            .map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &p).map_err(io_err(&p))
     }
 
@@ -164,8 +175,10 @@ impl ImageStore {
             }
             Err(e) => return Err(io_err(&p)(e)),
         };
-        let r: ImageRef = serde_json::from_slice(&bytes)
-            .map_err(|e| TemplateError::Corrupt { path: p.display().to_string(), message: e.to_string() })?;
+        let r: ImageRef = serde_json::from_slice(&bytes).map_err(|e| TemplateError::Corrupt {
+            path: p.display().to_string(),
+            message: e.to_string(),
+        })?;
         if r.layers.iter().any(|l| !self.has_layer(l)) {
             return Err(TemplateError::NotBuilt(name.to_string()));
         }
@@ -177,7 +190,12 @@ impl ImageStore {
         let mut names: Vec<String> = std::fs::read_dir(self.root.join("refs"))
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().to_str()?.strip_suffix(".json").map(str::to_string))
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()?
+                            .strip_suffix(".json")
+                            .map(str::to_string)
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -205,7 +223,12 @@ mod tests {
             let rootfs = s.join("rootfs");
             std::fs::create_dir_all(rootfs.join("bin")).expect("mkdir");
             std::fs::write(rootfs.join("bin/hello"), "hi").expect("write");
-            digests.push(store.publish(&rootfs, None, "key", "test").expect("publish").digest);
+            digests.push(
+                store
+                    .publish(&rootfs, None, "key", "test")
+                    .expect("publish")
+                    .digest,
+            );
         }
         assert_eq!(digests[0], digests[1]);
         assert!(store.layer_rootfs(&digests[0]).join("bin/hello").is_file());
@@ -219,7 +242,10 @@ mod tests {
         store.set_ref(&r).expect("set");
         assert_eq!(store.get("base").expect("get"), r);
         assert!(matches!(store.get("nope"), Err(TemplateError::NotBuilt(_))));
-        assert!(matches!(store.get("../x"), Err(TemplateError::InvalidName(_))));
+        assert!(matches!(
+            store.get("../x"),
+            Err(TemplateError::InvalidName(_))
+        ));
         assert_eq!(store.list().len(), 1);
     }
 }

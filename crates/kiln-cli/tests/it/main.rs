@@ -3,7 +3,7 @@
 //! and that bad input gets one clear line.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,9 @@ fn kiln() -> PathBuf {
 }
 
 fn env_path(var: &str) -> PathBuf {
-    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| panic!("{var} is not set: run the suite with `make test`"))
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("{var} is not set: run the suite with `make test`"))
 }
 
 struct Server {
@@ -22,7 +24,11 @@ struct Server {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 impl Server {
@@ -40,7 +46,15 @@ impl Server {
             .arg(env_path("KILN_TEST_IMAGES"))
             .arg("--kilnd")
             .arg(env_path("KILN_KILND"))
-            .args(["--no-build", "--disk-pool", "8G", "--default-memory", "256M", "--default-disk", "512M"])
+            .args([
+                "--no-build",
+                "--disk-pool",
+                "8G",
+                "--default-memory",
+                "256M",
+                "--default-disk",
+                "512M",
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -54,22 +68,42 @@ impl Server {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("kiln up did not listen: {}", std::fs::read_to_string(s.data.path().join("server.log")).unwrap_or_default());
+        panic!(
+            "kiln up did not listen: {}",
+            std::fs::read_to_string(s.data.path().join("server.log")).unwrap_or_default()
+        );
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(kiln());
-        c.args(args).env("KILN_URL", &self.url).env("KILN_DATA_DIR", self.data.path()).env_remove("KILN_TOKEN");
+        c.args(args)
+            .env("KILN_URL", &self.url)
+            .env("KILN_DATA_DIR", self.data.path())
+            .env_remove("KILN_TOKEN");
         c
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).stdin(Stdio::null()).output().expect("run kiln")
+        self.cmd(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kiln")
     }
 
     fn run_stdin(&self, args: &[&str], input: &[u8]) -> Output {
-        let mut child = self.cmd(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
-        child.stdin.take().expect("stdin").write_all(input).expect("write");
+        let mut child = self
+            .cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write");
         child.wait_with_output().expect("wait")
     }
 
@@ -101,7 +135,11 @@ fn text(b: &[u8]) -> String {
 fn one_line_error(o: &Output, code: i32, needle: &str) {
     let err = text(&o.stderr);
     assert_eq!(o.status.code(), Some(code), "stderr: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "expected one line, got: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "expected one line, got: {err}"
+    );
     assert!(err.starts_with("error: "), "{err}");
     assert!(err.contains(needle), "`{needle}` not in: {err}");
 }
@@ -117,7 +155,10 @@ fn server_not_running_is_one_clear_line() {
     one_line_error(&o, 125, "cannot reach the Kiln server");
     assert!(text(&o.stderr).contains("kiln up"));
     // Usage errors come from clap with exit code 2.
-    let o = Command::new(kiln()).args(["sandbox", "create", "--network", "sideways"]).output().expect("run");
+    let o = Command::new(kiln())
+        .args(["sandbox", "create", "--network", "sideways"])
+        .output()
+        .expect("run");
     assert_eq!(o.status.code(), Some(2));
 }
 
@@ -126,63 +167,180 @@ fn sandbox_commands_end_to_end() {
     let s = Server::start(&["--warm-pool", "1"]);
 
     // Bad input, before and after reaching the server.
-    one_line_error(&s.run(&["sandbox", "create", "--memory", "lots"]), 125, "--memory: `lots` is not a size");
-    one_line_error(&s.run(&["sandbox", "create", "--memory", "1K"]), 125, "memory must be between 16M");
-    one_line_error(&s.run(&["sandbox", "exec", "sb-nope00000000", "--", "true"]), 125, "no sandbox with id `sb-nope00000000`");
-    one_line_error(&s.run(&["sandbox", "exec", "NOT/AN/ID", "--", "true"]), 125, "is not a sandbox id");
+    one_line_error(
+        &s.run(&["sandbox", "create", "--memory", "lots"]),
+        125,
+        "--memory: `lots` is not a size",
+    );
+    one_line_error(
+        &s.run(&["sandbox", "create", "--memory", "1K"]),
+        125,
+        "memory must be between 16M",
+    );
+    one_line_error(
+        &s.run(&["sandbox", "exec", "sb-nope00000000", "--", "true"]),
+        125,
+        "no sandbox with id `sb-nope00000000`",
+    );
+    one_line_error(
+        &s.run(&["sandbox", "exec", "NOT/AN/ID", "--", "true"]),
+        125,
+        "is not a sandbox id",
+    );
 
-    let o = s.run(&["sandbox", "create", "--json", "--ttl", "10m", "--label", "suite=cli"]);
+    let o = s.run(&[
+        "sandbox",
+        "create",
+        "--json",
+        "--ttl",
+        "10m",
+        "--label",
+        "suite=cli",
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let sb: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     let id = sb["id"].as_str().expect("id").to_string();
     assert!(sb["expires_at_ms"].as_u64().is_some());
 
     // Streams, exit codes, timeouts, stdin.
-    let o = s.run(&["sandbox", "exec", &id, "--env", "X=1", "--cwd", "/tmp", "--", "sh", "-c", "echo out $X $(pwd); echo err >&2; exit 4"]);
-    assert_eq!((o.status.code(), text(&o.stdout), text(&o.stderr)), (Some(4), "out 1 /tmp\n".into(), "err\n".into()));
-    one_line_error(&s.run(&["sandbox", "exec", &id, "--", "no-such-command"]), 125, "command not found");
-    let o = s.run(&["sandbox", "exec", &id, "--timeout", "0.5", "--", "sleep", "30"]);
+    let o = s.run(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--env",
+        "X=1",
+        "--cwd",
+        "/tmp",
+        "--",
+        "sh",
+        "-c",
+        "echo out $X $(pwd); echo err >&2; exit 4",
+    ]);
+    assert_eq!(
+        (o.status.code(), text(&o.stdout), text(&o.stderr)),
+        (Some(4), "out 1 /tmp\n".into(), "err\n".into())
+    );
+    one_line_error(
+        &s.run(&["sandbox", "exec", &id, "--", "no-such-command"]),
+        125,
+        "command not found",
+    );
+    let o = s.run(&[
+        "sandbox",
+        "exec",
+        &id,
+        "--timeout",
+        "0.5",
+        "--",
+        "sleep",
+        "30",
+    ]);
     assert_eq!(o.status.code(), Some(124));
-    let o = s.run_stdin(&["sandbox", "exec", "-i", &id, "--", "sh", "-c", "tr a-z A-Z"], b"piped through\n");
-    assert_eq!((o.status.code(), text(&o.stdout)), (Some(0), "PIPED THROUGH\n".into()), "{}", text(&o.stderr));
+    let o = s.run_stdin(
+        &["sandbox", "exec", "-i", &id, "--", "sh", "-c", "tr a-z A-Z"],
+        b"piped through\n",
+    );
+    assert_eq!(
+        (o.status.code(), text(&o.stdout)),
+        (Some(0), "PIPED THROUGH\n".into()),
+        "{}",
+        text(&o.stderr)
+    );
 
     // Files both ways.
     let local = s.data.path().join("local.txt");
     std::fs::write(&local, "kiln cp round trip\n").expect("write");
-    let o = s.run(&["sandbox", "cp", local.to_str().expect("p"), &format!("{id}:/workspace/")]);
+    let o = s.run(&[
+        "sandbox",
+        "cp",
+        local.to_str().expect("p"),
+        &format!("{id}:/workspace/"),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let o = s.run(&["sandbox", "exec", &id, "--", "cat", "/workspace/local.txt"]);
     assert_eq!(text(&o.stdout), "kiln cp round trip\n");
     let back = s.data.path().join("back.txt");
-    let o = s.run(&["sandbox", "cp", &format!("{id}:/workspace/local.txt"), back.to_str().expect("p")]);
+    let o = s.run(&[
+        "sandbox",
+        "cp",
+        &format!("{id}:/workspace/local.txt"),
+        back.to_str().expect("p"),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    assert_eq!(std::fs::read_to_string(&back).expect("read"), "kiln cp round trip\n");
-    one_line_error(&s.run(&["sandbox", "cp", &format!("{id}:/nope/missing"), back.to_str().expect("p")]), 125, "missing");
-    one_line_error(&s.run(&["sandbox", "cp", "a", "b"]), 125, "must be ID:/path");
+    assert_eq!(
+        std::fs::read_to_string(&back).expect("read"),
+        "kiln cp round trip\n"
+    );
+    one_line_error(
+        &s.run(&[
+            "sandbox",
+            "cp",
+            &format!("{id}:/nope/missing"),
+            back.to_str().expect("p"),
+        ]),
+        125,
+        "missing",
+    );
+    one_line_error(
+        &s.run(&["sandbox", "cp", "a", "b"]),
+        125,
+        "must be ID:/path",
+    );
 
     // Listing.
     let o = s.run(&["sandbox", "ls", "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
-    assert!(list["sandboxes"].as_array().expect("arr").iter().any(|x| x["id"] == id.as_str()));
+    assert!(list["sandboxes"]
+        .as_array()
+        .expect("arr")
+        .iter()
+        .any(|x| x["id"] == id.as_str()));
     let o = s.run(&["sandbox", "ls"]);
     assert!(text(&o.stdout).lines().any(|l| l.starts_with(&id)));
 
     // Pause / resume.
     assert_eq!(s.run(&["sandbox", "pause", &id]).status.code(), Some(0));
-    one_line_error(&s.run(&["sandbox", "exec", &id, "--", "true"]), 125, "is paused (hint: resume it first");
+    one_line_error(
+        &s.run(&["sandbox", "exec", &id, "--", "true"]),
+        125,
+        "is paused (hint: resume it first",
+    );
     assert_eq!(s.run(&["sandbox", "resume", &id]).status.code(), Some(0));
-    assert_eq!(s.run(&["sandbox", "exec", &id, "--", "true"]).status.code(), Some(0));
+    assert_eq!(
+        s.run(&["sandbox", "exec", &id, "--", "true"]).status.code(),
+        Some(0)
+    );
 
     // An interactive shell over the PTY WebSocket, driven through a pipe.
-    let o = s.run_stdin(&["sandbox", "shell", &id, "--cmd", "/bin/sh"], b"echo in-the-pty\nexit 5\n");
+    let o = s.run_stdin(
+        &["sandbox", "shell", &id, "--cmd", "/bin/sh"],
+        b"echo in-the-pty\nexit 5\n",
+    );
     assert_eq!(o.status.code(), Some(5), "{}", text(&o.stderr));
     assert!(text(&o.stdout).contains("in-the-pty"));
 
     // kiln run: create, exec, remove.
     let before = s.run(&["sandbox", "ls", "--json"]).stdout;
-    let o = s.run(&["run", "--memory", "128M", "--", "sh", "-c", "echo ran; exit 3"]);
-    assert_eq!((o.status.code(), text(&o.stdout)), (Some(3), "ran\n".into()), "{}", text(&o.stderr));
-    assert_eq!(s.run(&["sandbox", "ls", "--json"]).stdout, before, "kiln run must remove its sandbox");
+    let o = s.run(&[
+        "run",
+        "--memory",
+        "128M",
+        "--",
+        "sh",
+        "-c",
+        "echo ran; exit 3",
+    ]);
+    assert_eq!(
+        (o.status.code(), text(&o.stdout)),
+        (Some(3), "ran\n".into()),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_eq!(
+        s.run(&["sandbox", "ls", "--json"]).stdout,
+        before,
+        "kiln run must remove its sandbox"
+    );
 
     // Removal, twice.
     let o = s.run(&["sandbox", "rm", &id]);
@@ -193,8 +351,15 @@ fn sandbox_commands_end_to_end() {
     let o = s.run(&["bench", "sandbox", "--n", "3", "--idle", "2", "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let b: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench json");
-    for k in ["cold_create_to_first_output_ms", "warm_create_to_first_output_ms", "exec_roundtrip_ms"] {
-        assert!(b[k]["p50"].as_f64().is_some() && b[k]["p99"].as_f64().is_some(), "{k}: {b}");
+    for k in [
+        "cold_create_to_first_output_ms",
+        "warm_create_to_first_output_ms",
+        "exec_roundtrip_ms",
+    ] {
+        assert!(
+            b[k]["p50"].as_f64().is_some() && b[k]["p99"].as_f64().is_some(),
+            "{k}: {b}"
+        );
     }
     assert_eq!(b["idle_sandboxes"], 2);
     assert!(b["memory_per_idle_sandbox_mib"].as_f64().is_some());
@@ -212,11 +377,21 @@ fn template_build_reports_cached_base() {
         .output()
         .expect("run");
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let lines: Vec<serde_json::Value> =
-        text(&o.stdout).lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
-    assert_eq!(lines.first().map(|l| l["stage"].clone()), Some(serde_json::json!("cached")));
-    assert_eq!(lines.last().map(|l| l["event"].clone()), Some(serde_json::json!("result")));
-    let o = Command::new(kiln()).args(["template", "build", "python"]).output().expect("run");
+    let lines: Vec<serde_json::Value> = text(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(
+        lines.first().map(|l| l["stage"].clone()),
+        Some(serde_json::json!("cached"))
+    );
+    assert_eq!(
+        lines.last().map(|l| l["event"].clone()),
+        Some(serde_json::json!("result"))
+    );
+    let o = Command::new(kiln())
+        .args(["template", "build", "python"])
+        .output()
+        .expect("run");
     one_line_error(&o, 125, "unknown template `python`");
 }
-

@@ -9,7 +9,13 @@ use tower::ServiceExt;
 
 use crate::harness;
 
-async fn call(app: axum::Router, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> String {
+async fn call(
+    app: axum::Router,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> String {
     let mut b = Request::builder().method(method).uri(path);
     if let Some(t) = token {
         b = b.header("authorization", format!("Bearer {t}"));
@@ -17,7 +23,12 @@ async fn call(app: axum::Router, method: &str, path: &str, token: Option<&str>, 
     if body.is_some() {
         b = b.header("content-type", "application/json");
     }
-    let req = b.body(body.map(|s| Body::from(s.to_string())).unwrap_or_else(Body::empty)).expect("request");
+    let req = b
+        .body(
+            body.map(|s| Body::from(s.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
+        .expect("request");
     let resp = app.oneshot(req).await.expect("response");
     let status = resp.status();
     let bytes = resp.into_body().collect().await.expect("body").to_bytes();
@@ -37,7 +48,12 @@ async fn bad_requests_get_clear_json_errors() {
         ("GET", "/v1/sandboxes", Some("kiln_wrong"), None),
         ("GET", "/v1/sandboxes/sb-doesnotexist", t, None),
         ("DELETE", "/v1/sandboxes/sb-doesnotexist", t, None),
-        ("POST", "/v1/sandboxes/sb-doesnotexist/exec", t, Some(r#"{"cmd":["true"]}"#)),
+        (
+            "POST",
+            "/v1/sandboxes/sb-doesnotexist/exec",
+            t,
+            Some(r#"{"cmd":["true"]}"#),
+        ),
         ("POST", "/v1/sandboxes", t, Some(r#"{"memory":"lots"}"#)),
         ("POST", "/v1/sandboxes", t, Some(r#"{"memory":"1K"}"#)),
         ("POST", "/v1/sandboxes", t, Some(r#"{"cpus":-1}"#)),
@@ -50,7 +66,9 @@ async fn bad_requests_get_clear_json_errors() {
     ];
     let mut out = String::new();
     for (m, p, tok, body) in cases {
-        let line = call(app.clone(), m, p, tok, body).await.replace(&data_dir, "<data-dir>");
+        let line = call(app.clone(), m, p, tok, body)
+            .await
+            .replace(&data_dir, "<data-dir>");
         out.push_str(&format!("{m} {p} {}\n  -> {line}\n", body.unwrap_or("")));
     }
     expect![[r#"
@@ -77,7 +95,7 @@ async fn bad_requests_get_clear_json_errors() {
         POST /v1/sandboxes {"template":"../etc"}
           -> 400 {"error":{"code":"invalid_argument","message":"invalid template name `../etc`: use lower-case letters, digits, `-` and `_`"}}
         POST /v1/sandboxes {"colour":"red"}
-          -> 400 {"error":{"code":"invalid_argument","message":"Failed to deserialize the JSON body into the target type: unknown field `colour`, expected one of `template`, `cpus`, `memory`, `disk`, `network`, `ttl`, `labels`, `pool` at line 1 column 9","hint":"send a JSON body with Content-Type: application/json; see /v1 docs in README"}}
+          -> 400 {"error":{"code":"invalid_argument","message":"Failed to deserialize the JSON body into the target type: colour: unknown field `colour`, expected one of `template`, `cpus`, `memory`, `disk`, `network`, `ttl`, `labels`, `pool` at line 1 column 9","hint":"send a JSON body with Content-Type: application/json; see /v1 docs in README"}}
         POST /v1/sandboxes {not json
           -> 400 {"error":{"code":"invalid_argument","message":"Failed to parse the request body as JSON: key must be a string at line 1 column 2","hint":"send a JSON body with Content-Type: application/json; see /v1 docs in README"}}
         GET /v2/anything 
@@ -96,7 +114,10 @@ async fn health_and_metrics_are_public() {
     let app = kiln_server::app(server.kiln.clone());
     let h = call(app.clone(), "GET", "/v1/health", None, None).await;
     assert!(h.starts_with("200 {\"status\":\"ok\""), "{h}");
-    let req = Request::builder().uri("/metrics").body(Body::empty()).expect("req");
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .expect("req");
     let resp = app.oneshot(req).await.expect("resp");
     assert_eq!(resp.status(), StatusCode::OK);
     server.teardown().await;

@@ -29,20 +29,26 @@ fn chunks() -> impl futures_util::Stream<Item = Result<Vec<u8>, std::io::Error>>
 async fn large_file_round_trip_and_file_ops() {
     let dir = tempfile::tempdir().expect("tmp");
     let s = harness::start(harness::config(dir.path())).await;
-    let sb = s.create(&CreateSandbox { disk: Some(SizeArg::Text("1G".into())), ..Default::default() }).await;
+    let sb = s
+        .create(&CreateSandbox {
+            disk: Some(SizeArg::Text("1G".into())),
+            ..Default::default()
+        })
+        .await;
     let id = sb.id.as_str();
 
+    // The same deterministic stream twice: once hashed here, once uploaded.
     let mut expected = Sha256::new();
-    let hashing = chunks().map(|c| {
-        if let Ok(b) = &c {
-            expected.update(b);
-        }
-        c
-    });
+    let mut local = Box::pin(chunks());
+    while let Some(Ok(b)) = local.next().await {
+        expected.update(&b);
+    }
     let r = s
         .http
-        .put(s.url(&format!("/v1/sandboxes/{id}/files?path=/workspace/big.bin&mode=0640")))
-        .body(reqwest::Body::wrap_stream(hashing))
+        .put(s.url(&format!(
+            "/v1/sandboxes/{id}/files?path=/workspace/big.bin&mode=0640"
+        )))
+        .body(reqwest::Body::wrap_stream(chunks()))
         .send()
         .await
         .expect("upload");
@@ -52,9 +58,16 @@ async fn large_file_round_trip_and_file_ops() {
     let expected = hex::encode(expected.finalize());
 
     // The sandbox sees the same bytes.
-    let (out, _, _) = s.sh(id, "sha256sum /workspace/big.bin | cut -d' ' -f1").await;
+    let (out, _, _) = s
+        .sh(id, "sha256sum /workspace/big.bin | cut -d' ' -f1")
+        .await;
     assert_eq!(out.trim(), expected);
-    let r = s.http.get(s.url(&format!("/v1/sandboxes/{id}/files?path=/workspace/big.bin"))).send().await.expect("download");
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files?path=/workspace/big.bin")))
+        .send()
+        .await
+        .expect("download");
     assert_eq!(r.status(), 200);
     assert_eq!(r.content_length(), Some(SIZE));
     let mut got = Sha256::new();
@@ -69,7 +82,13 @@ async fn large_file_round_trip_and_file_ops() {
     assert_eq!(hex::encode(got.finalize()), expected);
 
     // mkdir -p, list, move, stat, remove.
-    let r = s.http.post(s.url(&format!("/v1/sandboxes/{id}/files/mkdir"))).json(&serde_json::json!({"path": "/workspace/a/b/c"})).send().await.expect("mkdir");
+    let r = s
+        .http
+        .post(s.url(&format!("/v1/sandboxes/{id}/files/mkdir")))
+        .json(&serde_json::json!({"path": "/workspace/a/b/c"}))
+        .send()
+        .await
+        .expect("mkdir");
     assert_eq!(r.status(), 201);
     let r = s
         .http
@@ -81,7 +100,9 @@ async fn large_file_round_trip_and_file_ops() {
     assert_eq!(r.status(), 200);
     let list: FileList = s
         .http
-        .get(s.url(&format!("/v1/sandboxes/{id}/files/list?path=/workspace&depth=4")))
+        .get(s.url(&format!(
+            "/v1/sandboxes/{id}/files/list?path=/workspace&depth=4"
+        )))
         .send()
         .await
         .expect("list")
@@ -89,20 +110,57 @@ async fn large_file_round_trip_and_file_ops() {
         .await
         .expect("json");
     let names: Vec<String> = list.entries.iter().map(|e| e.path.clone()).collect();
-    assert!(names.contains(&"/workspace/a/b/c/big.bin".to_string()), "{names:?}");
-    let r = s.http.delete(s.url(&format!("/v1/sandboxes/{id}/files?path=/workspace/a"))).send().await.expect("rm");
+    assert!(
+        names.contains(&"/workspace/a/b/c/big.bin".to_string()),
+        "{names:?}"
+    );
+    let r = s
+        .http
+        .delete(s.url(&format!("/v1/sandboxes/{id}/files?path=/workspace/a")))
+        .send()
+        .await
+        .expect("rm");
     assert_eq!(r.status(), 400, "a non-empty dir needs recursive=true");
-    let r = s.http.delete(s.url(&format!("/v1/sandboxes/{id}/files?path=/workspace/a&recursive=true"))).send().await.expect("rm");
+    let r = s
+        .http
+        .delete(s.url(&format!(
+            "/v1/sandboxes/{id}/files?path=/workspace/a&recursive=true"
+        )))
+        .send()
+        .await
+        .expect("rm");
     assert_eq!(r.status(), 204);
-    let r = s.http.get(s.url(&format!("/v1/sandboxes/{id}/files/stat?path=/workspace/a"))).send().await.expect("stat");
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files/stat?path=/workspace/a")))
+        .send()
+        .await
+        .expect("stat");
     assert_eq!(r.status(), 404);
 
     // Paths cannot climb out of the sandbox root; a directory cannot be downloaded.
-    let r = s.http.get(s.url(&format!("/v1/sandboxes/{id}/files?path=../../../etc/shadow"))).send().await.expect("get");
+    let r = s
+        .http
+        .get(s.url(&format!(
+            "/v1/sandboxes/{id}/files?path=../../../etc/shadow"
+        )))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(r.status(), 400);
-    let r = s.http.get(s.url(&format!("/v1/sandboxes/{id}/files?path=/etc"))).send().await.expect("get");
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files?path=/etc")))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(r.status(), 400);
-    let r = s.http.get(s.url(&format!("/v1/sandboxes/{id}/files"))).send().await.expect("get");
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files")))
+        .send()
+        .await
+        .expect("get");
     assert_eq!(r.status(), 400, "missing path");
     s.teardown().await;
 }
@@ -113,10 +171,16 @@ async fn watch_streams_changes() {
     let s = harness::start(harness::config(dir.path())).await;
     let sb = s.create(&CreateSandbox::default()).await;
     let id = sb.id.clone();
-    let r = s.http.get(s.url(&format!("/v1/sandboxes/{id}/files/watch?path=/workspace"))).send().await.expect("watch");
+    let r = s
+        .http
+        .get(s.url(&format!("/v1/sandboxes/{id}/files/watch?path=/workspace")))
+        .send()
+        .await
+        .expect("watch");
     assert_eq!(r.status(), 200);
     let mut body = r.bytes_stream();
-    s.sh(&id, "mkdir -p /workspace/w && echo hi > /workspace/w/f.txt").await;
+    s.sh(&id, "mkdir -p /workspace/w && echo hi > /workspace/w/f.txt")
+        .await;
     let mut seen = String::new();
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while !seen.contains("/workspace/w/f.txt") && tokio::time::Instant::now() < deadline {
@@ -125,9 +189,18 @@ async fn watch_streams_changes() {
             _ => break,
         }
     }
-    let events: Vec<WatchEvent> = seen.lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    assert!(events.iter().any(|e| e.path == "/workspace/w" && e.is_dir), "{seen}");
-    assert!(events.iter().any(|e| e.path == "/workspace/w/f.txt"), "{seen}");
+    let events: Vec<WatchEvent> = seen
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        events.iter().any(|e| e.path == "/workspace/w" && e.is_dir),
+        "{seen}"
+    );
+    assert!(
+        events.iter().any(|e| e.path == "/workspace/w/f.txt"),
+        "{seen}"
+    );
     drop(body);
     s.teardown().await;
 }

@@ -24,9 +24,9 @@ pub fn images_dir() -> PathBuf {
 
 /// The static kilnd (`make test` sets KILN_KILND).
 pub fn kilnd() -> PathBuf {
-    std::env::var_os("KILN_KILND")
-        .map(PathBuf::from)
-        .expect("KILN_KILND is not set: run the suite with `make test` (it builds the static kilnd first)")
+    std::env::var_os("KILN_KILND").map(PathBuf::from).expect(
+        "KILN_KILND is not set: run the suite with `make test` (it builds the static kilnd first)",
+    )
 }
 
 pub fn config(data_dir: &Path) -> ServerConfig {
@@ -68,8 +68,17 @@ pub async fn start(cfg: ServerConfig) -> TestServer {
         reqwest::header::AUTHORIZATION,
         format!("Bearer {}", kiln.token).parse().expect("header"),
     );
-    let http = reqwest::Client::builder().default_headers(headers).build().expect("client");
-    TestServer { kiln, url: format!("http://{addr}"), http, shutdown, task }
+    let http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client");
+    TestServer {
+        kiln,
+        url: format!("http://{addr}"),
+        http,
+        shutdown,
+        task,
+    }
 }
 
 impl TestServer {
@@ -86,27 +95,62 @@ impl TestServer {
     /// Removes every sandbox, stops, and releases the data dir's kernel resources.
     pub async fn teardown(self) {
         for row in self.kiln.store.list(true).expect("list") {
-            self.kiln.runtime.remove(&row.sandbox.id).await.expect("remove");
+            self.kiln
+                .runtime
+                .remove(&row.sandbox.id)
+                .await
+                .expect("remove");
             self.kiln.store.delete(&row.sandbox.id).expect("delete");
         }
         let kiln = self.kiln.clone();
         self.stop().await;
-        kiln.runtime.shutdown().await.expect("runtime shutdown");
+        kiln.runtime
+            .destroy_all()
+            .await
+            .expect("runtime destroy_all");
     }
 
     pub async fn create(&self, req: &CreateSandbox) -> Sandbox {
-        let r = self.http.post(self.url("/v1/sandboxes")).json(req).send().await.expect("send");
-        assert_eq!(r.status(), 201, "create failed: {}", r.text().await.unwrap_or_default());
+        let r = self
+            .http
+            .post(self.url("/v1/sandboxes"))
+            .json(req)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(
+            r.status(),
+            201,
+            "create failed: {}",
+            r.text().await.unwrap_or_default()
+        );
         r.json().await.expect("json")
     }
 
     /// Runs a command to completion: (stdout, stderr, exit status, all events).
-    pub async fn exec(&self, id: &str, req: &ExecRequest) -> (String, String, ExitStatus, Vec<ExecEvent>) {
-        let r = self.http.post(self.url(&format!("/v1/sandboxes/{id}/exec"))).json(req).send().await.expect("send");
-        assert_eq!(r.status(), 200, "exec failed: {}", r.text().await.unwrap_or_default());
+    pub async fn exec(
+        &self,
+        id: &str,
+        req: &ExecRequest,
+    ) -> (String, String, ExitStatus, Vec<ExecEvent>) {
+        let r = self
+            .http
+            .post(self.url(&format!("/v1/sandboxes/{id}/exec")))
+            .json(req)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(
+            r.status(),
+            200,
+            "exec failed: {}",
+            r.text().await.unwrap_or_default()
+        );
         let text = r.text().await.expect("body");
-        let events: Vec<ExecEvent> =
-            text.lines().map(|l| serde_json::from_str(l).expect("event line")).collect();
+        let events: Vec<ExecEvent> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("event line"))
+            .collect();
         let mut out = String::new();
         let mut err = String::new();
         let mut exit = None;
@@ -128,7 +172,10 @@ impl TestServer {
 }
 
 pub fn cmd(args: &[&str]) -> ExecRequest {
-    ExecRequest { cmd: args.iter().map(|s| s.to_string()).collect(), ..ExecRequest::default() }
+    ExecRequest {
+        cmd: args.iter().map(|s| s.to_string()).collect(),
+        ..ExecRequest::default()
+    }
 }
 
 /// Kernel objects and processes of one server instance (data dir), counted host-wide: mounts
@@ -144,10 +191,17 @@ pub struct HostCounts {
 
 pub fn host_counts(cfg: &ServerConfig) -> HostCounts {
     let tag = cfg.instance_tag();
-    let data = std::fs::canonicalize(&cfg.data_dir).unwrap_or_else(|_| cfg.data_dir.clone()).display().to_string();
+    let data = std::fs::canonicalize(&cfg.data_dir)
+        .unwrap_or_else(|_| cfg.data_dir.clone())
+        .display()
+        .to_string();
     let run = cfg.run_dir().display().to_string();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|s| s.lines().filter(|l| l.contains(&data) || l.contains(&run)).count())
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.contains(&data) || l.contains(&run))
+                .count()
+        })
         .unwrap_or(0);
     let mut cgroup_dirs = 0;
     if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
@@ -156,7 +210,11 @@ pub fn host_counts(cfg: &ServerConfig) -> HostCounts {
         }
     }
     let ids: Vec<String> = std::fs::read_dir(cfg.data_dir.join("sandboxes"))
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().to_string()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
         .unwrap_or_default();
     let netns = std::fs::read_dir("/run/netns")
         .map(|rd| {
@@ -172,7 +230,12 @@ pub fn host_counts(cfg: &ServerConfig) -> HostCounts {
     let processes = std::fs::read_dir("/proc")
         .map(|rd| {
             rd.filter_map(|e| e.ok())
-                .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .bytes()
+                        .all(|b| b.is_ascii_digit())
+                })
                 .filter(|e| {
                     let cg = std::fs::read_to_string(e.path().join("cgroup")).unwrap_or_default();
                     let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
@@ -181,12 +244,23 @@ pub fn host_counts(cfg: &ServerConfig) -> HostCounts {
                 .count()
         })
         .unwrap_or(0);
-    HostCounts { mounts, cgroup_dirs, netns, processes }
+    HostCounts {
+        mounts,
+        cgroup_dirs,
+        netns,
+        processes,
+    }
 }
 
 fn walk_dirs(p: &Path) -> usize {
     match std::fs::read_dir(p) {
-        Ok(rd) => 1 + rd.filter_map(|e| e.ok()).filter(|e| e.path().is_dir()).map(|e| walk_dirs(&e.path())).sum::<usize>(),
+        Ok(rd) => {
+            1 + rd
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+                .map(|e| walk_dirs(&e.path()))
+                .sum::<usize>()
+        }
         Err(_) => 0,
     }
 }
