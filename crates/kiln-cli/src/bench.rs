@@ -68,7 +68,10 @@ struct Report {
     warm_speedup_vs_cold: Option<f64>,
     exec_roundtrip_ms: Percentiles,
     idle_sandboxes: usize,
+    /// Growth of used memory (MemTotal - MemAvailable) per sandbox.
     memory_per_idle_sandbox_mib: Option<f64>,
+    /// Conservative: growth of MemTotal - MemFree (also counts page cache and reclaimable slab).
+    memory_per_idle_sandbox_mib_incl_cache: Option<f64>,
     host_processes_per_idle_sandbox: Option<f64>,
     targets: serde_json::Value,
 }
@@ -130,12 +133,17 @@ async fn remove(api: &Api, id: &str) -> Result<()> {
         .await
 }
 
-fn mem_available_kib() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    text.lines()
-        .find(|l| l.starts_with("MemAvailable:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
+/// (MemAvailable, MemFree) in KiB from /proc/meminfo.
+fn meminfo_kib() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("MemAvailable:"), field("MemFree:"))
 }
 
 fn process_count() -> usize {
@@ -222,10 +230,10 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
     remove(api, &sb.id).await?;
 
     // 4. Host memory per idle sandbox.
-    let (mem, procs) = if local_server(api) && idle_n > 0 {
+    let (mem, mem_cache, procs) = if local_server(api) && idle_n > 0 {
         progress(b.json, &format!("memory with {idle_n} idle sandboxes"));
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let before = mem_available_kib().unwrap_or(0);
+        let (before, free_before) = meminfo_kib();
         let p_before = process_count();
         let mut ids = Vec::with_capacity(idle_n);
         let result: Result<()> = async {
@@ -236,7 +244,7 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
         }
         .await;
         tokio::time::sleep(Duration::from_secs(3)).await;
-        let after = mem_available_kib().unwrap_or(0);
+        let (after, free_after) = meminfo_kib();
         let p_after = process_count();
         progress(b.json, "removing idle sandboxes");
         let removals = futures_util::future::join_all(ids.chunks(8).map(|chunk| async move {
@@ -246,14 +254,17 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
         }));
         removals.await;
         result?;
-        let per = (before.saturating_sub(after)) as f64 / 1024.0 / idle_n as f64;
+        let per = |b: u64, a: u64| {
+            (((b.saturating_sub(a)) as f64 / 1024.0 / idle_n as f64) * 100.0).round() / 100.0
+        };
         let procs = p_after.saturating_sub(p_before) as f64 / idle_n as f64;
         (
-            Some((per * 100.0).round() / 100.0),
+            Some(per(before, after)),
+            Some(per(free_before, free_after)),
             Some((procs * 100.0).round() / 100.0),
         )
     } else {
-        (None, None)
+        (None, None, None)
     };
 
     let cold_p = percentiles(&mut cold);
@@ -266,6 +277,7 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
         exec_roundtrip_ms: percentiles(&mut rt),
         idle_sandboxes: idle_n,
         memory_per_idle_sandbox_mib: mem,
+        memory_per_idle_sandbox_mib_incl_cache: mem_cache,
         host_processes_per_idle_sandbox: procs,
         targets: serde_json::json!({
             "cold_p50_ms": 50, "cold_p99_ms": 150, "warm_p50_ms": 5, "exec_roundtrip_p50_ms": 3,
@@ -310,10 +322,12 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
         );
         match report.memory_per_idle_sandbox_mib {
             Some(m) => println!(
-                "{:<34} {m:.2} MiB per sandbox with {idle_n} alive, {:.2} host processes each (target <= 4 MiB)",
+                "{:<34} {m:.2} MiB per sandbox with {idle_n} alive ({:.2} MiB counting cache), {:.2} host processes each (target <= 4 MiB)",
                 "memory per idle sandbox",
+                report.memory_per_idle_sandbox_mib_incl_cache.unwrap_or(0.0),
                 report.host_processes_per_idle_sandbox.unwrap_or(0.0)
             ),
+            None if idle_n == 0 => println!("{:<34} skipped (--idle 0)", "memory per idle sandbox"),
             None => println!("{:<34} skipped: the server is not on this machine", "memory per idle sandbox"),
         }
     }

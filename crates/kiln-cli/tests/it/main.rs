@@ -109,6 +109,10 @@ impl Server {
 
     /// Sends SIGTERM and waits for a clean exit.
     fn stop(mut self) -> std::process::ExitStatus {
+        self.stop_inner()
+    }
+
+    fn stop_inner(&mut self) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) of our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -121,8 +125,30 @@ impl Server {
         }
     }
 
+    /// Removes every sandbox through the CLI (so the server releases its kernel resources on stop).
+    fn remove_all(&self) {
+        let o = self.run(&["sandbox", "ls", "--json"]);
+        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+            for sb in v["sandboxes"].as_array().cloned().unwrap_or_default() {
+                if let Some(id) = sb["id"].as_str() {
+                    let _ = self.run(&["sandbox", "rm", id]);
+                }
+            }
+        }
+    }
+
     fn log(&self) -> String {
         std::fs::read_to_string(self.data.path().join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // After a failed assertion: clean up like a careful operator would.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.remove_all();
+            let _ = self.stop_inner();
+        }
     }
 }
 
@@ -365,6 +391,7 @@ fn sandbox_commands_end_to_end() {
     assert!(b["memory_per_idle_sandbox_mib"].as_f64().is_some());
 
     let log_hint = s.log();
+    s.remove_all();
     let st = s.stop();
     assert!(st.success(), "kiln up exited with {st}: {log_hint}");
 }

@@ -46,7 +46,30 @@ pub struct TestServer {
     pub url: String,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Set once `teardown` or `stop` ran; otherwise `Drop` (a failed test) releases everything.
+    done: bool,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // A test panicked before its teardown: stop serving and release every kernel object
+        // of this data dir so one failure does not leak into the next run.
+        self.shutdown.cancel();
+        let rt = self.kiln.runtime.clone();
+        let _ = std::thread::spawn(move || {
+            if let Ok(r) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let _ = r.block_on(rt.destroy_all());
+            }
+        })
+        .join();
+    }
 }
 
 pub async fn start(cfg: ServerConfig) -> TestServer {
@@ -77,7 +100,8 @@ pub async fn start(cfg: ServerConfig) -> TestServer {
         url: format!("http://{addr}"),
         http,
         shutdown,
-        task,
+        task: Some(task),
+        done: false,
     }
 }
 
@@ -87,9 +111,12 @@ impl TestServer {
     }
 
     /// Stops serving (as SIGTERM does): sandboxes keep running.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        self.done = true;
         self.shutdown.cancel();
-        let _ = self.task.await;
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
     }
 
     /// Removes every sandbox, stops, and releases the data dir's kernel resources.

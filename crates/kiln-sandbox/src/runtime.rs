@@ -1,0 +1,1069 @@
+//! [`Runtime`]: creates, pauses, resumes, removes and reconciles sandboxes.
+//!
+//! # Layout
+//! ```text
+//! data_dir/
+//!   disk-pool.img                 sparse btrfs image (all writable layers)
+//!   disk/                         its mount point
+//!     <id>/                       btrfs subvolume with the sandbox's quota
+//!       upper/ work/              overlay upper and work dirs
+//!       etc/{hosts,hostname,resolv.conf}
+//!       kilnd.log                 kilnd's stdout/stderr (inside the quota: a sandbox process
+//!                                 can write to PID 1's stdio through /proc/1/fd)
+//!   sandboxes/<id>/               OCI bundle
+//!     config.json kiln.json       OCI config; Kiln's own state (address, volume id ...)
+//!     rootfs/                     overlay mount point
+//!     runc.log init.pid
+//! run_dir/
+//!   <id>/kilnd.sock               a 1 MiB tmpfs, bind-mounted at /.kiln/run in the sandbox
+//!   .runc/                        the OCI runtime's --root
+//!   .netns/<id>                   pinned network namespace (full networking)
+//!   .reaper.sock                  kilnd host-reaper
+//! /run/kiln-net/<bridge>/<ip>     address leases, shared by all servers using that bridge
+//! ```
+//! Names starting with `.` cannot be sandbox ids, so they never collide.
+//!
+//! # Create path
+//! Everything before the OCI runtime is syscalls only (mkdir, a btrfs subvolume + qgroup limit,
+//! small file writes without fsync, one overlay mount, and for `full` networking a netns with a
+//! veth over rtnetlink), done on one blocking thread. Then `runc run --detach` runs through the
+//! host reaper, and kilnd's socket is polled every 200 µs until it answers a ping. Any failure
+//! tears down whatever was created.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kiln_protocol::api::NetworkMode;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::config::{
+    stable_hash, Created, ReconcileReport, RuntimeConfig, RuntimeStatus, SandboxSpec, Subnet,
+};
+use crate::error::{IoContext, Result, SandboxError};
+use crate::host::{CgroupRoot, Engine, Host, PoolInfo, VethConfig};
+use crate::spec::{self, BundleInputs};
+
+/// How long create waits for kilnd to answer.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Interval of kilnd readiness polls.
+pub const READY_POLL: Duration = Duration::from_micros(200);
+/// Host-global directory of address leases (one subdirectory per bridge).
+pub const LEASE_ROOT: &str = "/run/kiln-net";
+
+/// Kiln's own per-sandbox state, `kiln.json` in the bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct SandboxState {
+    id: String,
+    volume_id: u64,
+    network: String,
+    #[serde(default)]
+    ip: Option<String>,
+    #[serde(default)]
+    veth: Option<String>,
+}
+
+/// All paths of one runtime.
+#[derive(Debug, Clone)]
+struct Paths {
+    data_dir: PathBuf,
+    run_dir: PathBuf,
+    lease_dir: PathBuf,
+}
+
+impl Paths {
+    fn sandboxes(&self) -> PathBuf {
+        self.data_dir.join("sandboxes")
+    }
+    fn bundle(&self, id: &str) -> PathBuf {
+        self.sandboxes().join(id)
+    }
+    fn rootfs(&self, id: &str) -> PathBuf {
+        self.bundle(id).join("rootfs")
+    }
+    fn pool(&self) -> PathBuf {
+        self.data_dir.join("disk")
+    }
+    fn pool_image(&self) -> PathBuf {
+        self.data_dir.join("disk-pool.img")
+    }
+    fn volume(&self, id: &str) -> PathBuf {
+        self.pool().join(id)
+    }
+    fn kilnd_log(&self, id: &str) -> PathBuf {
+        self.volume(id).join("kilnd.log")
+    }
+    fn sock_dir(&self, id: &str) -> PathBuf {
+        self.run_dir.join(id)
+    }
+    fn socket(&self, id: &str) -> PathBuf {
+        self.sock_dir(id).join(kiln_protocol::kilnd::SOCKET_NAME)
+    }
+    fn runc_root(&self) -> PathBuf {
+        self.run_dir.join(".runc")
+    }
+    fn netns_dir(&self) -> PathBuf {
+        self.run_dir.join(".netns")
+    }
+    fn netns(&self, id: &str) -> PathBuf {
+        self.netns_dir().join(id)
+    }
+    fn reaper_socket(&self) -> PathBuf {
+        self.run_dir.join(".reaper.sock")
+    }
+}
+
+type IdLocks = Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
+/// Holds the per-id lock; drops the map entry when nobody else wants it.
+struct IdGuard {
+    id: String,
+    locks: Arc<IdLocks>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for IdGuard {
+    fn drop(&mut self) {
+        self.guard.take();
+        if let Ok(mut map) = self.locks.lock() {
+            if map.get(&self.id).is_some_and(|m| Arc::strong_count(m) == 1) {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
+
+struct Inner {
+    cfg: RuntimeConfig,
+    paths: Paths,
+    subnet: Subnet,
+    host: Arc<dyn Host>,
+    engine: Arc<dyn Engine>,
+    pool: PoolInfo,
+    cgroups: Vec<CgroupRoot>,
+    runtime_bin: String,
+    host_resolv: String,
+    nofile: u64,
+    locks: Arc<IdLocks>,
+}
+
+/// The sandbox runtime of one Kiln server. Cheap to clone; all methods take `&self`.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("data_dir", &self.inner.cfg.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn mkdir(p: &Path, mode: u32) -> Result<()> {
+    match fs::DirBuilder::new().mode(mode).create(p) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            Err(SandboxError::io(format!("creating {}", p.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Removes a directory tree; missing is success.
+fn remove_tree(p: &Path) -> io::Result<()> {
+    match fs::remove_dir_all(p) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn read_dir_names(p: &Path) -> Vec<String> {
+    fs::read_dir(p)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn is_id(name: &str) -> bool {
+    crate::config::validate_id(name).is_ok()
+}
+
+/// The last `max` bytes of a file, lossy.
+fn tail(path: &Path, max: u64) -> String {
+    let Ok(mut f) = fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).trim().to_string()
+}
+
+/// Error messages from runc's JSON log (`--log-format json`), newest last.
+fn runc_log_errors(path: &Path) -> String {
+    let text = tail(path, 16 * 1024);
+    let msgs: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| matches!(v["level"].as_str(), Some("error") | Some("fatal")))
+        .filter_map(|v| v["msg"].as_str().map(String::from))
+        .collect();
+    msgs.join("; ")
+}
+
+/// Host-side veth name of a sandbox: `kv` + 10 hex digits of hash(run_dir, id).
+fn veth_name(run_dir: &Path, id: &str) -> String {
+    format!("kv{}", &hex::encode(stable_hash(run_dir, id))[..10])
+}
+
+impl Runtime {
+    /// Prepares directories, the disk pool, the bridge and NAT rules and the host reaper.
+    /// Idempotent across restarts (existing pool, mounts, bridge and reaper are reused).
+    pub async fn new(cfg: RuntimeConfig) -> Result<Runtime> {
+        let host: Arc<dyn Host> = Arc::new(crate::linux::RealHost);
+        cfg.validate()?;
+        let paths = Paths {
+            data_dir: cfg.data_dir.clone(),
+            run_dir: cfg.run_dir.clone(),
+            lease_dir: PathBuf::new(),
+        };
+        fs::create_dir_all(&paths.run_dir)
+            .ctx(|| format!("creating {}", paths.run_dir.display()))?;
+        let engine =
+            crate::engine::RealEngine::start(&cfg.kilnd_path, &paths.reaper_socket()).await?;
+        Self::with_parts(cfg, host, Arc::new(engine), Path::new(LEASE_ROOT)).await
+    }
+
+    /// Like [`Runtime::new`] with explicit [`Host`] and [`Engine`] implementations and lease
+    /// root (tests use fakes and a temporary directory).
+    pub async fn with_parts(
+        cfg: RuntimeConfig,
+        host: Arc<dyn Host>,
+        engine: Arc<dyn Engine>,
+        lease_root: &Path,
+    ) -> Result<Runtime> {
+        let subnet = cfg.validate()?;
+        if !cfg.kilnd_path.is_file() {
+            return Err(SandboxError::InvalidConfig(format!(
+                "kilnd binary {} does not exist",
+                cfg.kilnd_path.display()
+            )));
+        }
+        let paths = Paths {
+            data_dir: cfg.data_dir.clone(),
+            run_dir: cfg.run_dir.clone(),
+            lease_dir: lease_root.join(&cfg.bridge),
+        };
+        let h = host.clone();
+        let c = cfg.clone();
+        let p = paths.clone();
+        let (pool, cgroups) = tokio::task::spawn_blocking(move || -> Result<(PoolInfo, Vec<CgroupRoot>)> {
+            fs::create_dir_all(&p.data_dir).ctx(|| format!("creating {}", p.data_dir.display()))?;
+            mkdir(&p.sandboxes(), 0o700)?;
+            fs::create_dir_all(&p.run_dir).ctx(|| format!("creating {}", p.run_dir.display()))?;
+            mkdir(&p.runc_root(), 0o700)?;
+            mkdir(&p.netns_dir(), 0o700)?;
+            fs::create_dir_all(&p.lease_dir).ctx(|| format!("creating {}", p.lease_dir.display()))?;
+            let pool = h.prepare_pool(&p.pool_image(), c.disk_pool_bytes, &p.pool())?;
+            let cgroups = h.cgroup_roots().kctx(|| "finding cgroup hierarchies".into())?;
+            if let Err(e) = h.tune_cgroups() {
+                warn!("cannot enable cgroup favordynmods (container starts will be ~10 ms slower): {e}");
+            }
+            h.ensure_bridge(&c.bridge, subnet.gateway(), subnet.prefix)?;
+            h.ensure_nat(&c.bridge, &c.subnet)?;
+            Ok((pool, cgroups))
+        })
+        .await
+        .map_err(|e| SandboxError::Host(format!("setup task: {e}")))??;
+        let host_resolv = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        info!(data_dir = %cfg.data_dir.display(), pool = %pool.device, hierarchies = cgroups.len(), "sandbox runtime ready");
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                runtime_bin: cfg.runtime_binary().to_string_lossy().into_owned(),
+                cfg,
+                paths,
+                subnet,
+                host,
+                engine,
+                pool,
+                cgroups,
+                host_resolv,
+                nofile: spec::nofile_limit(),
+                locks: Arc::new(Mutex::new(HashMap::new())),
+            }),
+        })
+    }
+
+    /// The configuration this runtime was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.inner.cfg
+    }
+
+    /// The mounted disk pool.
+    pub fn disk_pool(&self) -> &PoolInfo {
+        &self.inner.pool
+    }
+
+    /// Host path of a sandbox's kilnd socket.
+    pub fn socket_path(&self, id: &str) -> PathBuf {
+        self.inner.paths.socket(id)
+    }
+
+    /// A kilnd client for sandbox `id` (connects lazily).
+    pub fn client(&self, id: &str) -> kilnd::client::Client {
+        kilnd::client::Client::new(self.socket_path(id))
+    }
+
+    async fn lock(&self, id: &str) -> IdGuard {
+        let m = {
+            let mut map = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(id.to_string()).or_default().clone()
+        };
+        let guard = m.lock_owned().await;
+        IdGuard {
+            id: id.to_string(),
+            locks: self.inner.locks.clone(),
+            guard: Some(guard),
+        }
+    }
+
+    fn try_lock(&self, id: &str) -> Option<IdGuard> {
+        let m = {
+            let mut map = self.inner.locks.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(id.to_string()).or_default().clone()
+        };
+        let guard = m.try_lock_owned().ok();
+        let g = IdGuard {
+            id: id.to_string(),
+            locks: self.inner.locks.clone(),
+            guard,
+        };
+        g.guard.is_some().then_some(g)
+    }
+
+    fn runc_args(&self, args: &[&str]) -> Vec<String> {
+        let root = self.inner.paths.runc_root().to_string_lossy().into_owned();
+        let mut v = vec![self.inner.runtime_bin.clone(), "--root".into(), root];
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// Creates and starts a sandbox; returns once its kilnd answers a ping.
+    pub async fn create(&self, spec: &SandboxSpec) -> Result<Created> {
+        spec.validate()?;
+        let _g = self.lock(&spec.id).await;
+        let t0 = Instant::now();
+        let bundle = self.inner.paths.bundle(&spec.id);
+        if bundle.exists() || self.inner.paths.runc_root().join(&spec.id).exists() {
+            return Err(SandboxError::AlreadyExists(spec.id.clone()));
+        }
+        match self.create_locked(spec, t0).await {
+            Ok(c) => {
+                info!(id = %spec.id, ms = t0.elapsed().as_secs_f64() * 1e3, "sandbox created");
+                Ok(c)
+            }
+            // Someone else's bundle appeared (another runtime over the same data dir): it is
+            // not ours to tear down.
+            Err(e @ SandboxError::AlreadyExists(_)) => Err(e),
+            Err(e) => {
+                warn!(id = %spec.id, "create failed, tearing down: {e}");
+                if let Err(te) = self.teardown(&spec.id).await {
+                    warn!(id = %spec.id, "teardown after failed create: {te}");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_locked(&self, spec: &SandboxSpec, t0: Instant) -> Result<Created> {
+        let this = self.clone();
+        let s = spec.clone();
+        let (ip, bundle) = tokio::task::spawn_blocking(move || this.prepare(&s))
+            .await
+            .map_err(|e| SandboxError::Host(format!("prepare task: {e}")))??;
+        let t_prepared = t0.elapsed();
+
+        let p = &self.inner.paths;
+        let id = &spec.id;
+        let pid_file = bundle.join("init.pid");
+        let runc_log = bundle.join("runc.log");
+        let argv = self.runc_args(&[
+            "--log",
+            &runc_log.to_string_lossy(),
+            "--log-format",
+            "json",
+            "run",
+            "--detach",
+            "--bundle",
+            &bundle.to_string_lossy(),
+            "--pid-file",
+            &pid_file.to_string_lossy(),
+            id,
+        ]);
+        let out = self
+            .inner
+            .engine
+            .run_detached(argv, p.kilnd_log(id))
+            .await?;
+        if !out.success() {
+            let mut msg = runc_log_errors(&runc_log);
+            if msg.is_empty() {
+                msg = out.stderr_text();
+            }
+            if msg.is_empty() {
+                msg = tail(&p.kilnd_log(id), 2048);
+            }
+            return Err(SandboxError::runtime(
+                format!("{} run", self.inner.runtime_bin),
+                format!("exit {}: {msg}", out.status),
+            ));
+        }
+        let t_started = t0.elapsed();
+        let init_pid: u32 = fs::read_to_string(&pid_file)
+            .ctx(|| format!("reading {}", pid_file.display()))?
+            .trim()
+            .parse()
+            .map_err(|_| SandboxError::runtime("runc run", "unreadable pid file"))?;
+        self.wait_ready(id, init_pid, &p.socket(id), &p.kilnd_log(id))
+            .await?;
+        debug!(
+            id = %id,
+            prepare_us = t_prepared.as_micros() as u64,
+            runc_us = (t_started - t_prepared).as_micros() as u64,
+            ready_us = (t0.elapsed() - t_started).as_micros() as u64,
+            "create phases"
+        );
+        Ok(Created {
+            ip: ip.map(|a| a.to_string()),
+            init_pid,
+        })
+    }
+
+    /// Everything before the OCI runtime (blocking; runs on a blocking thread).
+    fn prepare(&self, spec: &SandboxSpec) -> Result<(Option<Ipv4Addr>, PathBuf)> {
+        let inner = &self.inner;
+        let p = &inner.paths;
+        let id = spec.id.as_str();
+        for l in &spec.layers {
+            if !l.is_dir() {
+                return Err(SandboxError::InvalidSpec(format!(
+                    "layer {} is not a directory",
+                    l.display()
+                )));
+            }
+        }
+        let bundle = p.bundle(id);
+        match fs::DirBuilder::new().mode(0o700).create(&bundle) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(SandboxError::AlreadyExists(id.into()))
+            }
+            r => r.ctx(|| format!("creating {}", bundle.display()))?,
+        }
+        let rootfs = p.rootfs(id);
+        mkdir(&rootfs, 0o755)?;
+        let sock_dir = p.sock_dir(id);
+        mkdir(&sock_dir, 0o755)?;
+        // A small tmpfs: the sandbox can write to /.kiln/run, and run_dir may be on a disk.
+        inner
+            .host
+            .mount_tmpfs(&sock_dir, "size=1m,nr_inodes=256,mode=0755")
+            .kctx(|| format!("mounting {}", sock_dir.display()))?;
+
+        let volume_id = inner
+            .host
+            .create_volume(&p.pool(), id, spec.disk_bytes)
+            .kctx(|| format!("creating the disk volume of {id}"))?;
+        let vol = p.volume(id);
+        let (upper, work, etc) = (vol.join("upper"), vol.join("work"), vol.join("etc"));
+        for d in [&upper, &work, &etc] {
+            mkdir(d, 0o755)?;
+        }
+
+        let (ip, veth, netns) = match spec.network {
+            NetworkMode::None => (None, None, None),
+            NetworkMode::Full => {
+                let ip = self.lease_ip(id)?;
+                let v = VethConfig {
+                    host_name: veth_name(&p.run_dir, id),
+                    bridge: inner.cfg.bridge.clone(),
+                    address: ip,
+                    prefix: inner.subnet.prefix,
+                    gateway: inner.subnet.gateway(),
+                };
+                (Some(ip), Some(v), Some(p.netns(id)))
+            }
+        };
+        let state = SandboxState {
+            id: id.into(),
+            volume_id,
+            network: if netns.is_some() {
+                "full".into()
+            } else {
+                "none".into()
+            },
+            ip: ip.map(|a| a.to_string()),
+            veth: veth.as_ref().map(|v| v.host_name.clone()),
+        };
+        // Written first so teardown finds the address and veth even if a later step fails.
+        write_file(
+            &bundle.join("kiln.json"),
+            &serde_json::to_vec(&state)
+                .map_err(io::Error::other)
+                .ctx(|| "state".into())?,
+        )?;
+        if let Some(ns) = &netns {
+            let t = Instant::now();
+            inner
+                .host
+                .create_netns(ns, veth.as_ref())
+                .kctx(|| format!("creating the network namespace of {id}"))?;
+            debug!(id, us = t.elapsed().as_micros() as u64, "netns ready");
+        }
+
+        let ip_s = ip.map(|a| a.to_string());
+        write_file(
+            &etc.join("hostname"),
+            format!("{}\n", spec.hostname).as_bytes(),
+        )?;
+        write_file(
+            &etc.join("hosts"),
+            spec::hosts_file(&spec.hostname, ip_s.as_deref()).as_bytes(),
+        )?;
+        write_file(
+            &etc.join("resolv.conf"),
+            spec::resolv_conf(&spec.network, &inner.host_resolv).as_bytes(),
+        )?;
+
+        inner
+            .host
+            .mount_overlay(&spec.layers, &upper, &work, &rootfs)
+            .kctx(|| format!("mounting the overlay rootfs of {id}"))?;
+
+        let cfg = spec::oci_config(&BundleInputs {
+            spec,
+            cgroups_path: self.cgroups_path(id),
+            kilnd_host_path: &inner.cfg.kilnd_path,
+            run_dir_host: &p.sock_dir(id),
+            etc_dir_host: &etc,
+            netns_path: netns.as_deref(),
+            nofile: inner.nofile,
+        })?;
+        let json = serde_json::to_vec(&cfg)
+            .map_err(|e| SandboxError::InvalidSpec(format!("serializing config.json: {e}")))?;
+        write_file(&bundle.join("config.json"), &json)?;
+        Ok((ip, bundle))
+    }
+
+    fn cgroups_path(&self, id: &str) -> String {
+        format!("/{}/{}", self.inner.cfg.cgroup_parent.trim_matches('/'), id)
+    }
+
+    async fn wait_ready(&self, id: &str, init_pid: u32, socket: &Path, log: &Path) -> Result<()> {
+        let start = Instant::now();
+        let engine = self.inner.engine.clone();
+        loop {
+            // Poll connect() on a blocking thread (tokio timers have 1 ms resolution), in
+            // slices so a dead init is noticed quickly.
+            let e = engine.clone();
+            let s = socket.to_path_buf();
+            let connectable = tokio::task::spawn_blocking(move || {
+                let slice = Instant::now();
+                loop {
+                    if e.connectable(&s) {
+                        return true;
+                    }
+                    if slice.elapsed() > Duration::from_millis(50) {
+                        return false;
+                    }
+                    std::thread::sleep(READY_POLL);
+                }
+            })
+            .await
+            .unwrap_or(false);
+            if connectable && engine.ping(socket.to_path_buf()).await.is_ok() {
+                return Ok(());
+            }
+            let dead = !Path::new(&format!("/proc/{init_pid}")).exists();
+            if dead || start.elapsed() >= READY_TIMEOUT {
+                let mut log_tail = tail(log, 4096);
+                if dead {
+                    log_tail = format!("(kilnd exited)\n{log_tail}");
+                }
+                return Err(SandboxError::DaemonTimeout {
+                    id: id.into(),
+                    waited_ms: start.elapsed().as_millis() as u64,
+                    log_tail,
+                });
+            }
+            if !connectable {
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Leases an address: first free one probing from hash(id), recorded as a file
+    /// `lease_dir/<ip>` created with O_EXCL (shared by all servers on the same bridge).
+    fn lease_ip(&self, id: &str) -> Result<Ipv4Addr> {
+        let inner = &self.inner;
+        let range = inner.subnet.host_offsets();
+        let count = range.end() - range.start() + 1;
+        let h = stable_hash(Path::new(""), id);
+        let start = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) % count;
+        let owner = format!("{}\n{}\n", inner.paths.run_dir.display(), id);
+        for i in 0..count {
+            let ip = inner.subnet.nth(range.start() + (start + i) % count);
+            let path = inner.paths.lease_dir.join(ip.to_string());
+            match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o644)
+                .open(&path)
+            {
+                Ok(mut f) => {
+                    f.write_all(owner.as_bytes())
+                        .ctx(|| format!("writing {}", path.display()))?;
+                    return Ok(ip);
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(SandboxError::io(format!("creating {}", path.display()), e)),
+            }
+        }
+        Err(SandboxError::Host(format!(
+            "no free address left in {}",
+            inner.cfg.subnet
+        )))
+    }
+
+    /// Leases in our lease dir owned by this runtime: (ip file name, id).
+    fn our_leases(&self) -> Vec<(String, String)> {
+        let run_dir = self.inner.paths.run_dir.display().to_string();
+        read_dir_names(&self.inner.paths.lease_dir)
+            .into_iter()
+            .filter_map(|name| {
+                let text = fs::read_to_string(self.inner.paths.lease_dir.join(&name)).ok()?;
+                let mut lines = text.lines();
+                (lines.next()? == run_dir)
+                    .then(|| lines.next().map(|id| (name.clone(), id.to_string())))?
+            })
+            .collect()
+    }
+
+    /// Pauses (freezes) a sandbox.
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        self.simple_op(id, "pause").await
+    }
+
+    /// Resumes (thaws) a sandbox.
+    pub async fn resume(&self, id: &str) -> Result<()> {
+        self.simple_op(id, "resume").await
+    }
+
+    async fn simple_op(&self, id: &str, op: &str) -> Result<()> {
+        crate::config::validate_id(id)?;
+        let _g = self.lock(id).await;
+        if !self.inner.paths.bundle(id).exists() {
+            return Err(SandboxError::NotFound(id.into()));
+        }
+        let out = self.inner.engine.command(self.runc_args(&[op, id])).await?;
+        if !out.success() {
+            let msg = out.stderr_text();
+            if msg.contains("does not exist") {
+                return Err(SandboxError::NotFound(id.into()));
+            }
+            return Err(SandboxError::runtime(
+                format!("{} {op}", self.inner.runtime_bin),
+                msg,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Kills and removes a sandbox and everything it had on the host. Idempotent: removing an
+    /// unknown or half-created sandbox succeeds.
+    pub async fn remove(&self, id: &str) -> Result<()> {
+        crate::config::validate_id(id)?;
+        let _g = self.lock(id).await;
+        let t0 = Instant::now();
+        let r = self.teardown(id).await;
+        debug!(id, us = t0.elapsed().as_micros() as u64, "sandbox removed");
+        r
+    }
+
+    /// Removes every artefact of `id`; tries every step and reports the first failure.
+    async fn teardown(&self, id: &str) -> Result<()> {
+        let inner = &self.inner;
+        let p = &inner.paths;
+        let mut first: Option<SandboxError> = None;
+        if p.runc_root().join(id).exists() {
+            // Kill the init ourselves first: `runc delete --force` on a running container
+            // signals it and then sleeps 100 ms before checking; on a dead one it is quick.
+            let pid = fs::read_to_string(p.bundle(id).join("init.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            if let Some(pid) = pid {
+                let host = inner.host.clone();
+                let rel = self.cgroups_path(id);
+                let r = tokio::task::spawn_blocking(move || {
+                    host.kill_init(pid, &rel, Duration::from_secs(5))
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    warn!(id, pid, "killing sandbox init: {e}");
+                }
+            }
+            match inner
+                .engine
+                .command(self.runc_args(&["delete", "--force", id]))
+                .await
+            {
+                Ok(out) if !out.success() && !out.stderr_text().contains("does not exist") => {
+                    let msg = out.stderr_text();
+                    warn!(id, "runc delete failed: {msg}");
+                    first.get_or_insert(SandboxError::runtime(
+                        format!("{} delete", inner.runtime_bin),
+                        msg,
+                    ));
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+                _ => {}
+            }
+        }
+        let this = self.clone();
+        let id2 = id.to_string();
+        let r = tokio::task::spawn_blocking(move || this.teardown_host(&id2))
+            .await
+            .map_err(|e| SandboxError::Host(format!("teardown task: {e}")))?;
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    fn teardown_host(&self, id: &str) -> Result<()> {
+        let inner = &self.inner;
+        let p = &inner.paths;
+        let mut first: Option<SandboxError> = None;
+        let mut note = |r: Result<()>| {
+            if let Err(e) = r {
+                warn!(id, "teardown: {e}");
+                first.get_or_insert(e);
+            }
+        };
+        // The runc state may be gone while processes survive (e.g. the runtime's root was
+        // wiped): kill them through the cgroups, then remove the cgroup directories.
+        let rel = self.cgroups_path(id);
+        for root in &inner.cgroups {
+            let dir = root.mount_point.join(rel.trim_start_matches('/'));
+            note(
+                inner
+                    .host
+                    .destroy_cgroup(&dir, root)
+                    .kctx(|| format!("removing cgroup {}", dir.display())),
+            );
+        }
+        // `runc delete` removed its state unless it failed; the processes are dead by now.
+        let state_dir = p.runc_root().join(id);
+        note(remove_tree(&state_dir).ctx(|| format!("removing {}", state_dir.display())));
+        let rootfs = p.rootfs(id);
+        note(
+            inner
+                .host
+                .unmount(&rootfs)
+                .kctx(|| format!("unmounting {}", rootfs.display())),
+        );
+
+        let state: Option<SandboxState> = fs::read(p.bundle(id).join("kiln.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        // Unpinning the namespace makes the kernel destroy it, and its veth pair with it, in
+        // the background (a synchronous RTM_DELLINK costs 10-30 ms of RCU grace periods).
+        let netns = p.netns(id);
+        if netns.exists() {
+            note(
+                inner
+                    .host
+                    .delete_netns(&netns)
+                    .kctx(|| format!("deleting netns {}", netns.display())),
+            );
+        } else if let Some(veth) = state.as_ref().and_then(|s| s.veth.clone()) {
+            note(
+                inner
+                    .host
+                    .delete_link(&veth)
+                    .kctx(|| format!("deleting link {veth}")),
+            );
+        }
+        // Release the address lease (only if it is ours).
+        let owner = format!("{}\n{}\n", p.run_dir.display(), id);
+        let mut lease_files: Vec<String> = state
+            .as_ref()
+            .and_then(|s| s.ip.clone())
+            .into_iter()
+            .collect();
+        if lease_files.is_empty() && state.is_none() {
+            lease_files = self
+                .our_leases()
+                .into_iter()
+                .filter(|(_, i)| i == id)
+                .map(|(ip, _)| ip)
+                .collect();
+        }
+        for ip in lease_files {
+            let f = p.lease_dir.join(&ip);
+            if fs::read_to_string(&f).is_ok_and(|t| t == owner) {
+                note(fs::remove_file(&f).ctx(|| format!("removing lease {}", f.display())));
+            }
+        }
+
+        note(
+            inner
+                .host
+                .delete_volume(&p.pool(), id)
+                .kctx(|| format!("deleting the disk volume of {id}")),
+        );
+        let sock_dir = p.sock_dir(id);
+        note(
+            inner
+                .host
+                .unmount(&sock_dir)
+                .kctx(|| format!("unmounting {}", sock_dir.display())),
+        );
+        note(remove_tree(&sock_dir).ctx(|| format!("removing {}", sock_dir.display())));
+        // Remove the bundle last: it holds kiln.json, which the steps above rely on.
+        let bundle = p.bundle(id);
+        if inner
+            .host
+            .mounts()
+            .map(|m| m.iter().any(|m| m.mount_point.starts_with(&bundle)))
+            .unwrap_or(false)
+        {
+            note(Err(SandboxError::Host(format!(
+                "{} still has mounts; not deleting it",
+                bundle.display()
+            ))));
+        } else {
+            note(remove_tree(&bundle).ctx(|| format!("removing {}", bundle.display())));
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Runtime state of one sandbox.
+    pub async fn status(&self, id: &str) -> Result<RuntimeStatus> {
+        crate::config::validate_id(id)?;
+        let p = &self.inner.paths;
+        let has_bundle = p.bundle(id).exists();
+        if !p.runc_root().join(id).exists() {
+            return Ok(if has_bundle {
+                RuntimeStatus::Stopped
+            } else {
+                RuntimeStatus::Missing
+            });
+        }
+        let out = self
+            .inner
+            .engine
+            .command(self.runc_args(&["state", id]))
+            .await?;
+        if !out.success() {
+            return Ok(if has_bundle {
+                RuntimeStatus::Stopped
+            } else {
+                RuntimeStatus::Missing
+            });
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+            SandboxError::runtime(
+                format!("{} state", self.inner.runtime_bin),
+                format!("bad JSON: {e}"),
+            )
+        })?;
+        Ok(parse_status(v["status"].as_str().unwrap_or("")))
+    }
+
+    /// Status of every container the OCI runtime knows under our root.
+    async fn list_containers(&self) -> Result<HashMap<String, RuntimeStatus>> {
+        let out = self
+            .inner
+            .engine
+            .command(self.runc_args(&["list", "--format", "json"]))
+            .await?;
+        if !out.success() {
+            return Err(SandboxError::runtime(
+                format!("{} list", self.inner.runtime_bin),
+                out.stderr_text(),
+            ));
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+        Ok(v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| {
+                Some((
+                    c["id"].as_str()?.to_string(),
+                    parse_status(c["status"].as_str().unwrap_or("")),
+                ))
+            })
+            .collect())
+    }
+
+    /// Every sandbox id that has any artefact on this host.
+    fn artefact_ids(&self, containers: &HashMap<String, RuntimeStatus>) -> BTreeSet<String> {
+        let inner = &self.inner;
+        let p = &inner.paths;
+        let mut ids: BTreeSet<String> = containers.keys().cloned().collect();
+        ids.extend(read_dir_names(&p.sandboxes()));
+        ids.extend(read_dir_names(&p.pool()));
+        ids.extend(read_dir_names(&p.run_dir));
+        ids.extend(read_dir_names(&p.netns_dir()));
+        ids.extend(read_dir_names(&p.runc_root()));
+        let sandboxes = p.sandboxes();
+        if let Ok(mounts) = inner.host.mounts() {
+            for m in mounts {
+                if let Ok(rest) = m.mount_point.strip_prefix(&sandboxes) {
+                    if let Some(first) = rest.components().next() {
+                        ids.insert(first.as_os_str().to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+        let parent = inner.cfg.cgroup_parent.trim_matches('/');
+        for root in &inner.cgroups {
+            ids.extend(
+                read_dir_names(&root.mount_point.join(parent))
+                    .into_iter()
+                    .filter(|n| root.mount_point.join(parent).join(n).is_dir()),
+            );
+        }
+        ids.extend(self.our_leases().into_iter().map(|(_, id)| id));
+        ids.retain(|i| is_id(i));
+        ids
+    }
+
+    /// Removes every sandbox artefact whose id is not in `known_ids` and reports the known ids
+    /// whose container is not running. Sandboxes with an operation in flight are left alone.
+    /// Call it at startup, before serving creates.
+    pub async fn reconcile(&self, known_ids: &[String]) -> Result<ReconcileReport> {
+        let known: HashSet<&str> = known_ids.iter().map(String::as_str).collect();
+        let containers = self.list_containers().await?;
+        let mut report = ReconcileReport::default();
+        for id in self.artefact_ids(&containers) {
+            if known.contains(id.as_str()) {
+                continue;
+            }
+            let Some(_g) = self.try_lock(&id) else {
+                continue;
+            };
+            info!(id, "reconcile: removing unknown sandbox");
+            self.teardown(&id).await?;
+            report.removed.push(id);
+        }
+        for id in known_ids {
+            match containers.get(id) {
+                Some(RuntimeStatus::Running) | Some(RuntimeStatus::Paused) => {}
+                _ => report.dead.push(id.clone()),
+            }
+        }
+        Ok(report)
+    }
+
+    /// Current memory usage of a sandbox's cgroup, in bytes.
+    pub async fn memory_usage(&self, id: &str) -> Result<u64> {
+        crate::config::validate_id(id)?;
+        let rel = self.cgroups_path(id);
+        let rel = rel.trim_start_matches('/');
+        let file = self
+            .inner
+            .cgroups
+            .iter()
+            .find_map(
+                |r| match (r.unified, r.controllers.iter().any(|c| c == "memory")) {
+                    (false, true) => Some(r.mount_point.join(rel).join("memory.usage_in_bytes")),
+                    (true, true) => Some(r.mount_point.join(rel).join("memory.current")),
+                    _ => None,
+                },
+            )
+            .ok_or_else(|| SandboxError::Host("no memory cgroup controller is mounted".into()))?;
+        match fs::read_to_string(&file) {
+            Ok(s) => s
+                .trim()
+                .parse()
+                .map_err(|_| SandboxError::Host(format!("unreadable {}", file.display()))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SandboxError::NotFound(id.into())),
+            Err(e) => Err(SandboxError::io(format!("reading {}", file.display()), e)),
+        }
+    }
+
+    /// Removes all sandboxes of this runtime, unmounts the disk pool and removes the cgroup
+    /// parent and the run directory, and stops the host reaper. For tests and uninstall; the
+    /// runtime is unusable afterwards. Tests should call it before their temporary data dir
+    /// is deleted (a deleted data dir leaves the pool mounted on a deleted image).
+    pub async fn destroy_all(&self) -> Result<ReconcileReport> {
+        let report = self.reconcile(&[]).await?;
+        // The host reaper is daemonized and never exits by itself (an orphan that exits would
+        // stay a zombie where PID 1 does not reap); with no sandbox left, stop it.
+        if let Err(e) = self.inner.engine.shutdown().await {
+            warn!("{e}");
+        }
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || -> Result<()> {
+            let p = &inner.paths;
+            inner
+                .host
+                .release_pool(&p.pool())
+                .kctx(|| "unmounting the disk pool".into())?;
+            let parent = inner.cfg.cgroup_parent.trim_matches('/').to_string();
+            for root in &inner.cgroups {
+                // Remove the parent chain bottom-up while it is empty ("kiln/abcd" then "kiln").
+                let mut rel = PathBuf::from(&parent);
+                loop {
+                    let _ = fs::remove_dir(root.mount_point.join(&rel));
+                    if !rel.pop() || rel.as_os_str().is_empty() {
+                        break;
+                    }
+                }
+            }
+            // The run dir holds nothing else of value (the host reaper exits by itself once idle).
+            let _ = remove_tree(&p.run_dir);
+            Ok(())
+        })
+        .await
+        .map_err(|e| SandboxError::Host(format!("destroy task: {e}")))??;
+        Ok(report)
+    }
+}
+
+fn parse_status(s: &str) -> RuntimeStatus {
+    match s {
+        "running" => RuntimeStatus::Running,
+        "paused" | "pausing" => RuntimeStatus::Paused,
+        _ => RuntimeStatus::Stopped,
+    }
+}
+
+fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    fs::write(path, data).ctx(|| format!("writing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests;
