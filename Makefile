@@ -34,7 +34,7 @@ toolchain:
 kilnd: toolchain
 	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
 	  cargo build --profile kilnd --target $(HOST_TRIPLE) -p kilnd --bin kilnd
-	@if ldd $(KILND) >/dev/null 2>&1; then echo "make: $(KILND) is not static"; exit 1; fi
+	@ldd $(KILND) 2>&1 | grep -qE "statically linked|not a dynamic executable" || { echo "make: $(KILND) is not statically linked"; exit 1; }
 
 build: kilnd
 	cargo build --release -p kiln-cli

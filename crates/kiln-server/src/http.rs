@@ -271,6 +271,49 @@ fn ndjson_response(body: Body) -> Response {
     resp
 }
 
+/// The two kilnd reply streams an NDJSON answer is made from.
+enum Replies {
+    Exec(kilnd::client::ExecStream),
+    Attach(kilnd::client::ReplyStream),
+}
+
+impl Replies {
+    async fn next(&mut self) -> Option<Result<Reply, kilnd::client::ClientError>> {
+        match self {
+            Replies::Exec(s) => s.next().await,
+            Replies::Attach(s) => s.next().await,
+        }
+    }
+}
+
+/// Streams kilnd replies as [`ExecEvent`] lines (after `first`, if any) until the process exits
+/// or the stream breaks; a break is reported as a final `error` event.
+fn reply_stream_response(first: Option<Bytes>, replies: Replies) -> Response {
+    let events = futures_util::stream::unfold((replies, false), |(mut r, done)| async move {
+        if done {
+            return None;
+        }
+        let (line, end) = match r.next().await? {
+            Ok(reply) => {
+                let end = matches!(reply, Reply::Exited(_) | Reply::Error(_));
+                (
+                    reply_event(reply)
+                        .map(|e| ndjson_line(&e))
+                        .unwrap_or_default(),
+                    end,
+                )
+            }
+            Err(e) => (
+                ndjson_line(&ExecEvent::Error(ApiError::from(e).body().error)),
+                true,
+            ),
+        };
+        Some((Ok::<_, std::io::Error>(line), (r, end)))
+    });
+    let head = futures_util::stream::iter(first.map(Ok::<_, std::io::Error>));
+    ndjson_response(Body::from_stream(head.chain(events)))
+}
+
 /// `POST /v1/sandboxes/{id}/exec`: runs a command and streams its events as NDJSON.
 async fn exec(
     State(k): State<AppState>,
@@ -299,26 +342,7 @@ async fn exec(
         pid: stream.pid().to_string(),
         os_pid: stream.os_pid(),
     });
-    let events = futures_util::stream::unfold((stream, false), |(mut s, done)| async move {
-        if done {
-            return None;
-        }
-        match s.next().await {
-            None => None,
-            Some(Ok(r)) => {
-                let end = matches!(r, Reply::Exited(_) | Reply::Error(_));
-                let line = reply_event(r).map(|e| ndjson_line(&e)).unwrap_or_default();
-                Some((Ok::<_, std::io::Error>(line), (s, end)))
-            }
-            Some(Err(e)) => {
-                let line = ndjson_line(&ExecEvent::Error(ApiError::from(e).body().error));
-                Some((Ok(line), (s, true)))
-            }
-        }
-    });
-    let body =
-        futures_util::stream::once(async move { Ok::<_, std::io::Error>(first) }).chain(events);
-    Ok(ndjson_response(Body::from_stream(body)))
+    Ok(reply_stream_response(Some(first), Replies::Exec(stream)))
 }
 
 /// `POST /v1/sandboxes/{id}/processes`: starts a background process and returns its id.
@@ -382,30 +406,7 @@ async fn attach_process(
         Ok(s) => s,
         Err(e) => return Err(k.daemon_error(&id, e).await),
     };
-    let events = futures_util::stream::unfold((stream, false), |(mut s, done)| async move {
-        if done {
-            return None;
-        }
-        match s.next().await {
-            None => None,
-            Some(Ok(r)) => {
-                let end = matches!(r, Reply::Exited(_) | Reply::Error(_));
-                Some((
-                    Ok::<_, std::io::Error>(
-                        reply_event(r).map(|e| ndjson_line(&e)).unwrap_or_default(),
-                    ),
-                    (s, end),
-                ))
-            }
-            Some(Err(e)) => Some((
-                Ok(ndjson_line(&ExecEvent::Error(
-                    ApiError::from(e).body().error,
-                ))),
-                (s, true),
-            )),
-        }
-    });
-    Ok(ndjson_response(Body::from_stream(events)))
+    Ok(reply_stream_response(None, Replies::Attach(stream)))
 }
 
 #[derive(Deserialize)]

@@ -22,10 +22,13 @@ async fn create_exec_pause_resume_remove() {
     assert!(sb.id.starts_with("sb-"));
 
     let (out, _, code) = s
-        .sh(&sb.id, "cat /etc/os-release | grep VERSION_ID; hostname")
+        .sh(
+            &sb.id,
+            "cat /etc/os-release | grep VERSION_ID; hostname; echo $KILN_SANDBOX_ID",
+        )
         .await;
     assert_eq!(code, 0);
-    assert_eq!(out, format!("VERSION_ID=\"12\"\n{}\n", sb.id));
+    assert_eq!(out, format!("VERSION_ID=\"12\"\n{0}\n{0}\n", sb.id));
 
     let list: SandboxList = s
         .http

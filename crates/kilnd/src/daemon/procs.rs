@@ -101,6 +101,15 @@ pub fn prepare(
         }
     }
     let mut full_env = BTreeMap::new();
+    if std::process::id() == 1 {
+        // As a sandbox's PID 1, our environment is the sandbox's (the runtime sets it from the
+        // sandbox spec): every process starts from it, the way an image's `ENV` works.
+        for (k, v) in std::env::vars() {
+            if !k.starts_with("KILND_") {
+                full_env.insert(k, v);
+            }
+        }
+    }
     full_env.insert("PATH".to_string(), child::DEFAULT_PATH.to_string());
     full_env.insert("HOME".to_string(), user.home.clone());
     if let Some(name) = &user.name {
