@@ -9,7 +9,12 @@ images=${KILN_TEST_IMAGES:-${KILN_IMAGES_DIR:-/var/lib/kiln/images}}
 "$kiln" up --listen 127.0.0.1:7787 --data-dir "$data" --images-dir "$images" --warm-pool 2 \
   --disk-pool 64G >"$data/server.log" 2>&1 &
 pid=$!
-cleanup() { kill -TERM "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; }
+cleanup() {
+  kill -TERM "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  # A clean stop with no sandboxes left unmounts the disk pool; only then drop the data dir.
+  if ! grep -q " $data/" /proc/self/mountinfo; then rm -rf "$data"; fi
+}
 trap cleanup EXIT
 for _ in $(seq 1 600); do
   if curl -fsS http://127.0.0.1:7787/v1/health >/dev/null 2>&1; then break; fi

@@ -70,7 +70,8 @@ struct Report {
     idle_sandboxes: usize,
     /// Growth of used memory (MemTotal - MemAvailable) per sandbox.
     memory_per_idle_sandbox_mib: Option<f64>,
-    /// Conservative: growth of MemTotal - MemFree (also counts page cache and reclaimable slab).
+    /// The same measured as the growth of MemTotal - MemFree (page cache and reclaimable slab
+    /// included; noisier, since the kernel may drop cache meanwhile).
     memory_per_idle_sandbox_mib_incl_cache: Option<f64>,
     host_processes_per_idle_sandbox: Option<f64>,
     targets: serde_json::Value,
@@ -322,7 +323,7 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
         );
         match report.memory_per_idle_sandbox_mib {
             Some(m) => println!(
-                "{:<34} {m:.2} MiB per sandbox with {idle_n} alive ({:.2} MiB counting cache), {:.2} host processes each (target <= 4 MiB)",
+                "{:<34} {m:.2} MiB per sandbox with {idle_n} alive (by MemFree: {:.2} MiB), {:.2} host processes each (target <= 4 MiB)",
                 "memory per idle sandbox",
                 report.memory_per_idle_sandbox_mib_incl_cache.unwrap_or(0.0),
                 report.host_processes_per_idle_sandbox.unwrap_or(0.0)
