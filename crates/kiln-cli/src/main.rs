@@ -36,7 +36,8 @@ pub struct Global {
     /// API token [default: read from <data dir>/token]
     #[arg(long, env = "KILN_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
-    /// Data directory of the local server (used to find its token)
+    /// Data directory of the local server: where `kiln up` keeps its state, and where the
+    /// other commands find its token [default: /var/lib/kiln]
     #[arg(long = "data-dir", env = "KILN_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
 }
@@ -78,6 +79,13 @@ fn main() {
             std::process::exit(code);
         }
     };
+    if !matches!(cli.cmd, Command::Up(_)) {
+        // A client command writing into a closed pipe (`kiln sandbox ls | head`) should end
+        // quietly like any Unix tool, not panic. The server keeps Rust's default (SIGPIPE
+        // ignored) so a closed socket is an error, not death.
+        // SAFETY: setting a signal disposition to SIG_DFL before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -90,7 +98,7 @@ fn main() {
     };
     let result = rt.block_on(async move {
         match cli.cmd {
-            Command::Up(a) => up::run(a).await,
+            Command::Up(a) => up::run(cli.global.data_dir.clone(), a).await,
             Command::Sandbox(c) => sandbox::run(&cli.global, c).await,
             Command::Run(a) => sandbox::run_once(&cli.global, a).await,
             Command::Template(c) => template::run(&cli.global, c).await,

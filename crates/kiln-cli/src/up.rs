@@ -12,9 +12,6 @@ pub struct UpArgs {
     /// Address to listen on
     #[arg(long, env = "KILN_LISTEN", default_value = "127.0.0.1:7777")]
     pub listen: SocketAddr,
-    /// State directory (token, database, sandboxes)
-    #[arg(long = "data-dir", env = "KILN_DATA_DIR", default_value = crate::api::DEFAULT_DATA_DIR)]
-    pub data_dir: PathBuf,
     /// Image store directory [default: <data dir>/images]
     #[arg(long, env = "KILN_IMAGES_DIR")]
     pub images_dir: Option<PathBuf>,
@@ -80,7 +77,10 @@ fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
         .ok_or_else(|| anyhow!("the kilnd binary was not found next to `kiln` (hint: run `make build`, or pass --kilnd PATH)"))
 }
 
-pub async fn run(a: UpArgs) -> Result<i32> {
+/// Runs the server; its state directory is the global `--data-dir` (`KILN_DATA_DIR`,
+/// default /var/lib/kiln).
+pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
+    let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_DATA_DIR));
     let filter =
         tracing_subscriber::EnvFilter::try_new(&a.log).map_err(|e| anyhow!("--log: {e}"))?;
     tracing_subscriber::fmt()
@@ -104,7 +104,7 @@ pub async fn run(a: UpArgs) -> Result<i32> {
     })?;
     let size =
         |flag: &str, v: &str| kiln_server::units::parse_size(v).map_err(|e| anyhow!("{flag}: {e}"));
-    let mut cfg = kiln_server::ServerConfig::new(a.data_dir.clone(), kilnd);
+    let mut cfg = kiln_server::ServerConfig::new(data_dir, kilnd);
     cfg.listen = a.listen;
     if let Some(d) = a.images_dir {
         cfg.images_dir = d;

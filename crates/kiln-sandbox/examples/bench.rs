@@ -5,7 +5,7 @@
 //! cargo run --release -p kiln-sandbox --example bench -- [iterations=50] [none|full]
 //! ```
 //! `KILND` overrides the kilnd binary (default `target/x86_64-unknown-linux-gnu/kilnd/kilnd`),
-//! `KILN_LAYER` the image layer (default `/tmp/dbs`). Prints p50/p90/p99 in milliseconds.
+//! `KILN_LAYER` the image layer (a rootfs directory, required). Prints p50/p90/p99 in milliseconds.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -41,14 +41,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some("full") => NetworkMode::Full,
         _ => NetworkMode::None,
     };
-    let kilnd = std::env::var("KILND")
+    let kilnd = std::env::var("KILN_KILND")
+        .or_else(|_| std::env::var("KILND"))
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
                 .join("../../target/x86_64-unknown-linux-gnu/kilnd/kilnd")
         });
     let kilnd = kilnd.canonicalize()?;
-    let layer = PathBuf::from(std::env::var("KILN_LAYER").unwrap_or_else(|_| "/tmp/dbs".into()));
+    let layer = PathBuf::from(std::env::var("KILN_LAYER").map_err(|_| {
+        "set KILN_LAYER to a root filesystem (e.g. a layer's rootfs under <images>/layers/)"
+    })?);
 
     let dir = tempfile::Builder::new()
         .prefix("kiln-bench")

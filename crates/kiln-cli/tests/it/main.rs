@@ -180,6 +180,16 @@ fn server_not_running_is_one_clear_line() {
         .expect("run");
     one_line_error(&o, 125, "cannot reach the Kiln server");
     assert!(text(&o.stderr).contains("kiln up"));
+    // Output into a closed pipe ends quietly (no panic message).
+    let mut child = Command::new(kiln())
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    drop(child.stdout.take());
+    let o = child.wait_with_output().expect("wait");
+    assert!(!text(&o.stderr).contains("panicked"), "{}", text(&o.stderr));
     // Usage errors come from clap with exit code 2.
     let o = Command::new(kiln())
         .args(["sandbox", "create", "--network", "sideways"])

@@ -51,7 +51,8 @@ macro_rules! require_root {
 }
 
 pub fn kilnd_path() -> PathBuf {
-    let p = std::env::var("KILND")
+    let p = std::env::var("KILN_KILND")
+        .or_else(|_| std::env::var("KILND"))
         .map(PathBuf::from)
         .unwrap_or_else(|_| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -60,7 +61,7 @@ pub fn kilnd_path() -> PathBuf {
     p.canonicalize().unwrap_or_else(|_| {
         panic!(
             "static kilnd not found at {} — build it with: CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS=\"-C target-feature=+crt-static\" \
-             cargo build --profile kilnd --target x86_64-unknown-linux-gnu -p kilnd (or set KILND)",
+             cargo build --profile kilnd --target x86_64-unknown-linux-gnu -p kilnd, or `make kilnd` (or set KILN_KILND)",
             p.display()
         )
     })
