@@ -48,7 +48,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 }
 
 fn secs_duration(secs: f64) -> Option<std::time::Duration> {
-    (secs.is_finite() && secs >= 0.0 && secs < 1e12)
+    (secs.is_finite() && (0.0..1e12).contains(&secs))
         .then(|| std::time::Duration::from_secs_f64(secs))
 }
 
@@ -70,7 +70,7 @@ pub fn format_size(b: u64) -> String {
         ("M", 1 << 20),
         ("K", 1 << 10),
     ] {
-        if b >= m && b % m == 0 {
+        if b >= m && b.is_multiple_of(m) {
             return format!("{}{unit}", b / m);
         }
     }
