@@ -45,6 +45,10 @@ pub struct UpArgs {
     /// Do not build the base image if it is missing
     #[arg(long)]
     pub no_build: bool,
+    /// Run sandboxes without a user namespace (by default a sandbox with network `none` runs
+    /// as host uid 100000 inside one)
+    #[arg(long)]
+    pub no_userns: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. info, kiln_server=debug
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     pub log: String,
@@ -112,6 +116,7 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
     cfg.runtime = runtime;
     cfg.runtime_path = a.runtime_path;
     cfg.warm_pool = a.warm_pool;
+    cfg.userns = !a.no_userns;
     cfg.disk_pool_bytes = size("--disk-pool", &a.disk_pool)?;
     cfg.defaults.cpus = a.default_cpus;
     cfg.defaults.memory_bytes = size("--default-memory", &a.default_memory)?;

@@ -58,6 +58,26 @@ pub struct RuntimeConfig {
     /// cgroup path (relative to each hierarchy's root) under which sandboxes are created,
     /// e.g. `kiln/1a2b3c4d`. Two servers must never share one.
     pub cgroup_parent: String,
+    /// Run sandboxes in a user namespace: container uid/gid 0..size map to host
+    /// host_base..host_base+size. `None` = no user namespace (container root is host root,
+    /// restrained by capabilities, seccomp and no_new_privs only).
+    pub userns: Option<IdMap>,
+}
+
+/// A user-namespace id mapping shared by all sandboxes of a runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdMap {
+    pub host_base: u32,
+    pub size: u32,
+}
+
+impl IdMap {
+    /// The default range: container ids 0..65536 as host ids 100000..165536 (the range
+    /// `useradd` leaves free for subordinate ids on Debian).
+    pub const DEFAULT: IdMap = IdMap {
+        host_base: 100_000,
+        size: 65_536,
+    };
 }
 
 impl RuntimeConfig {
@@ -70,6 +90,7 @@ impl RuntimeConfig {
         RuntimeConfig {
             run_dir: PathBuf::from(format!("/run/kiln-{tag}")),
             cgroup_parent: format!("kiln/{tag}"),
+            userns: Some(IdMap::DEFAULT),
             data_dir,
             runtime: OciRuntimeKind::Runc,
             runtime_path: None,

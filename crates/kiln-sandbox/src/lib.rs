@@ -18,9 +18,10 @@ mod netlink;
 pub mod runtime;
 pub mod seccomp;
 pub mod spec;
+pub mod userns;
 
 pub use config::{
-    validate_id, Created, OciRuntimeKind, ReconcileReport, RuntimeConfig, RuntimeStatus,
+    validate_id, Created, IdMap, OciRuntimeKind, ReconcileReport, RuntimeConfig, RuntimeStatus,
     SandboxSpec,
 };
 pub use error::SandboxError;

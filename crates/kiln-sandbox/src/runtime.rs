@@ -271,6 +271,9 @@ impl Runtime {
         let (pool, cgroups) = tokio::task::spawn_blocking(move || -> Result<(PoolInfo, Vec<CgroupRoot>)> {
             fs::create_dir_all(&p.data_dir).ctx(|| format!("creating {}", p.data_dir.display()))?;
             mkdir(&p.sandboxes(), 0o700)?;
+            if c.userns.is_some() {
+                crate::userns::make_traversable(&p.data_dir, &p.sandboxes())?;
+            }
             fs::create_dir_all(&p.run_dir).ctx(|| format!("creating {}", p.run_dir.display()))?;
             mkdir(&p.runc_root(), 0o700)?;
             mkdir(&p.netns_dir(), 0o700)?;
@@ -405,6 +408,10 @@ impl Runtime {
             "json",
             "run",
             "--detach",
+            // No session keyring per sandbox: keyctl/add_key/request_key are denied by seccomp
+            // anyway, and under a user namespace every sandbox's root is the same host uid,
+            // whose kernel key quota (200 keys) would cap the number of sandboxes.
+            "--no-new-keyring",
             "--bundle",
             &bundle.to_string_lossy(),
             "--pid-file",
@@ -464,7 +471,14 @@ impl Runtime {
             }
         }
         let bundle = p.bundle(id);
-        match fs::DirBuilder::new().mode(0o700).create(&bundle) {
+        // Under a user namespace runc's init (the sandbox's mapped root) must reach the rootfs
+        // through the bundle: searchable, not listable.
+        let bundle_mode = if inner.cfg.userns.is_some() {
+            0o711
+        } else {
+            0o700
+        };
+        match fs::DirBuilder::new().mode(bundle_mode).create(&bundle) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(SandboxError::AlreadyExists(id.into()))
             }
@@ -475,9 +489,21 @@ impl Runtime {
         let sock_dir = p.sock_dir(id);
         mkdir(&sock_dir, 0o755)?;
         // A small tmpfs: the sandbox can write to /.kiln/run, and run_dir may be on a disk.
+        let tmpfs_opts = match inner
+            .cfg
+            .userns
+            .filter(|_| spec.network == NetworkMode::None)
+        {
+            // Owned by the sandbox's root, so kilnd can create its socket there.
+            Some(m) => format!(
+                "size=1m,nr_inodes=256,mode=0755,uid={0},gid={0}",
+                m.host_base
+            ),
+            None => "size=1m,nr_inodes=256,mode=0755".to_string(),
+        };
         inner
             .host
-            .mount_tmpfs(&sock_dir, "size=1m,nr_inodes=256,mode=0755")
+            .mount_tmpfs(&sock_dir, &tmpfs_opts)
             .kctx(|| format!("mounting {}", sock_dir.display()))?;
 
         let volume_id = inner
@@ -545,9 +571,31 @@ impl Runtime {
             spec::resolv_conf(&spec.network, &inner.host_resolv).as_bytes(),
         )?;
 
+        // A user namespace only where runc creates the netns inside it (see BundleInputs).
+        let userns = inner.cfg.userns.filter(|_| netns.is_none());
+        let shifted;
+        let layers = match userns {
+            Some(m) => {
+                // The writable layer and generated files belong to the sandbox's root; the
+                // read-only layers are used through a copy shifted into the mapped id range.
+                for d in [&upper, &work, &etc] {
+                    crate::userns::chown_shifted(d, m)?;
+                }
+                for f in ["hostname", "hosts", "resolv.conf"] {
+                    crate::userns::chown_shifted(&etc.join(f), m)?;
+                }
+                shifted = spec
+                    .layers
+                    .iter()
+                    .map(|l| crate::userns::shifted_layer(l, m))
+                    .collect::<Result<Vec<_>>>()?;
+                &shifted
+            }
+            None => &spec.layers,
+        };
         inner
             .host
-            .mount_overlay(&spec.layers, &upper, &work, &rootfs)
+            .mount_overlay(layers, &upper, &work, &rootfs)
             .kctx(|| format!("mounting the overlay rootfs of {id}"))?;
 
         let cfg = spec::oci_config(&BundleInputs {
@@ -558,6 +606,7 @@ impl Runtime {
             etc_dir_host: &etc,
             netns_path: netns.as_deref(),
             nofile: inner.nofile,
+            userns,
         })?;
         let json = serde_json::to_vec(&cfg)
             .map_err(|e| SandboxError::InvalidSpec(format!("serializing config.json: {e}")))?;

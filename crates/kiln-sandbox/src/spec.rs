@@ -5,12 +5,12 @@
 //! * **Namespaces**: pid, mount, network, uts, ipc and cgroup. The network namespace is either
 //!   created by the OCI runtime (`none`: loopback only) or pre-created by Kiln and joined by
 //!   path (`full`: it already holds the veth).
-//! * **No user namespace.** runc 1.1.5 cannot id-map an overlay rootfs (idmapped mounts on
-//!   overlayfs need kernel 5.19 *and* runtime support that arrived in runc 1.2), and the
-//!   alternative—chowning every image layer to a shifted range—costs a full image copy per
-//!   range. Container root is therefore host uid 0 with a *reduced* capability set, no new
-//!   privileges, the seccomp profile of [`crate::seccomp`], masked and read-only `/proc`
-//!   paths, read-only `/sys` and a device allow-list. Revisit with runc ≥ 1.2 (idmapped rootfs).
+//! * **User namespace** for `none` sandboxes (when [`crate::RuntimeConfig::userns`] is set):
+//!   container ids 0..size map to host ids from `host_base`. runc 1.1.5 cannot id-map an
+//!   overlay rootfs (that needs runc 1.2), so the layers are uid-shifted copies
+//!   ([`crate::userns`]). `full` sandboxes join a netns the host created, which the user
+//!   namespace would not own (sysfs could not be mounted), so they run without one; their
+//!   root is host uid 0 restrained by everything below.
 //! * **Capabilities** (bounding = effective = permitted; ambient and inheritable empty):
 //!   [`CAPABILITIES`]. Notably absent: `NET_RAW`, `NET_ADMIN`, `SYS_ADMIN`, `SYS_MODULE`,
 //!   `SYS_PTRACE`, `SYS_TIME`, `SYS_BOOT`, `SYS_RAWIO`, `SYS_RESOURCE`, `MKNOD`,
@@ -102,6 +102,19 @@ const ALLOWED_DEVICES: &[(i64, Option<i64>, &str)] = &[
     (136, None, "rwm"),  // pts/*
 ];
 
+fn id_mappings(m: Option<crate::config::IdMap>) -> Vec<oci_spec::runtime::LinuxIdMapping> {
+    m.into_iter()
+        .filter_map(|m| {
+            oci_spec::runtime::LinuxIdMappingBuilder::default()
+                .container_id(0u32)
+                .host_id(m.host_base)
+                .size(m.size)
+                .build()
+                .ok()
+        })
+        .collect()
+}
+
 /// Host-side inputs of [`oci_config`] besides the spec itself.
 #[derive(Debug, Clone)]
 pub struct BundleInputs<'a> {
@@ -118,6 +131,10 @@ pub struct BundleInputs<'a> {
     /// `RLIMIT_NOFILE` (soft = hard) of the sandbox's init; must not exceed the server's own
     /// hard limit unless it holds `CAP_SYS_RESOURCE` (see [`nofile_limit`]).
     pub nofile: u64,
+    /// User namespace mapping, if this sandbox runs in one. Only with a network namespace
+    /// that runc creates inside it (`none`): sysfs can only be mounted by the user namespace
+    /// that owns the netns, and `full`'s netns is created by the host beforehand.
+    pub userns: Option<crate::config::IdMap>,
 }
 
 /// Default `RLIMIT_NOFILE` of sandboxes.
@@ -308,6 +325,10 @@ pub fn oci_config(inp: &BundleInputs<'_>) -> Result<Spec> {
         ns(LinuxNamespaceType::Mount, None),
         ns(LinuxNamespaceType::Cgroup, None),
     ];
+    let mut namespaces = namespaces;
+    if inp.userns.is_some() {
+        namespaces.push(ns(LinuxNamespaceType::User, None));
+    }
 
     let mut devices = vec![{
         let mut d = LinuxDeviceCgroup::default();
@@ -346,11 +367,13 @@ pub fn oci_config(inp: &BundleInputs<'_>) -> Result<Spec> {
     resources.set_cpu(Some(cpu));
     resources.set_pids(Some(pids));
 
-    // ICMP echo sockets for everyone, so `ping` works without CAP_NET_RAW.
-    let sysctl = HashMap::from([(
-        "net.ipv4.ping_group_range".to_string(),
-        "0 2147483647".to_string(),
-    )]);
+    // ICMP echo sockets for everyone, so `ping` works without CAP_NET_RAW. Gids are read in
+    // the writer's user namespace, where only the mapped range exists.
+    let groups = match inp.userns {
+        Some(m) => format!("0 {}", m.size - 1),
+        None => "0 2147483647".to_string(),
+    };
+    let sysctl = HashMap::from([("net.ipv4.ping_group_range".to_string(), groups)]);
 
     let linux = LinuxBuilder::default()
         .cgroups_path(PathBuf::from(&inp.cgroups_path))
@@ -370,6 +393,8 @@ pub fn oci_config(inp: &BundleInputs<'_>) -> Result<Spec> {
         )
         .seccomp(crate::seccomp::profile())
         .sysctl(sysctl)
+        .uid_mappings(id_mappings(inp.userns))
+        .gid_mappings(id_mappings(inp.userns))
         .build()
         .map_err(oci)?;
 
@@ -441,6 +466,7 @@ mod tests {
             etc_dir_host: Path::new("/var/lib/kiln/disk/sb-1/etc"),
             netns_path: netns,
             nofile: NOFILE,
+            userns: None,
         }
     }
 

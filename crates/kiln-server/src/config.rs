@@ -48,6 +48,8 @@ pub struct ServerConfig {
     pub disk_pool_bytes: u64,
     pub bridge: String,
     pub subnet: String,
+    /// Run `none`-network sandboxes in a user namespace (root inside = host uid 100000).
+    pub userns: bool,
 }
 
 impl ServerConfig {
@@ -72,6 +74,7 @@ impl ServerConfig {
             disk_pool_bytes: 64 << 30,
             bridge: "kiln0".into(),
             subnet: "10.201.0.0/16".into(),
+            userns: true,
         }
     }
 

@@ -146,6 +146,7 @@ pub async fn start(cfg: ServerConfig) -> Result<Arc<Kiln>, ServerError> {
         bridge: cfg.bridge.clone(),
         subnet: cfg.subnet.clone(),
         cgroup_parent: format!("kiln/{}", cfg.instance_tag()),
+        userns: cfg.userns.then_some(kiln_sandbox::IdMap::DEFAULT),
     };
     let runtime = kiln_sandbox::Runtime::new(rt_cfg).await?;
     let kiln = Arc::new(Kiln::new(

@@ -401,6 +401,8 @@ async fn create_prepares_everything_in_order_and_remove_undoes_it() {
     let run = e.engine.calls.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
     assert_eq!(run[1], "--root");
     assert!(run.contains(&"--detach".to_string()) && run.contains(&"json".to_string()));
+    // Without it, ~200 sandboxes under one mapped uid exhaust the kernel's per-uid key quota.
+    assert!(run.contains(&"--no-new-keyring".to_string()), "{run:?}");
     assert_eq!(run.last().map(String::as_str), Some("sb-a"));
 
     // Bundle contents.

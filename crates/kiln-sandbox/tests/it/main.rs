@@ -12,6 +12,7 @@ mod lifecycle;
 mod limits;
 mod network;
 mod reconcile;
+mod userns;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -102,6 +103,12 @@ impl Harness {
             .prefix("kiln-it-")
             .tempdir_in("/var/tmp")
             .expect("tempdir");
+        // Sandboxes run in a user namespace; their mapped root must reach the data dir.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )
+        .expect("chmod");
         let tag = rand_tag();
         let mut cfg = RuntimeConfig::new(dir.path().join("data"), kilnd_path());
         cfg.run_dir = PathBuf::from(format!("/run/kiln-it-{tag}"));
