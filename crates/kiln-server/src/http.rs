@@ -325,10 +325,7 @@ async fn exec(
     let keep_open = req.keep_stdin_open;
     let has_stdin = req.stdin_b64.is_some();
     let (spec, stdin) = exec_spec(req, false)?;
-    let mut stream = match client.exec(spec).await {
-        Ok(s) => s,
-        Err(e) => return Err(k.daemon_error(&id, e).await),
-    };
+    let mut stream = k.daemon(&id, client.exec(spec)).await?;
     metrics::counter!("kiln_exec_total").increment(1);
     if has_stdin && !keep_open {
         if let Some(data) = stdin {
@@ -360,14 +357,13 @@ async fn start_process(
         // (a non-detached conversation that never reads output could stall on back-pressure).
         spec.stdin = true;
     }
-    let stream = match client.exec(spec).await {
-        Ok(s) => s,
-        Err(e) => return Err(k.daemon_error(&id, e).await),
-    };
+    let stream = k.daemon(&id, client.exec(spec)).await?;
     if inline_stdin {
-        client
-            .stdin(stream.pid(), &stdin.unwrap_or_default(), true)
-            .await?;
+        k.daemon(
+            &id,
+            client.stdin(stream.pid(), &stdin.unwrap_or_default(), true),
+        )
+        .await?;
     }
     let started = ProcessStarted {
         pid: stream.pid().to_string(),
@@ -382,10 +378,8 @@ async fn list_processes(
     Path(id): Path<String>,
 ) -> ApiResult<Json<ProcessList>> {
     let client = k.client(&c, &id)?;
-    match client.list_processes().await {
-        Ok(processes) => Ok(Json(ProcessList { processes })),
-        Err(e) => Err(k.daemon_error(&id, e).await),
-    }
+    let processes = k.daemon(&id, client.list_processes()).await?;
+    Ok(Json(ProcessList { processes }))
 }
 
 #[derive(Deserialize)]
@@ -402,10 +396,7 @@ async fn attach_process(
     ApiQuery(q): ApiQuery<AttachQuery>,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id)?;
-    let stream = match client.attach(&pid, q.after).await {
-        Ok(s) => s,
-        Err(e) => return Err(k.daemon_error(&id, e).await),
-    };
+    let stream = k.daemon(&id, client.attach(&pid, q.after)).await?;
     Ok(reply_stream_response(None, Replies::Attach(stream)))
 }
 
@@ -424,7 +415,7 @@ async fn process_stdin(
     body: Bytes,
 ) -> ApiResult<StatusCode> {
     let client = k.client(&c, &id)?;
-    client.stdin(&pid, &body, q.close).await?;
+    k.daemon(&id, client.stdin(&pid, &body, q.close)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -470,7 +461,7 @@ async fn process_signal(
 ) -> ApiResult<StatusCode> {
     let sig = signal_number(&req.signal)?;
     let client = k.client(&c, &id)?;
-    client.signal(&pid, sig).await?;
+    k.daemon(&id, client.signal(&pid, sig)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -495,10 +486,7 @@ async fn download(
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id)?;
-    let (stat, data) = match client.read_file(&q.path).await {
-        Ok(v) => v,
-        Err(e) => return Err(k.daemon_error(&id, e).await),
-    };
+    let (stat, data) = k.daemon(&id, client.read_file(&q.path)).await?;
     let mut resp = Response::new(Body::from_stream(data.map_err(std::io::Error::other)));
     let h = resp.headers_mut();
     h.insert(
@@ -532,8 +520,11 @@ async fn upload(
     };
     let reader =
         tokio_util::io::StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
-    let stat = client
-        .write_file(&q.path, mode, q.parents.unwrap_or(true), reader)
+    let stat = k
+        .daemon(
+            &id,
+            client.write_file(&q.path, mode, q.parents.unwrap_or(true), reader),
+        )
         .await?;
     Ok((StatusCode::CREATED, Json(stat)).into_response())
 }
@@ -545,7 +536,7 @@ async fn stat_file(
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id)?;
-    Ok(Json(client.stat(&q.path).await?).into_response())
+    Ok(Json(k.daemon(&id, client.stat(&q.path)).await?).into_response())
 }
 
 async fn list_files(
@@ -555,7 +546,9 @@ async fn list_files(
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<Json<FileList>> {
     let client = k.client(&c, &id)?;
-    let entries = client.list_dir(&q.path, q.depth.unwrap_or(1)).await?;
+    let entries = k
+        .daemon(&id, client.list_dir(&q.path, q.depth.unwrap_or(1)))
+        .await?;
     Ok(Json(FileList { entries }))
 }
 
@@ -568,7 +561,7 @@ async fn mkdir(
     let client = k.client(&c, &id)?;
     Ok((
         StatusCode::CREATED,
-        Json(client.mkdir(&req.path, req.parents).await?),
+        Json(k.daemon(&id, client.mkdir(&req.path, req.parents)).await?),
     )
         .into_response())
 }
@@ -580,7 +573,11 @@ async fn move_file(
     ApiJson(req): ApiJson<MoveRequest>,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id)?;
-    Ok(Json(client.move_path(&req.from, &req.to, req.overwrite).await?).into_response())
+    Ok(Json(
+        k.daemon(&id, client.move_path(&req.from, &req.to, req.overwrite))
+            .await?,
+    )
+    .into_response())
 }
 
 async fn remove_file(
@@ -590,7 +587,8 @@ async fn remove_file(
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<StatusCode> {
     let client = k.client(&c, &id)?;
-    client.remove(&q.path, q.recursive.unwrap_or(false)).await?;
+    k.daemon(&id, client.remove(&q.path, q.recursive.unwrap_or(false)))
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -602,7 +600,9 @@ async fn watch(
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id)?;
-    let stream = client.watch(&q.path, q.recursive.unwrap_or(true)).await?;
+    let stream = k
+        .daemon(&id, client.watch(&q.path, q.recursive.unwrap_or(true)))
+        .await?;
     let events = futures_util::stream::unfold(stream, |mut s| async move {
         match s.next().await {
             Some(Ok(ev)) => Some((Ok::<_, std::io::Error>(ndjson_line(&ev)), s)),
@@ -641,7 +641,7 @@ async fn pty(
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id)?;
     let session = match &q.session {
-        Some(s) => client.pty_attach(s).await?,
+        Some(s) => k.daemon(&id, client.pty_attach(s)).await?,
         None => {
             let spec = PtySpec {
                 cmd: q
@@ -655,10 +655,7 @@ async fn pty(
                 cols: q.cols.unwrap_or(80).max(1),
                 rows: q.rows.unwrap_or(24).max(1),
             };
-            match client.pty_open(spec).await {
-                Ok(s) => s,
-                Err(e) => return Err(k.daemon_error(&id, e).await),
-            }
+            k.daemon(&id, client.pty_open(spec)).await?
         }
     };
     Ok(ws.on_upgrade(move |socket| pump_pty(socket, session)))

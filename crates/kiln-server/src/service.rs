@@ -159,6 +159,20 @@ impl Kiln {
         e.into()
     }
 
+    /// Awaits a call to sandbox `id`'s daemon and turns its failure into the API's answer
+    /// through [`Self::daemon_error`]. Every handler that talks to kilnd goes through here, so
+    /// a vanished sandbox is reported (and marked dead) the same way by every endpoint.
+    pub async fn daemon<T>(
+        &self,
+        id: &str,
+        call: impl std::future::Future<Output = Result<T, kilnd::client::ClientError>>,
+    ) -> Result<T, ApiError> {
+        match call.await {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.daemon_error(id, e).await),
+        }
+    }
+
     pub fn list(&self, _caller: &Caller) -> Result<Vec<Sandbox>, ApiError> {
         Ok(self
             .store
