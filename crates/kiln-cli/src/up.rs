@@ -45,8 +45,8 @@ pub struct UpArgs {
     /// Do not build the base image if it is missing
     #[arg(long)]
     pub no_build: bool,
-    /// Run sandboxes without a user namespace (by default a sandbox with network `none` runs
-    /// as host uid 100000 inside one)
+    /// Run sandboxes without a user namespace (by default every sandbox's root is host uid
+    /// 100000 inside one)
     #[arg(long)]
     pub no_userns: bool,
     /// Log filter (tracing EnvFilter syntax), e.g. info, kiln_server=debug

@@ -118,6 +118,10 @@ pub trait Host: Send + Sync + 'static {
     /// Creates a network namespace pinned by a bind mount at `path`, with loopback up and, if
     /// given, the veth pair configured.
     fn create_netns(&self, path: &Path, veth: Option<&VethConfig>) -> io::Result<()>;
+    /// Creates the veth pair with its sandbox end (`eth0`, addressed and routed) in the
+    /// network namespace of process `pid`, one the OCI runtime created inside the sandbox's
+    /// user namespace (loopback is already up there).
+    fn attach_veth(&self, pid: u32, veth: &VethConfig) -> io::Result<()>;
     /// Unpins (unmounts and deletes) the namespace at `path`; missing is success.
     fn delete_netns(&self, path: &Path) -> io::Result<()>;
     /// Deletes a network link by name; missing is success.

@@ -384,29 +384,45 @@ impl RealHost {
         .map(|_| ())
     }
 
-    fn netns_thread(path: &Path, veth: Option<&VethConfig>) -> io::Result<()> {
+    /// Runs in a short-lived thread: moves the thread into the target network namespace
+    /// (a fresh one pinned at a path, or an existing process's) and configures it there.
+    fn netns_thread(target: NetnsTarget, veth: Option<&VethConfig>) -> io::Result<()> {
         // Host-side socket first, while this thread is still in the host namespace.
         let mut host_nl = match veth {
             Some(_) => Some(Netlink::open()?),
             None => None,
         };
-        // SAFETY: unshare only affects this (short-lived) thread.
-        check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
-        fs::File::create(path)?;
-        let src = cstr(Path::new("/proc/thread-self/ns/net"))?;
-        let dst = cstr(path)?;
-        // SAFETY: valid C strings; a bind mount of this thread's namespace file.
-        check(unsafe {
-            libc::mount(
-                src.as_ptr(),
-                dst.as_ptr(),
-                std::ptr::null(),
-                libc::MS_BIND,
-                std::ptr::null(),
-            )
-        })?;
+        match &target {
+            NetnsTarget::Fresh(path) => {
+                // SAFETY: unshare only affects this (short-lived) thread.
+                check(unsafe { libc::unshare(libc::CLONE_NEWNET) })?;
+                fs::File::create(path)?;
+                let src = cstr(Path::new("/proc/thread-self/ns/net"))?;
+                let dst = cstr(path)?;
+                // SAFETY: valid C strings; a bind mount of this thread's namespace file.
+                check(unsafe {
+                    libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    )
+                })?;
+            }
+            NetnsTarget::Process(pid) => {
+                // A thread may join a network namespace (only user namespaces need a
+                // single-threaded caller); host root holds CAP_SYS_ADMIN over namespaces
+                // owned by a sandbox's user namespace, a descendant of the host's.
+                let f = fs::File::open(format!("/proc/{pid}/ns/net"))?;
+                // SAFETY: a valid namespace fd; setns only affects this thread.
+                check(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) })?;
+            }
+        }
         let mut ns_nl = Netlink::open()?;
-        ns_nl.link_up(1)?; // lo is always index 1 in a fresh namespace
+        if matches!(target, NetnsTarget::Fresh(_)) {
+            ns_nl.link_up(1)?; // lo is always index 1 in a fresh namespace
+        }
         if let (Some(v), Some(host)) = (veth, host_nl.as_mut()) {
             let nsfd = fs::File::open("/proc/thread-self/ns/net")?;
             let master = host.link_index(&v.bridge)?;
@@ -431,6 +447,14 @@ impl RealHost {
         }
         Ok(())
     }
+}
+
+/// Where [`RealHost::netns_thread`] configures a network.
+enum NetnsTarget {
+    /// A new namespace, pinned by a bind mount at this path.
+    Fresh(PathBuf),
+    /// The namespace process `pid` is in (created by the OCI runtime).
+    Process(u32),
 }
 
 impl Host for RealHost {
@@ -833,7 +857,7 @@ impl Host for RealHost {
         let v = veth.cloned();
         let res = std::thread::Builder::new()
             .name("kiln-netns".into())
-            .spawn(move || Self::netns_thread(&p, v.as_ref()))?
+            .spawn(move || Self::netns_thread(NetnsTarget::Fresh(p), v.as_ref()))?
             .join()
             .map_err(|_| io::Error::other("netns thread panicked"))?;
         if let Err(e) = res {
@@ -841,6 +865,20 @@ impl Host for RealHost {
                 let _ = self.delete_link(&v.host_name);
             }
             let _ = self.delete_netns(path);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn attach_veth(&self, pid: u32, veth: &VethConfig) -> io::Result<()> {
+        let v = veth.clone();
+        let res = std::thread::Builder::new()
+            .name("kiln-netns".into())
+            .spawn(move || Self::netns_thread(NetnsTarget::Process(pid), Some(&v)))?
+            .join()
+            .map_err(|_| io::Error::other("netns thread panicked"))?;
+        if let Err(e) = res {
+            let _ = self.delete_link(&veth.host_name);
             return Err(e);
         }
         Ok(())

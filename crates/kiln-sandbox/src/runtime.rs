@@ -392,7 +392,7 @@ impl Runtime {
     async fn create_locked(&self, spec: &SandboxSpec, t0: Instant) -> Result<Created> {
         let this = self.clone();
         let s = spec.clone();
-        let (ip, bundle) = tokio::task::spawn_blocking(move || this.prepare(&s))
+        let (ip, bundle, late_veth) = tokio::task::spawn_blocking(move || this.prepare(&s))
             .await
             .map_err(|e| SandboxError::Host(format!("prepare task: {e}")))??;
         let t_prepared = t0.elapsed();
@@ -442,6 +442,15 @@ impl Runtime {
             .trim()
             .parse()
             .map_err(|_| SandboxError::runtime("runc run", "unreadable pid file"))?;
+        if let Some(v) = late_veth {
+            // The runtime created the netns inside the user namespace; wire it up before
+            // anyone can run a command in the sandbox (kilnd is its only process so far).
+            let host = self.inner.host.clone();
+            tokio::task::spawn_blocking(move || host.attach_veth(init_pid, &v))
+                .await
+                .map_err(|e| SandboxError::Host(format!("network task: {e}")))?
+                .kctx(|| format!("attaching the network of {id}"))?;
+        }
         self.wait_ready(id, init_pid, &p.socket(id), &p.kilnd_log(id))
             .await?;
         debug!(
@@ -458,7 +467,12 @@ impl Runtime {
     }
 
     /// Everything before the OCI runtime (blocking; runs on a blocking thread).
-    fn prepare(&self, spec: &SandboxSpec) -> Result<(Option<Ipv4Addr>, PathBuf)> {
+    /// Returns the leased address, the bundle, and for a `full` sandbox with a user namespace
+    /// the veth to attach once its init exists.
+    fn prepare(
+        &self,
+        spec: &SandboxSpec,
+    ) -> Result<(Option<Ipv4Addr>, PathBuf, Option<VethConfig>)> {
         let inner = &self.inner;
         let p = &inner.paths;
         let id = spec.id.as_str();
@@ -489,11 +503,7 @@ impl Runtime {
         let sock_dir = p.sock_dir(id);
         mkdir(&sock_dir, 0o755)?;
         // A small tmpfs: the sandbox can write to /.kiln/run, and run_dir may be on a disk.
-        let tmpfs_opts = match inner
-            .cfg
-            .userns
-            .filter(|_| spec.network == NetworkMode::None)
-        {
+        let tmpfs_opts = match inner.cfg.userns {
             // Owned by the sandbox's root, so kilnd can create its socket there.
             Some(m) => format!(
                 "size=1m,nr_inodes=256,mode=0755,uid={0},gid={0}",
@@ -527,16 +537,19 @@ impl Runtime {
                     prefix: inner.subnet.prefix,
                     gateway: inner.subnet.gateway(),
                 };
-                (Some(ip), Some(v), Some(p.netns(id)))
+                // With a user namespace the runtime must create the netns inside it (a
+                // namespace owned by the host's user namespace would not let the sandbox
+                // mount sysfs); the veth is attached after start instead.
+                let netns = inner.cfg.userns.is_none().then(|| p.netns(id));
+                (Some(ip), Some(v), netns)
             }
         };
         let state = SandboxState {
             id: id.into(),
             volume_id,
-            network: if netns.is_some() {
-                "full".into()
-            } else {
-                "none".into()
+            network: match spec.network {
+                NetworkMode::Full => "full".into(),
+                NetworkMode::None => "none".into(),
             },
             ip: ip.map(|a| a.to_string()),
             veth: veth.as_ref().map(|v| v.host_name.clone()),
@@ -571,8 +584,7 @@ impl Runtime {
             spec::resolv_conf(&spec.network, &inner.host_resolv).as_bytes(),
         )?;
 
-        // A user namespace only where runc creates the netns inside it (see BundleInputs).
-        let userns = inner.cfg.userns.filter(|_| netns.is_none());
+        let userns = inner.cfg.userns;
         let shifted;
         let layers = match userns {
             Some(m) => {
@@ -611,7 +623,8 @@ impl Runtime {
         let json = serde_json::to_vec(&cfg)
             .map_err(|e| SandboxError::InvalidSpec(format!("serializing config.json: {e}")))?;
         write_file(&bundle.join("config.json"), &json)?;
-        Ok((ip, bundle))
+        let late_veth = if netns.is_none() { veth } else { None };
+        Ok((ip, bundle, late_veth))
     }
 
     fn cgroups_path(&self, id: &str) -> String {

@@ -2,15 +2,13 @@
 //! `/etc` files.
 //!
 //! # Security decisions
-//! * **Namespaces**: pid, mount, network, uts, ipc and cgroup. The network namespace is either
-//!   created by the OCI runtime (`none`: loopback only) or pre-created by Kiln and joined by
-//!   path (`full`: it already holds the veth).
-//! * **User namespace** for `none` sandboxes (when [`crate::RuntimeConfig::userns`] is set):
-//!   container ids 0..size map to host ids from `host_base`. runc 1.1.5 cannot id-map an
-//!   overlay rootfs (that needs runc 1.2), so the layers are uid-shifted copies
-//!   ([`crate::userns`]). `full` sandboxes join a netns the host created, which the user
-//!   namespace would not own (sysfs could not be mounted), so they run without one; their
-//!   root is host uid 0 restrained by everything below.
+//! * **Namespaces**: pid, mount, network, uts, ipc and cgroup. The network namespace is
+//!   created by the OCI runtime (loopback only; for `full` the host moves a veth in after
+//!   start), or, without a user namespace, pre-created by Kiln and joined by path.
+//! * **User namespace** (when [`crate::RuntimeConfig::userns`] is set): container ids
+//!   0..size map to host ids from `host_base`. runc 1.1.5 cannot id-map an overlay rootfs
+//!   (that needs runc 1.2), so the layers are uid-shifted copies ([`crate::userns`]). Without
+//!   one, a sandbox's root is host uid 0 restrained by everything below.
 //! * **Capabilities** (bounding = effective = permitted; ambient and inheritable empty):
 //!   [`CAPABILITIES`]. Notably absent: `NET_RAW`, `NET_ADMIN`, `SYS_ADMIN`, `SYS_MODULE`,
 //!   `SYS_PTRACE`, `SYS_TIME`, `SYS_BOOT`, `SYS_RAWIO`, `SYS_RESOURCE`, `MKNOD`,
@@ -126,14 +124,15 @@ pub struct BundleInputs<'a> {
     pub run_dir_host: &'a Path,
     /// Host directory holding the generated `hosts`, `hostname`, `resolv.conf`.
     pub etc_dir_host: &'a Path,
-    /// Pre-created network namespace to join (`full` networking); `None` = runc creates one.
+    /// Pre-created network namespace to join (`full` networking without a user namespace);
+    /// `None` = runc creates one (inside the user namespace, if any).
     pub netns_path: Option<&'a Path>,
     /// `RLIMIT_NOFILE` (soft = hard) of the sandbox's init; must not exceed the server's own
     /// hard limit unless it holds `CAP_SYS_RESOURCE` (see [`nofile_limit`]).
     pub nofile: u64,
-    /// User namespace mapping, if this sandbox runs in one. Only with a network namespace
-    /// that runc creates inside it (`none`): sysfs can only be mounted by the user namespace
-    /// that owns the netns, and `full`'s netns is created by the host beforehand.
+    /// User namespace mapping, if this sandbox runs in one. Requires `netns_path == None`:
+    /// sysfs can only be mounted by the user namespace that owns the netns, so runc must
+    /// create the netns inside it (the host wires `full` networking up afterwards).
     pub userns: Option<crate::config::IdMap>,
 }
 
@@ -208,6 +207,11 @@ pub fn environment(spec: &SandboxSpec) -> Vec<String> {
 /// Builds the OCI runtime spec of a sandbox. The rootfs is `rootfs` relative to the bundle.
 pub fn oci_config(inp: &BundleInputs<'_>) -> Result<Spec> {
     let spec = inp.spec;
+    if inp.userns.is_some() && inp.netns_path.is_some() {
+        return Err(SandboxError::InvalidSpec(
+            "a sandbox with a user namespace cannot join a pre-created network namespace".into(),
+        ));
+    }
 
     let caps: oci_spec::runtime::Capabilities = CAPABILITIES.iter().copied().collect();
     let mut capabilities = LinuxCapabilities::default();

@@ -158,6 +158,13 @@ impl Host for FakeHost {
         ));
         fs::write(path, b"")
     }
+    fn attach_veth(&self, pid: u32, v: &VethConfig) -> io::Result<()> {
+        self.log(format!(
+            "attach_veth pid={pid} {} {}/{} gw {}",
+            v.host_name, v.address, v.prefix, v.gateway
+        ));
+        Ok(())
+    }
     fn delete_netns(&self, path: &Path) -> io::Result<()> {
         if path.exists() {
             self.log(format!(
@@ -331,6 +338,10 @@ struct Env {
 }
 
 async fn env() -> Env {
+    env_with(|_| {}).await
+}
+
+async fn env_with(tweak: impl FnOnce(&mut RuntimeConfig)) -> Env {
     let dir = tempfile::tempdir().expect("tempdir");
     let root = dir.path().to_path_buf();
     let kilnd = root.join("kilnd");
@@ -338,6 +349,7 @@ async fn env() -> Env {
     let mut cfg = RuntimeConfig::new(root.join("data"), &kilnd);
     cfg.run_dir = root.join("run");
     cfg.subnet = "10.77.0.0/24".into();
+    tweak(&mut cfg);
     let host = Arc::new(FakeHost {
         cgroup_base: root.join("cg"),
         ..Default::default()
@@ -368,7 +380,8 @@ fn spec(e: &Env, id: &str, network: NetworkMode) -> SandboxSpec {
 
 #[tokio::test]
 async fn create_prepares_everything_in_order_and_remove_undoes_it() {
-    let e = env().await;
+    // Without a user namespace, a `full` sandbox joins a netns the host pinned beforehand.
+    let e = env_with(|c| c.userns = None).await;
     let created =
         e.rt.create(&spec(&e, "sb-a", NetworkMode::Full))
             .await
@@ -533,6 +546,55 @@ async fn failed_runtime_start_rolls_back_and_reports_runc_errors() {
 }
 
 #[tokio::test]
+async fn with_a_user_namespace_the_veth_is_attached_to_the_runtime_created_netns() {
+    let e = env().await;
+    assert!(e.rt.config().userns.is_some(), "on by default");
+    let created =
+        e.rt.create(&spec(&e, "sb-u", NetworkMode::Full))
+            .await
+            .expect("create");
+    let ip = created.ip.clone().expect("ip");
+    let veth = veth_name(&e.root.join("run"), "sb-u");
+    let calls = e.host.calls();
+    // No host-made netns; the veth goes into the namespace of the container's init, after
+    // the runtime started it.
+    assert!(
+        !calls.iter().any(|c| c.starts_with("create_netns")),
+        "{calls:?}"
+    );
+    assert_eq!(
+        calls.last().cloned(),
+        Some(format!(
+            "attach_veth pid={} {veth} {ip}/24 gw 10.77.0.1",
+            created.init_pid
+        ))
+    );
+    let bundle = e.root.join("data/sandboxes/sb-u");
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&fs::read(bundle.join("config.json")).expect("config"))
+            .expect("json");
+    let types: Vec<(String, bool)> = cfg["linux"]["namespaces"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            (
+                n["type"].as_str().unwrap_or_default().to_string(),
+                n.get("path").is_some_and(|p| !p.is_null()),
+            )
+        })
+        .collect();
+    assert!(types.contains(&("network".into(), false)), "{types:?}");
+    assert!(types.contains(&("user".into(), false)), "{types:?}");
+
+    e.host.clear();
+    e.rt.remove("sb-u").await.expect("remove");
+    let calls = e.host.calls();
+    assert!(calls.contains(&format!("delete_link {veth}")), "{calls:?}");
+    assert!(!calls.iter().any(|c| c.contains("netns")), "{calls:?}");
+}
+
+#[tokio::test]
 async fn failed_mount_rolls_back() {
     let e = env().await;
     *e.host.fail_mount.lock().unwrap_or_else(|p| p.into_inner()) = true;
@@ -546,10 +608,8 @@ async fn failed_mount_rolls_back() {
         calls.contains(&"delete_volume sb-m".to_string()),
         "{calls:?}"
     );
-    assert!(
-        calls.contains(&"delete_netns sb-m".to_string()),
-        "{calls:?}"
-    );
+    let veth = veth_name(&e.root.join("run"), "sb-m");
+    assert!(calls.contains(&format!("delete_link {veth}")), "{calls:?}");
     assert!(!e.root.join("data/sandboxes/sb-m").exists());
     assert!(
         e.engine

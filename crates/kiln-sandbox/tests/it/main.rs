@@ -68,11 +68,35 @@ pub fn kilnd_path() -> PathBuf {
     })
 }
 
+/// The image layer the tests run: `$KILN_LAYER` (any rootfs), else the top layer of the
+/// `base` image in the store at `$KILN_TEST_IMAGES` (`make test` builds it and sets that).
 pub fn layer() -> PathBuf {
-    let p = PathBuf::from(std::env::var("KILN_LAYER").unwrap_or_else(|_| "/tmp/dbs".into()));
+    let p = match std::env::var_os("KILN_LAYER") {
+        Some(l) => PathBuf::from(l),
+        None => {
+            let images = PathBuf::from(std::env::var_os("KILN_TEST_IMAGES").expect(
+                "set KILN_TEST_IMAGES (an image store with `base`, as `make test-image` builds it) \
+                 or KILN_LAYER (a root filesystem)",
+            ));
+            let r: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(images.join("refs/base.json"))
+                    .expect("refs/base.json in KILN_TEST_IMAGES"),
+            )
+            .expect("refs/base.json is JSON");
+            let top = r["layers"]
+                .as_array()
+                .and_then(|l| l.last())
+                .and_then(|d| d.as_str())
+                .expect("base has layers");
+            images
+                .join("layers")
+                .join(top.trim_start_matches("sha256:"))
+                .join("rootfs")
+        }
+    };
     assert!(
         p.join("bin/sh").exists(),
-        "image layer {} has no /bin/sh (set KILN_LAYER)",
+        "image layer {} has no /bin/sh (set KILN_LAYER or KILN_TEST_IMAGES)",
         p.display()
     );
     p
