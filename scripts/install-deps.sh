@@ -11,9 +11,11 @@ debootstrap  1.0.128+nmu2+deb12u2       63f354316e9bbe747b143b7b0d83e5f237c90314
 iproute2     6.1.0-3                    1204b29e916e836267096d0b9d778106752f821ebde0d281539008b4386d9070
 nftables     1.0.6-2+deb12u2            966ff20ce58c17163a771c02ddbca264291408f94c512bd85dd18da0ebdbe88c
 btrfs-progs  6.2-1+deb12u2              8b9f4223957c327ea355c66876014f8a0ba6c74964c237266442fffa02fbf62e
+runsc        0.0~20221219.0-2+b3        7183537aca11632026e71d4b2140f463c8e9a433e6cf8ea81e73f82710aabcd8
 "
 # Tools that come with every Debian system but must be there: losetup and mount (util-linux /
 # mount). btrfs-progs (mkfs.btrfs) formats the disk pool that holds the writable layers.
+# runsc (gVisor) is the optional `kiln up --runtime runsc`; the test suite runs it too.
 BASE_TOOLS="losetup mount"
 
 check_only=0

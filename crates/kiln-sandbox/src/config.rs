@@ -14,7 +14,8 @@ pub const MAX_ID_LEN: usize = 40;
 
 /// Which OCI runtime binary to drive. All of them take runc's command line
 /// (`--root`, `--log`, `--log-format`, `run --detach --bundle --pid-file`, `pause`, `resume`,
-/// `state`, `list`, `delete --force`). Only runc is tested.
+/// `state`, `list`, `delete --force`), plus what [`OciRuntimeKind::global_args`] and
+/// [`OciRuntimeKind::run_args`] add. runc and runsc are tested; crun and youki are not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum OciRuntimeKind {
     #[default]
@@ -32,6 +33,28 @@ impl OciRuntimeKind {
             OciRuntimeKind::Crun => "crun",
             OciRuntimeKind::Runsc => "runsc",
             OciRuntimeKind::Youki => "youki",
+        }
+    }
+
+    /// Global flags Kiln adds before the subcommand.
+    pub fn global_args(self) -> &'static [&'static str] {
+        match self {
+            // gVisor's own sockets live in its sentry; kilnd's socket must be a real host
+            // socket in the bind-mounted run directory for the host to reach it.
+            OciRuntimeKind::Runsc => &["--host-uds=create"],
+            _ => &[],
+        }
+    }
+
+    /// Flags Kiln adds to `run`.
+    pub fn run_args(self) -> &'static [&'static str] {
+        match self {
+            // No session keyring per sandbox: keyctl/add_key/request_key are denied by seccomp
+            // anyway, and under a user namespace every sandbox's root is the same host uid,
+            // whose kernel key quota (200 keys) would cap the number of sandboxes. gVisor
+            // has no host keyrings (and no such flag).
+            OciRuntimeKind::Runsc => &[],
+            _ => &["--no-new-keyring"],
         }
     }
 }

@@ -253,6 +253,13 @@ impl Runtime {
         engine: Arc<dyn Engine>,
         lease_root: &Path,
     ) -> Result<Runtime> {
+        let mut cfg = cfg;
+        if cfg.runtime == crate::config::OciRuntimeKind::Runsc && cfg.userns.is_some() {
+            // gVisor puts its sandbox in a user namespace of its own and does not take an
+            // id mapping in the spec; the sentry is the isolation boundary.
+            info!("runsc: Kiln's user-namespace mapping is off (gVisor brings its own)");
+            cfg.userns = None;
+        }
         let subnet = cfg.validate()?;
         if !cfg.kilnd_path.is_file() {
             return Err(SandboxError::InvalidConfig(format!(
@@ -358,6 +365,14 @@ impl Runtime {
     fn runc_args(&self, args: &[&str]) -> Vec<String> {
         let root = self.inner.paths.runc_root().to_string_lossy().into_owned();
         let mut v = vec![self.inner.runtime_bin.clone(), "--root".into(), root];
+        v.extend(
+            self.inner
+                .cfg
+                .runtime
+                .global_args()
+                .iter()
+                .map(|s| s.to_string()),
+        );
         v.extend(args.iter().map(|s| s.to_string()));
         v
     }
@@ -365,6 +380,15 @@ impl Runtime {
     /// Creates and starts a sandbox; returns once its kilnd answers a ping.
     pub async fn create(&self, spec: &SandboxSpec) -> Result<Created> {
         spec.validate()?;
+        if self.inner.cfg.runtime == crate::config::OciRuntimeKind::Runsc
+            && spec.network == NetworkMode::Full
+        {
+            // runsc 20221219 refuses to set up its netstack from a namespace Kiln pinned
+            // ("cannot run with network enabled in root network namespace").
+            return Err(SandboxError::InvalidSpec(
+                "network `full` is not supported with the runsc runtime (use network `none`, or run `kiln up --runtime runc`)".into(),
+            ));
+        }
         let _g = self.lock(&spec.id).await;
         let t0 = Instant::now();
         let bundle = self.inner.paths.bundle(&spec.id);
@@ -401,23 +425,23 @@ impl Runtime {
         let id = &spec.id;
         let pid_file = bundle.join("init.pid");
         let runc_log = bundle.join("runc.log");
-        let argv = self.runc_args(&[
-            "--log",
-            &runc_log.to_string_lossy(),
-            "--log-format",
-            "json",
-            "run",
-            "--detach",
-            // No session keyring per sandbox: keyctl/add_key/request_key are denied by seccomp
-            // anyway, and under a user namespace every sandbox's root is the same host uid,
-            // whose kernel key quota (200 keys) would cap the number of sandboxes.
-            "--no-new-keyring",
-            "--bundle",
-            &bundle.to_string_lossy(),
-            "--pid-file",
-            &pid_file.to_string_lossy(),
-            id,
-        ]);
+        let (log_s, bundle_s, pid_s) = (
+            runc_log.to_string_lossy(),
+            bundle.to_string_lossy(),
+            pid_file.to_string_lossy(),
+        );
+        let mut args: Vec<&str> = vec!["--log", &log_s, "--log-format", "json"];
+        if self.inner.cfg.runtime == crate::config::OciRuntimeKind::Runsc
+            && spec.network == NetworkMode::None
+        {
+            // gVisor does not create network namespaces; `none` is its own loopback-only
+            // netstack (`full` joins the namespace Kiln pinned, as without a user namespace).
+            args.push("--network=none");
+        }
+        args.extend_from_slice(&["run", "--detach"]);
+        args.extend_from_slice(self.inner.cfg.runtime.run_args());
+        args.extend_from_slice(&["--bundle", &bundle_s, "--pid-file", &pid_s, id]);
+        let argv = self.runc_args(&args);
         let out = self
             .inner
             .engine

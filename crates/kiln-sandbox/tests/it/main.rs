@@ -12,6 +12,7 @@ mod lifecycle;
 mod limits;
 mod network;
 mod reconcile;
+mod runsc;
 mod userns;
 
 use std::path::{Path, PathBuf};

@@ -2,7 +2,6 @@
 //! (terminate the children, then exit).
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,8 +38,16 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // Created 0600 through the umask rather than chmod afterwards: no window in which the
+    // socket is open to everyone, and gVisor refuses chmod on a host socket. Nothing else runs
+    // yet (this is start-up), so the process-wide umask is restored before anyone sees it.
+    // SAFETY: umask has no failure mode.
+    let old = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let listener = listener
+        .map_err(|e| io::Error::new(e.kind(), format!("binding {}: {e}", path.display())))?;
     Ok(listener)
 }
 
@@ -60,7 +67,7 @@ pub fn run(listen: &Path) -> io::Result<()> {
     }
     let rt = runtime()?;
     rt.block_on(async {
-        let reaper = Reaper::global()?;
+        let reaper = Reaper::global().map_err(|e| io::Error::new(e.kind(), format!("starting the reaper: {e}")))?;
         let listener = bind(listen)?;
         let daemon = Arc::new(Daemon {
             procs: Procs::new(reaper.clone(), procs::RING_BYTES),
