@@ -196,6 +196,8 @@ pub struct SandboxSpec {
     pub hostname: String,
     /// Extra environment of kilnd (and so the default environment of what it runs).
     pub env: Vec<(String, String)>,
+    /// Egress allow-list (`full` networking only); `None` = unrestricted.
+    pub egress: Option<crate::egress::EgressAllow>,
 }
 
 impl SandboxSpec {
@@ -213,6 +215,7 @@ impl SandboxSpec {
             pids_limit: 1024,
             network: NetworkMode::None,
             env: Vec::new(),
+            egress: None,
         }
     }
 
@@ -258,6 +261,12 @@ impl SandboxSpec {
             || h.starts_with(['-', '.'])
         {
             return bad(format!("hostname {h:?} is not a valid host name"));
+        }
+        if let Some(e) = &self.egress {
+            if self.network != NetworkMode::Full {
+                return bad("an egress allow-list needs network `full`".into());
+            }
+            e.normalized()?;
         }
         for (k, v) in &self.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {

@@ -124,6 +124,8 @@ pub trait Host: Send + Sync + 'static {
     fn attach_veth(&self, pid: u32, veth: &VethConfig) -> io::Result<()>;
     /// Unpins (unmounts and deletes) the namespace at `path`; missing is success.
     fn delete_netns(&self, path: &Path) -> io::Result<()>;
+    /// Runs an nftables script as one transaction (egress allow-lists).
+    fn nft(&self, script: &str) -> io::Result<()>;
     /// Deletes a network link by name; missing is success.
     fn delete_link(&self, name: &str) -> io::Result<()>;
     /// Names of the links enslaved to `bridge`.

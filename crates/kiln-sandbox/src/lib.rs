@@ -10,6 +10,7 @@
 //!   (runc through kilnd's host reaper, kilnd pings).
 
 pub mod config;
+pub mod egress;
 pub mod engine;
 pub mod error;
 pub mod host;

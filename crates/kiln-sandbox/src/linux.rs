@@ -268,11 +268,11 @@ fn nft_name(bridge: &str) -> String {
 /// The nftables script installed by [`Host::ensure_nat`]. Re-running it is idempotent: the
 /// chains are created if missing and flushed and refilled in the same transaction.
 ///
-/// Future egress allow-list: add `chain egress_<id>` per sandbox and, in `fwd_<bridge>`, a
-/// rule `iifname "<veth>" jump egress_<id>` (or one verdict map keyed by `iifname`) before
-/// the accept; traffic to the host itself would need the same in an `input` chain.
+/// Sandboxes with an egress allow-list are sent to their own chain by the map
+/// `egress_<bridge>` (see [`crate::egress`]) from the forward chain and an input chain.
 pub fn nat_script(bridge: &str, subnet: &str) -> String {
     let b = nft_name(bridge);
+    let egress = crate::egress::base_script(&b, bridge);
     format!(
         "add table inet kiln\n\
          add chain inet kiln nat_{b} {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
@@ -280,6 +280,8 @@ pub fn nat_script(bridge: &str, subnet: &str) -> String {
          flush chain inet kiln nat_{b}\n\
          flush chain inet kiln fwd_{b}\n\
          add rule inet kiln nat_{b} ip saddr {subnet} oifname != \"{bridge}\" masquerade\n\
+         {egress}\
+         add rule inet kiln fwd_{b} iifname \"{bridge}\" ip saddr vmap @egress_{b}\n\
          add rule inet kiln fwd_{b} iifname \"{bridge}\" accept\n\
          add rule inet kiln fwd_{b} oifname \"{bridge}\" ct state established,related accept\n"
     )
@@ -898,6 +900,10 @@ impl Host for RealHost {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
         }
+    }
+
+    fn nft(&self, script: &str) -> io::Result<()> {
+        crate::egress::nft(script)
     }
 
     fn delete_link(&self, name: &str) -> io::Result<()> {

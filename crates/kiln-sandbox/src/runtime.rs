@@ -67,6 +67,9 @@ struct SandboxState {
     ip: Option<String>,
     #[serde(default)]
     veth: Option<String>,
+    /// The egress allow-list, if the sandbox has one.
+    #[serde(default)]
+    egress: Option<crate::egress::EgressAllow>,
 }
 
 /// All paths of one runtime.
@@ -148,9 +151,13 @@ struct Inner {
     pool: PoolInfo,
     cgroups: Vec<CgroupRoot>,
     runtime_bin: String,
+    /// resolv.conf lines for `full` sandboxes: the egress DNS forwarder if it runs, else the
+    /// host's.
     host_resolv: String,
     nofile: u64,
     locks: Arc<IdLocks>,
+    policies: crate::egress::Policies,
+    dns: std::sync::Mutex<Option<crate::egress::DnsForwarder>>,
 }
 
 /// The sandbox runtime of one Kiln server. Cheap to clone; all methods take `&self`.
@@ -242,7 +249,46 @@ impl Runtime {
             .ctx(|| format!("creating {}", paths.run_dir.display()))?;
         let engine =
             crate::engine::RealEngine::start(&cfg.kilnd_path, &paths.reaper_socket()).await?;
-        Self::with_parts(cfg, host, Arc::new(engine), Path::new(LEASE_ROOT)).await
+        let rt = Self::with_parts(cfg, host, Arc::new(engine), Path::new(LEASE_ROOT)).await?;
+        rt.start_dns().await;
+        Ok(rt)
+    }
+
+    /// Starts the egress DNS forwarder on the gateway (port 53). If that fails (another
+    /// server on this bridge holds it), `full` sandboxes use the host's name servers and
+    /// allow-lists can name CIDRs only.
+    async fn start_dns(&self) {
+        let inner = &self.inner;
+        let Some(upstream) = crate::egress::upstream_from_resolv(
+            &fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+        ) else {
+            warn!("no IPv4 name server in /etc/resolv.conf: the egress DNS forwarder is off");
+            return;
+        };
+        let listen = std::net::SocketAddr::from((inner.subnet.gateway(), 53));
+        match crate::egress::DnsForwarder::start(listen, upstream, inner.policies.clone()).await {
+            Ok(f) => {
+                if let Ok(mut d) = inner.dns.lock() {
+                    *d = Some(f);
+                }
+            }
+            Err(e) => warn!(%listen, "egress DNS forwarder not started: {e}"),
+        }
+    }
+
+    /// Whether the egress DNS forwarder serves this runtime's sandboxes.
+    pub fn dns_forwarder(&self) -> Option<std::net::SocketAddr> {
+        self.inner.dns.lock().ok()?.as_ref().map(|f| f.listen)
+    }
+
+    fn resolv_conf(&self, network: &NetworkMode) -> String {
+        match self.dns_forwarder() {
+            Some(a) if *network == NetworkMode::Full => format!(
+                "# kiln: the host's DNS forwarder (it enforces the egress allow-list)\nnameserver {}\n",
+                a.ip()
+            ),
+            _ => spec::resolv_conf(network, &self.inner.host_resolv),
+        }
     }
 
     /// Like [`Runtime::new`] with explicit [`Host`] and [`Engine`] implementations and lease
@@ -302,6 +348,9 @@ impl Runtime {
             inner: Arc::new(Inner {
                 runtime_bin: cfg.runtime_binary().to_string_lossy().into_owned(),
                 cfg,
+                policies: crate::egress::Policies {
+                    lease_dir: paths.lease_dir.clone(),
+                },
                 paths,
                 subnet,
                 host,
@@ -309,6 +358,8 @@ impl Runtime {
                 pool,
                 cgroups,
                 host_resolv,
+
+                dns: std::sync::Mutex::new(None),
                 nofile: spec::nofile_limit(),
                 locks: Arc::new(Mutex::new(HashMap::new())),
             }),
@@ -380,6 +431,15 @@ impl Runtime {
     /// Creates and starts a sandbox; returns once its kilnd answers a ping.
     pub async fn create(&self, spec: &SandboxSpec) -> Result<Created> {
         spec.validate()?;
+        let mut normalized;
+        let spec = match &spec.egress {
+            Some(e) => {
+                normalized = spec.clone();
+                normalized.egress = Some(e.normalized()?);
+                &normalized
+            }
+            None => spec,
+        };
         if self.inner.cfg.runtime == crate::config::OciRuntimeKind::Runsc
             && spec.network == NetworkMode::Full
         {
@@ -474,6 +534,9 @@ impl Runtime {
                 .await
                 .map_err(|e| SandboxError::Host(format!("network task: {e}")))?
                 .kctx(|| format!("attaching the network of {id}"))?;
+        }
+        if let (Some(allow), Some(addr)) = (&spec.egress, ip) {
+            self.install_egress(id, addr, allow).await?;
         }
         self.wait_ready(id, init_pid, &p.socket(id), &p.kilnd_log(id))
             .await?;
@@ -577,6 +640,7 @@ impl Runtime {
             },
             ip: ip.map(|a| a.to_string()),
             veth: veth.as_ref().map(|v| v.host_name.clone()),
+            egress: spec.egress.clone(),
         };
         // Written first so teardown finds the address and veth even if a later step fails.
         write_file(
@@ -605,7 +669,7 @@ impl Runtime {
         )?;
         write_file(
             &etc.join("resolv.conf"),
-            spec::resolv_conf(&spec.network, &inner.host_resolv).as_bytes(),
+            self.resolv_conf(&spec.network).as_bytes(),
         )?;
 
         let userns = inner.cfg.userns;
@@ -701,6 +765,99 @@ impl Runtime {
 
     /// Leases an address: first free one probing from hash(id), recorded as a file
     /// `lease_dir/<ip>` created with O_EXCL (shared by all servers on the same bridge).
+    fn nft_bridge(&self) -> String {
+        self.inner.cfg.bridge.replace('-', "_")
+    }
+
+    async fn install_egress(
+        &self,
+        id: &str,
+        addr: Ipv4Addr,
+        allow: &crate::egress::EgressAllow,
+    ) -> Result<()> {
+        let script = crate::egress::apply_script(
+            &self.nft_bridge(),
+            id,
+            addr,
+            self.inner.subnet.gateway(),
+            allow,
+        );
+        let host = self.inner.host.clone();
+        tokio::task::spawn_blocking(move || host.nft(&script))
+            .await
+            .map_err(|e| SandboxError::Host(format!("egress task: {e}")))?
+            .kctx(|| format!("installing the egress allow-list of {id}"))?;
+        crate::egress::Policies::store(&self.inner.paths.run_dir, id, Some(allow))
+            .ctx(|| format!("storing the egress allow-list of {id}"))?;
+        Ok(())
+    }
+
+    fn uninstall_egress(&self, id: &str, addr: Ipv4Addr) -> Result<()> {
+        crate::egress::Policies::store(&self.inner.paths.run_dir, id, None)
+            .ctx(|| format!("removing the egress allow-list file of {id}"))?;
+        let script = crate::egress::remove_script(&self.nft_bridge(), id, addr);
+        self.inner
+            .host
+            .nft(&script)
+            .kctx(|| format!("removing the egress allow-list of {id}"))
+    }
+
+    fn read_state(&self, id: &str) -> Option<SandboxState> {
+        fs::read(self.inner.paths.bundle(id).join("kiln.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    }
+
+    /// Changes the egress policy of a live `full` sandbox: `Some(list)` restricts it to the
+    /// list (replacing any previous one), `None` lifts the restriction. Takes effect for new
+    /// connections at once; established ones are kept.
+    pub async fn set_egress(
+        &self,
+        id: &str,
+        allow: Option<crate::egress::EgressAllow>,
+    ) -> Result<()> {
+        crate::config::validate_id(id)?;
+        let allow = allow.map(|a| a.normalized()).transpose()?;
+        let _g = self.lock(id).await;
+        let mut state = self
+            .read_state(id)
+            .ok_or_else(|| SandboxError::NotFound(id.to_string()))?;
+        let addr: Ipv4Addr = match state.ip.as_deref().and_then(|s| s.parse().ok()) {
+            Some(a) if state.network == "full" => a,
+            _ => {
+                return Err(SandboxError::InvalidSpec(format!(
+                    "sandbox {id} has network `none`; an egress allow-list needs network `full`"
+                )))
+            }
+        };
+        match &allow {
+            Some(a) => self.install_egress(id, addr, a).await?,
+            None if state.egress.is_some() => {
+                let this = self.clone();
+                let i = id.to_string();
+                tokio::task::spawn_blocking(move || this.uninstall_egress(&i, addr))
+                    .await
+                    .map_err(|e| SandboxError::Host(format!("egress task: {e}")))??;
+            }
+            None => {}
+        }
+        state.egress = allow;
+        write_file(
+            &self.inner.paths.bundle(id).join("kiln.json"),
+            &serde_json::to_vec(&state)
+                .map_err(io::Error::other)
+                .ctx(|| "state".into())?,
+        )?;
+        Ok(())
+    }
+
+    /// The egress allow-list of a sandbox and how many packets it has denied so far.
+    pub fn egress(&self, id: &str) -> Option<(crate::egress::EgressAllow, u64)> {
+        let allow = self.read_state(id)?.egress?;
+        let denied = crate::egress::denied_packets(id).unwrap_or(0);
+        Some((allow, denied))
+    }
+
     fn lease_ip(&self, id: &str) -> Result<Ipv4Addr> {
         let inner = &self.inner;
         let range = inner.subnet.host_offsets();
@@ -875,9 +1032,18 @@ impl Runtime {
                 .kctx(|| format!("unmounting {}", rootfs.display())),
         );
 
-        let state: Option<SandboxState> = fs::read(p.bundle(id).join("kiln.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let state: Option<SandboxState> = self.read_state(id);
+        let egress_addr = state
+            .as_ref()
+            .filter(|s| s.egress.is_some())
+            .and_then(|s| s.ip.as_deref()?.parse::<Ipv4Addr>().ok());
+        match egress_addr {
+            Some(addr) => note(self.uninstall_egress(id, addr)),
+            None => note(
+                crate::egress::Policies::store(&p.run_dir, id, None)
+                    .ctx(|| format!("removing the egress allow-list file of {id}")),
+            ),
+        }
         // Unpinning the namespace makes the kernel destroy it, and its veth pair with it, in
         // the background (a synchronous RTM_DELLINK costs 10-30 ms of RCU grace periods).
         let netns = p.netns(id);
@@ -1023,6 +1189,11 @@ impl Runtime {
         ids.extend(read_dir_names(&p.run_dir));
         ids.extend(read_dir_names(&p.netns_dir()));
         ids.extend(read_dir_names(&p.runc_root()));
+        ids.extend(
+            read_dir_names(&p.run_dir.join(".egress"))
+                .into_iter()
+                .filter_map(|n| n.strip_suffix(".json").map(str::to_string)),
+        );
         let sandboxes = p.sandboxes();
         if let Ok(mounts) = inner.host.mounts() {
             for m in mounts {

@@ -179,6 +179,10 @@ impl Host for FakeHost {
             _ => Ok(()),
         }
     }
+    fn nft(&self, script: &str) -> io::Result<()> {
+        self.log(format!("nft {}", script.lines().count()));
+        Ok(())
+    }
     fn delete_link(&self, name: &str) -> io::Result<()> {
         self.log(format!("delete_link {name}"));
         Ok(())

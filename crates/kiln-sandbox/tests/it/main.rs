@@ -6,6 +6,7 @@
 //!
 //! Every test gets its own data dir, run dir and cgroup parent, so they run in parallel.
 
+mod egress;
 mod isolation;
 mod leaks;
 mod lifecycle;

@@ -40,7 +40,10 @@ async fn runsc_runs_sandboxes_on_gvisor() {
     h.rt.resume("gv-1").await.expect("resume");
     assert!(sh(&h.rt, "gv-1", "true").await.ok());
 
-    let err = h.rt.create(&h.full("gv-2")).await.expect_err("full on runsc");
+    let err =
+        h.rt.create(&h.full("gv-2"))
+            .await
+            .expect_err("full on runsc");
     assert!(
         matches!(&err, SandboxError::InvalidSpec(m) if m.contains("runsc")),
         "{err}"
@@ -51,7 +54,9 @@ async fn runsc_runs_sandboxes_on_gvisor() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
     let data = h.cfg.data_dir.to_string_lossy().into_owned();
     assert!(
-        !mounts.lines().any(|l| l.contains(&format!("{data}/sandboxes/"))),
+        !mounts
+            .lines()
+            .any(|l| l.contains(&format!("{data}/sandboxes/"))),
         "no sandbox mount left"
     );
     assert!(
