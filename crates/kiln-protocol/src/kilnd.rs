@@ -117,6 +117,40 @@ pub enum Request {
         #[serde(default = "yes")]
         recursive: bool,
     },
+    /// The TCP ports something listens on inside the sandbox. Reply: `Ok` with `Ports`.
+    ListPorts,
+    /// Follow the listening ports: `Ok` with `Ports` at once, then a `Ports` reply each time
+    /// the set changes (checked every `interval_ms`, 100..=10000), until the client closes.
+    WatchPorts {
+        #[serde(default = "default_port_interval")]
+        interval_ms: u32,
+    },
+    /// Open a TCP connection to `port` on `host` (default `127.0.0.1`) inside the sandbox.
+    /// Reply: `Ok`; after it the connection is a raw byte pipe to that TCP connection in both
+    /// directions (no more frames; a half-close is passed on).
+    Connect {
+        port: u16,
+        #[serde(default)]
+        host: Option<String>,
+    },
+}
+
+fn default_port_interval() -> u32 {
+    500
+}
+
+/// A listening TCP socket inside a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ListenPort {
+    pub port: u16,
+    /// Bound address (`0.0.0.0`, `127.0.0.1`, `::` ...).
+    pub address: String,
+    /// The process holding the socket, when kilnd can see it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// That process's command name (`comm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
 }
 
 fn one() -> u32 {
@@ -229,6 +263,10 @@ pub enum Reply {
     },
     /// A change under a watched path.
     Watch(WatchEvent),
+    /// The listening ports now (a `WatchPorts` update).
+    Ports {
+        ports: Vec<ListenPort>,
+    },
 }
 
 /// Payloads of [`Reply::Ok`]. Tagged with `type` (not `kind`: [`FileStat`] has a `kind`
@@ -240,6 +278,7 @@ pub enum OkBody {
     Stat(FileStat),
     Entries { entries: Vec<FileStat> },
     Processes { processes: Vec<ProcessInfo> },
+    Ports { ports: Vec<ListenPort> },
 }
 
 /// How a process ended.

@@ -10,8 +10,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use futures_util::stream::{self, BoxStream, Stream, StreamExt};
 use kiln_protocol::kilnd::{
-    Control, DaemonError, DaemonErrorCode, ExecSpec, ExitStatus, FileStat, OkBody, ProcessInfo,
-    PtySpec, Reply, Request, WatchEvent,
+    Control, DaemonError, DaemonErrorCode, ExecSpec, ExitStatus, FileStat, ListenPort, OkBody,
+    ProcessInfo, PtySpec, Reply, Request, WatchEvent,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::UnixStream;
@@ -375,6 +375,71 @@ impl Client {
     }
 
     /// Watches a path; returns once the watch is armed.
+    /// The TCP ports something listens on in the sandbox.
+    pub async fn list_ports(&self) -> Result<Vec<ListenPort>> {
+        match self.call(&Request::ListPorts).await? {
+            Some(OkBody::Ports { ports }) => Ok(ports),
+            other => Err(ClientError::Protocol(format!(
+                "unexpected reply to ListPorts: {other:?}"
+            ))),
+        }
+    }
+
+    /// The listening ports now, then each change (polled every `interval_ms` in the sandbox).
+    pub async fn watch_ports(&self, interval_ms: u32) -> Result<(Vec<ListenPort>, PortsStream)> {
+        let mut c = self.open(&Request::WatchPorts { interval_ms }).await?;
+        match check(read_reply(&mut c.r).await?)? {
+            Reply::Ok {
+                body: Some(OkBody::Ports { ports }),
+            } => {
+                let inner = stream::unfold((c, false), |(mut c, ended)| async move {
+                    if ended {
+                        return None;
+                    }
+                    let item = match read_reply(&mut c.r).await {
+                        Ok(Reply::Ports { ports }) => return Some((Ok(ports), (c, false))),
+                        Ok(Reply::Error(e)) => ClientError::Daemon(e),
+                        Ok(other) => unexpected(&other),
+                        Err(e) => e,
+                    };
+                    Some((Err(item), (c, true)))
+                });
+                Ok((
+                    ports,
+                    PortsStream {
+                        inner: inner.boxed(),
+                    },
+                ))
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// A TCP connection to `port` on `host` (default loopback) inside the sandbox, as a
+    /// byte stream (reads and writes go to that connection; `shutdown` half-closes it).
+    pub async fn connect(&self, port: u16, host: Option<&str>) -> Result<Tunnel> {
+        let c = self
+            .open(&Request::Connect {
+                port,
+                host: host.map(str::to_string),
+            })
+            .await?;
+        let mut r = c.r;
+        match check(read_reply(&mut r).await?)? {
+            Reply::Ok { .. } => {
+                // Whatever the far end already sent may sit in the read buffer.
+                let early = r.buffer().to_vec();
+                let stream = r.into_inner().unsplit(c.w);
+                Ok(Tunnel {
+                    early,
+                    pos: 0,
+                    stream,
+                })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchStream> {
         let mut c = self
             .open(&Request::Watch {
@@ -702,6 +767,65 @@ impl Stream for DataStream {
 }
 
 /// Changes under a watched path, until dropped.
+/// Updates of [`Client::watch_ports`]: the whole list each time it changes.
+pub struct PortsStream {
+    inner: BoxStream<'static, Result<Vec<ListenPort>>>,
+}
+
+impl std::fmt::Debug for PortsStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PortsStream")
+    }
+}
+
+impl PortsStream {
+    /// The next list; `None` once the stream failed.
+    pub async fn next(&mut self) -> Option<Result<Vec<ListenPort>>> {
+        self.inner.next().await
+    }
+}
+
+/// A TCP connection inside a sandbox, carried over kilnd's socket ([`Client::connect`]).
+#[derive(Debug)]
+pub struct Tunnel {
+    early: Vec<u8>,
+    pos: usize,
+    stream: UnixStream,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.pos < self.early.len() {
+            let n = buf.remaining().min(self.early.len() - self.pos);
+            let start = self.pos;
+            buf.put_slice(&self.early[start..start + n]);
+            self.pos += n;
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Tunnel {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 pub struct WatchStream {
     inner: BoxStream<'static, Result<WatchEvent>>,
 }

@@ -136,3 +136,44 @@ async fn full_network_reaches_the_gateway_and_none_does_not() {
     );
     h.wipe().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ports_of_a_none_sandbox_are_listed_and_reachable_through_kilnd() {
+    require_root!();
+    let h = Harness::new().await;
+    h.rt.create(&h.spec("net-ports")).await.expect("create");
+    let c = h.rt.client("net-ports");
+    let mut srv = c
+        .exec(kiln_protocol::kilnd::ExecSpec {
+            cmd: vec![
+                "perl".into(),
+                "-MIO::Socket::INET".into(),
+                "-e".into(),
+                "$l = IO::Socket::INET->new(Listen => 5, LocalAddr => '127.0.0.1', LocalPort => 8123, ReuseAddr => 1) or die $!; \
+                 while ($c = $l->accept) { print $c \"inside\\n\"; close $c }"
+                    .into(),
+            ],
+            detach: true,
+            ..Default::default()
+        })
+        .await
+        .expect("start server");
+    assert!(srv.next().await.is_none());
+    let ports = crate::eventually_value(std::time::Duration::from_secs(10), || async {
+        c.list_ports()
+            .await
+            .ok()
+            .filter(|p| p.iter().any(|p| p.port == 8123))
+    })
+    .await
+    .expect("port 8123 appears");
+    let p = ports.iter().find(|p| p.port == 8123).expect("8123");
+    assert_eq!(p.address, "127.0.0.1");
+    assert_eq!(p.command.as_deref(), Some("perl"));
+    // The host cannot route to a `none` sandbox, but kilnd can connect for it.
+    let mut t = c.connect(8123, None).await.expect("connect");
+    let mut got = String::new();
+    t.read_to_string(&mut got).await.expect("read");
+    assert_eq!(got, "inside\n");
+    h.wipe().await;
+}

@@ -4,6 +4,7 @@
 pub mod files;
 pub mod host_reaper;
 pub mod log;
+pub mod ports;
 pub mod procs;
 pub mod pty;
 pub mod ring;

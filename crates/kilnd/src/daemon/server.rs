@@ -176,6 +176,31 @@ async fn handle(d: &Daemon, stream: UnixStream) -> io::Result<()> {
             let res = blocking(move || files::remove(&path, recursive)).await;
             reply_result(&mut w, res.map(|()| None)).await
         }
+        Request::ListPorts => {
+            let res = blocking(super::ports::list).await;
+            reply_result(&mut w, res.map(|ports| Some(OkBody::Ports { ports }))).await
+        }
+        Request::WatchPorts { interval_ms } => watch_ports(interval_ms, &mut r, &mut w).await,
+        Request::Connect { port, host } => {
+            let host = host.unwrap_or_else(|| "127.0.0.1".into());
+            match super::ports::connect(&host, port).await {
+                Ok(mut tcp) => {
+                    reply(&mut w, &Reply::Ok { body: None }).await?;
+                    // Bytes the client sent right behind the request are already buffered.
+                    let early = r.buffer().to_vec();
+                    if !early.is_empty() {
+                        tcp.write_all(&early).await?;
+                    }
+                    let mut unix = r
+                        .into_inner()
+                        .reunite(w)
+                        .map_err(|e| io::Error::other(e.to_string()))?;
+                    tokio::io::copy_bidirectional(&mut unix, &mut tcp).await?;
+                    Ok(())
+                }
+                Err(e) => reply(&mut w, &Reply::Error(e)).await,
+            }
+        }
         Request::Watch { path, recursive } => {
             match blocking(move || Watcher::arm(&path, recursive)).await {
                 Ok(watcher) => {
@@ -183,6 +208,40 @@ async fn handle(d: &Daemon, stream: UnixStream) -> io::Result<()> {
                     watcher.run(&mut r, &mut w).await
                 }
                 Err(e) => reply(&mut w, &Reply::Error(e)).await,
+            }
+        }
+    }
+}
+
+/// `WatchPorts`: the list now, then again whenever it changes, until the client goes away.
+async fn watch_ports(interval_ms: u32, r: &mut Reader, w: &mut Writer) -> io::Result<()> {
+    let every = std::time::Duration::from_millis(u64::from(interval_ms.clamp(100, 10_000)));
+    let mut last = match blocking(super::ports::list).await {
+        Ok(ports) => {
+            reply(
+                w,
+                &Reply::Ok {
+                    body: Some(OkBody::Ports {
+                        ports: ports.clone(),
+                    }),
+                },
+            )
+            .await?;
+            ports
+        }
+        Err(e) => return reply(w, &Reply::Error(e)).await,
+    };
+    loop {
+        tokio::select! {
+            // Anything from the client (or EOF) ends the watch.
+            _ = frame::read_frame(r) => return Ok(()),
+            () = tokio::time::sleep(every) => {
+                if let Ok(ports) = blocking(super::ports::list).await {
+                    if ports != last {
+                        reply(w, &Reply::Ports { ports: ports.clone() }).await?;
+                        last = ports;
+                    }
+                }
             }
         }
     }

@@ -4,6 +4,7 @@
 mod exec;
 mod files;
 mod harness;
+mod ports;
 mod pty;
 mod reaper;
 mod watch;
