@@ -185,6 +185,10 @@ pub struct ExecSpec {
     /// Free-form label shown in `ListProcesses`.
     #[serde(default)]
     pub tag: Option<String>,
+    /// Relay git credential requests of this process to the client (`CredentialRequest`
+    /// replies, answered with a `Credential` control frame); needs an attached client.
+    #[serde(default)]
+    pub credentials: bool,
 }
 
 /// How to open a PTY session.
@@ -214,6 +218,12 @@ pub enum Control {
     /// Send a signal to the session's process group.
     Signal {
         signal: i32,
+    },
+    /// The answer to a `CredentialRequest` (git credential attributes such as `username` and
+    /// `password`); `None` declines.
+    Credential {
+        id: u64,
+        fields: Option<BTreeMap<String, String>>,
     },
 }
 
@@ -263,6 +273,12 @@ pub enum Reply {
     },
     /// A change under a watched path.
     Watch(WatchEvent),
+    /// A process started with `credentials` asks for git credentials (the attributes git
+    /// passed to its helper: `protocol`, `host`, `path`, `username`...).
+    CredentialRequest {
+        id: u64,
+        fields: BTreeMap<String, String>,
+    },
     /// The listening ports now (a `WatchPorts` update).
     Ports {
         ports: Vec<ListenPort>,
@@ -397,7 +413,7 @@ mod tests {
         let s = serde_json::to_string(&r).unwrap_or_default();
         assert_eq!(
             s,
-            r#"{"op":"exec","spec":{"cmd":["true"],"env":{},"cwd":null,"user":null,"timeout_secs":null,"stdin":false,"detach":false,"tag":null}}"#
+            r#"{"op":"exec","spec":{"cmd":["true"],"env":{},"cwd":null,"user":null,"timeout_secs":null,"stdin":false,"detach":false,"tag":null,"credentials":false}}"#
         );
         let back: Request = serde_json::from_str(r#"{"op":"list_dir","path":"/"}"#).expect("parse");
         assert_eq!(

@@ -231,6 +231,7 @@ fn exec_spec(req: ExecRequest, detach: bool) -> ApiResult<(ExecSpec, Option<Vec<
         stdin: stdin.is_some() || req.keep_stdin_open,
         detach,
         tag: req.tag,
+        credentials: false,
     };
     Ok((spec, if req.keep_stdin_open { None } else { stdin }))
 }

@@ -267,6 +267,7 @@ impl Kiln {
             network: a.network.clone(),
             hostname: id.to_string(),
             env: vec![("KILN_SANDBOX_ID".to_string(), id.to_string())],
+            egress: None,
         }
     }
 

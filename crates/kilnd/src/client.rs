@@ -528,6 +528,11 @@ impl StdinWriter {
     pub async fn close(&mut self) -> Result<()> {
         frame::write_end(&mut self.w).await.map_err(Into::into)
     }
+
+    /// Sends a control message on the exec connection.
+    pub async fn control(&mut self, c: &Control) -> Result<()> {
+        frame::write_json(&mut self.w, c).await.map_err(Into::into)
+    }
 }
 
 /// A started process. Dropping it detaches: the process keeps running.
@@ -563,6 +568,17 @@ impl ExecStream {
     /// Closes the process's stdin.
     pub async fn close_stdin(&mut self) -> Result<()> {
         self.stdin.close().await
+    }
+
+    /// Answers a `CredentialRequest` (`None` declines); see `ExecSpec::credentials`.
+    pub async fn answer_credential(
+        &mut self,
+        id: u64,
+        fields: Option<std::collections::BTreeMap<String, String>>,
+    ) -> Result<()> {
+        self.stdin
+            .control(&Control::Credential { id, fields })
+            .await
     }
 
     /// Splits into the reply stream and the stdin writer, to use them concurrently.

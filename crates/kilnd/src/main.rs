@@ -18,6 +18,9 @@ usage:
       Run commands for Kiln as a child subreaper; exits after N seconds (default 3; 0 = never)
       without clients and children, unless orphaned (then nobody would reap it). --daemonize
       double-forks into the background (and so never exits by itself).
+  kilnd credential get|store|erase
+      git credential helper inside a sandbox: relays `get` to the host through kilnd
+      (set up by kilnd for execs with credentials; store and erase do nothing).
   kilnd version
 LEVEL: error, warn, info (default), debug, trace";
 
@@ -33,6 +36,9 @@ enum Cmd {
         daemonize: bool,
         idle: Option<Duration>,
     },
+    Credential {
+        action: String,
+    },
     Version,
     Help,
 }
@@ -41,6 +47,13 @@ fn parse(args: &[String]) -> Result<Cmd, String> {
     let Some(sub) = args.first() else {
         return Err("missing command".into());
     };
+    if sub == "credential" {
+        // git appends the action (get, store, erase) to the helper command.
+        return match args.get(1) {
+            Some(a) if args.len() == 2 => Ok(Cmd::Credential { action: a.clone() }),
+            _ => Err("usage: kilnd credential get|store|erase".into()),
+        };
+    }
     let mut listen = None;
     let mut level = Level::INFO;
     let mut daemonize = false;
@@ -110,6 +123,7 @@ fn main() -> ExitCode {
         }
     };
     let result = match cmd {
+        Cmd::Credential { action } => daemon::creds::helper_main(&action),
         Cmd::Version => {
             println!("kilnd {}", kilnd::VERSION);
             Ok(())

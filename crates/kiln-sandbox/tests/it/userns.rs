@@ -40,7 +40,7 @@ async fn sandboxes_run_in_a_user_namespace() {
     let mut spec = h.spec("uns-full");
     spec.network = NetworkMode::Full;
     let created = h.rt.create(&spec).await.expect("create full");
-    let ip = created.ip.expect("full sandboxes get an address");
+    assert!(created.ip.is_some(), "full sandboxes get an address");
     let out = sh(
         &h.rt,
         "uns-full",

@@ -1,6 +1,7 @@
 //! The daemon side of the `kilnd` binary: the protocol server and what it manages, plus the
 //! host reaper's server loop.
 
+pub mod creds;
 pub mod files;
 pub mod host_reaper;
 pub mod log;

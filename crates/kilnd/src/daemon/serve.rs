@@ -72,6 +72,10 @@ pub fn run(listen: &Path) -> io::Result<()> {
         let daemon = Arc::new(Daemon {
             procs: Procs::new(reaper.clone(), procs::RING_BYTES),
             ptys: Ptys::new(reaper.clone()),
+            run_dir: listen
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| std::path::PathBuf::from("/")),
         });
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;

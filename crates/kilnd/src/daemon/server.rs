@@ -28,6 +28,8 @@ type Writer = OwnedWriteHalf;
 pub struct Daemon {
     pub procs: Arc<Procs>,
     pub ptys: Arc<Ptys>,
+    /// Directory of kilnd's socket (credential relay sockets go there too).
+    pub run_dir: std::path::PathBuf,
 }
 
 /// Accepts connections forever.
@@ -114,7 +116,7 @@ async fn handle(d: &Daemon, stream: UnixStream) -> io::Result<()> {
         Request::Attach { pid, after_seq } => match d.procs.get(&pid) {
             Ok(proc) => {
                 let sub = proc.ring.subscribe(after_seq);
-                follow(&proc, sub, &mut r, &mut w, false).await
+                follow(&proc, sub, &mut r, &mut w, false, None).await
             }
             Err(e) => reply(&mut w, &Reply::Error(e)).await,
         },
@@ -247,8 +249,27 @@ async fn watch_ports(interval_ms: u32, r: &mut Reader, w: &mut Writer) -> io::Re
     }
 }
 
-async fn exec(d: &Daemon, spec: ExecSpec, r: &mut Reader, w: &mut Writer) -> io::Result<()> {
+async fn exec(d: &Daemon, mut spec: ExecSpec, r: &mut Reader, w: &mut Writer) -> io::Result<()> {
     let accept_stdin = spec.stdin;
+    let mut relay = None;
+    if spec.credentials {
+        if spec.detach {
+            let e = err(
+                DaemonErrorCode::Invalid,
+                "credentials need an attached client to answer them (detach is set)",
+            );
+            return reply(w, &Reply::Error(e)).await;
+        }
+        let user = match super::users::resolve(spec.user.as_deref()) {
+            Ok(u) => u,
+            Err(e) => return reply(w, &Reply::Error(e)).await,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        match super::creds::Relay::start(&d.run_dir, user.uid, user.gid, &mut spec.env, tx) {
+            Ok(r) => relay = Some((r, rx)),
+            Err(e) => return reply(w, &Reply::Error(e)).await,
+        }
+    }
     let (proc, sub) = match d.procs.spawn(spec) {
         Ok(x) => x,
         Err(e) => return reply(w, &Reply::Error(e)).await,
@@ -261,10 +282,15 @@ async fn exec(d: &Daemon, spec: ExecSpec, r: &mut Reader, w: &mut Writer) -> io:
         },
     )
     .await?;
-    match sub {
-        Some(sub) => follow(&proc, sub, r, w, accept_stdin).await,
+    let res = match sub {
+        Some(sub) => {
+            let creds = relay.as_mut().map(|(_, rx)| rx);
+            follow(&proc, sub, r, w, accept_stdin, creds).await
+        }
         None => Ok(()), // detached
-    }
+    };
+    drop(relay); // removes the relay socket
+    res
 }
 
 /// Streams a process's output until it exits; meanwhile forwards stdin frames (exec
@@ -275,7 +301,14 @@ async fn follow(
     r: &mut Reader,
     w: &mut Writer,
     accept_stdin: bool,
+    mut creds: Option<&mut mpsc::Receiver<super::creds::Pending>>,
 ) -> io::Result<()> {
+    type Waiting = std::collections::HashMap<
+        u64,
+        tokio::sync::oneshot::Sender<Option<std::collections::BTreeMap<String, String>>>,
+    >;
+    let waiting: std::sync::Mutex<Waiting> = Default::default();
+    let mut next_id = 0u64;
     let input = async {
         loop {
             match frame::read_frame(r).await {
@@ -290,6 +323,14 @@ async fn follow(
                 Ok(Some(Frame::End)) if accept_stdin => {
                     proc.stdin.lock().await.take();
                 }
+                Ok(Some(f @ Frame::Json(_))) => {
+                    if let Ok(Control::Credential { id, fields }) = f.parse::<Control>() {
+                        let tx = waiting.lock().ok().and_then(|mut m| m.remove(&id));
+                        if let Some(tx) = tx {
+                            let _ = tx.send(fields);
+                        }
+                    }
+                }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => return,
             }
@@ -298,7 +339,26 @@ async fn follow(
     let output = async {
         loop {
             let mut buf = Vec::new();
-            match sub.next().await {
+            let pending = async {
+                match creds.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let ev = tokio::select! {
+                ev = sub.next() => ev,
+                Some(p) = pending => {
+                    next_id += 1;
+                    if let Ok(mut m) = waiting.lock() {
+                        m.insert(next_id, p.answer);
+                    }
+                    let req = Reply::CredentialRequest { id: next_id, fields: p.fields };
+                    frame::encode_json(&mut buf, &req)?;
+                    w.write_all(&buf).await?;
+                    continue;
+                }
+            };
+            match ev {
                 Event::Gap { from, to } => frame::encode_json(&mut buf, &Reply::Gap { from, to })?,
                 Event::Chunks(chunks) => {
                     for c in chunks {
@@ -405,6 +465,7 @@ async fn pty_session(
                             tracing::debug!(id = %pty.id, "{}", e.message);
                         }
                     }
+                    Ok(Control::Credential { .. }) => {} // only for execs with credentials
                     Err(e) => tracing::debug!(id = %pty.id, "bad PTY control message: {e}"),
                 },
                 Ok(Some(Frame::End)) => {}

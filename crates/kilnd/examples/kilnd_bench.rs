@@ -1,5 +1,5 @@
 //! Latency bench (and smoke check) against a running kilnd:
-//! `cargo run --release -p kilnd --example bench -- SOCKET [ITERATIONS]`.
+//! `cargo run --release -p kilnd --example kilnd_bench -- SOCKET [ITERATIONS]`.
 //! Reports ping and `exec true` round trips (connect, spawn, exit, `Exited` received).
 
 use std::time::{Duration, Instant};
