@@ -133,6 +133,11 @@ pub enum Request {
         #[serde(default)]
         host: Option<String>,
     },
+    /// Start a process whose stdin and stdout are this connection (a language server, say):
+    /// reply `Ok`, then raw bytes both ways; stderr is discarded. Closing the connection
+    /// kills the process (its whole group); the process exiting closes the connection.
+    /// `spec.stdin`, `detach`, `timeout_secs` and `credentials` do not apply.
+    Pipe { spec: ExecSpec },
 }
 
 fn default_port_interval() -> u32 {

@@ -440,6 +440,25 @@ impl Client {
         }
     }
 
+    /// Starts `spec.cmd` with this connection as its stdin and stdout (see `Request::Pipe`):
+    /// dropping the returned stream kills the process; its exit ends the stream.
+    pub async fn pipe(&self, spec: ExecSpec) -> Result<Tunnel> {
+        let c = self.open(&Request::Pipe { spec }).await?;
+        let mut r = c.r;
+        match check(read_reply(&mut r).await?)? {
+            Reply::Ok { .. } => {
+                let early = r.buffer().to_vec();
+                let stream = r.into_inner().unsplit(c.w);
+                Ok(Tunnel {
+                    early,
+                    pos: 0,
+                    stream,
+                })
+            }
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchStream> {
         let mut c = self
             .open(&Request::Watch {

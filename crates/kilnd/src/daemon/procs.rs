@@ -302,6 +302,121 @@ fn pipe_rx(fd: Option<impl Into<OwnedFd>>) -> io::Result<Option<pipe::Receiver>>
         .transpose()
 }
 
+/// A process whose stdio is a client connection ([`Request::Pipe`]).
+///
+/// [`Request::Pipe`]: kiln_protocol::kilnd::Request::Pipe
+pub struct Piped {
+    os_pid: u32,
+    stdin: Option<pipe::Sender>,
+    stdout: Option<pipe::Receiver>,
+    waiter: Option<ExitWaiter>,
+}
+
+/// Spawns `spec.cmd` with piped stdin/stdout (stderr to /dev/null) in its own process group.
+pub fn spawn_piped(procs: &Procs, spec: &ExecSpec) -> Result<Piped, DaemonError> {
+    let p = prepare(
+        &spec.cmd,
+        &spec.env,
+        spec.cwd.as_deref(),
+        spec.user.as_deref(),
+        false,
+    )?;
+    let mut cmd = p.command();
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let creds = p.creds.clone();
+    // SAFETY: only async-signal-safe calls on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            child::setsid_in_child()?;
+            if let Some(c) = &creds {
+                c.apply()?;
+            }
+            Ok(())
+        });
+    }
+    let (mut child, waiter) = procs
+        .reaper
+        .spawn(&mut cmd)
+        .map_err(|e| spawn_error(&e, &p.argv0))?;
+    let os_pid = child.id();
+    let pipes = (|| -> io::Result<_> {
+        let stdin = child
+            .stdin
+            .take()
+            .map(|s| pipe::Sender::from_owned_fd(s.into()))
+            .transpose()?;
+        Ok((stdin, pipe_rx(child.stdout.take())?))
+    })();
+    match pipes {
+        Ok((stdin, stdout)) => Ok(Piped {
+            os_pid,
+            stdin,
+            stdout,
+            waiter: Some(waiter),
+        }),
+        Err(e) => {
+            let _ = signal_group(os_pid, libc::SIGKILL);
+            Err(err(
+                DaemonErrorCode::Internal,
+                format!("setting up pipes: {e}"),
+            ))
+        }
+    }
+}
+
+impl Piped {
+    /// Copies `early` then the connection into stdin, and stdout into the connection, until
+    /// either side ends.
+    pub async fn run(&mut self, early: &[u8], conn: &mut tokio::net::UnixStream) -> io::Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let (mut cr, mut cw) = conn.split();
+        let (Some(mut stdin), Some(mut stdout)) = (self.stdin.take(), self.stdout.take()) else {
+            return Ok(());
+        };
+        let to_proc = async move {
+            if !early.is_empty() {
+                stdin.write_all(early).await?;
+            }
+            tokio::io::copy(&mut cr, &mut stdin).await?;
+            // Dropping `stdin` closes it: the process sees EOF.
+            io::Result::Ok(())
+        };
+        let from_proc = async {
+            tokio::io::copy(&mut stdout, &mut cw).await?;
+            cw.shutdown().await
+        };
+        tokio::pin!(to_proc, from_proc);
+        // The process closing its output (exiting) ends the session. The client's EOF closes
+        // the process's stdin; its remaining output still flows for a short grace period.
+        tokio::select! {
+            r = &mut from_proc => return r,
+            r = &mut to_proc => r?,
+        }
+        match tokio::time::timeout(Duration::from_secs(5), from_proc).await {
+            Ok(r) => r,
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Kills the process group (SIGTERM, then SIGKILL after a second) and reaps it.
+    pub async fn kill(&mut self) {
+        let Some(waiter) = self.waiter.take() else {
+            return;
+        };
+        let _ = signal_group(self.os_pid, libc::SIGTERM);
+        let mut waiter = std::pin::pin!(waiter);
+        if tokio::time::timeout(Duration::from_secs(1), &mut waiter)
+            .await
+            .is_err()
+        {
+            let _ = signal_group(self.os_pid, libc::SIGKILL);
+            let _ = waiter.await;
+        }
+    }
+}
+
 impl Procs {
     pub fn new(reaper: Reaper, ring_bytes: usize) -> Arc<Procs> {
         Arc::new(Procs {

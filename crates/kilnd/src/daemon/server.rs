@@ -203,6 +203,20 @@ async fn handle(d: &Daemon, stream: UnixStream) -> io::Result<()> {
                 Err(e) => reply(&mut w, &Reply::Error(e)).await,
             }
         }
+        Request::Pipe { spec } => match super::procs::spawn_piped(&d.procs, &spec) {
+            Ok(mut p) => {
+                reply(&mut w, &Reply::Ok { body: None }).await?;
+                let early = r.buffer().to_vec();
+                let mut unix = r
+                    .into_inner()
+                    .reunite(w)
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let res = p.run(&early, &mut unix).await;
+                p.kill().await;
+                res
+            }
+            Err(e) => reply(&mut w, &Reply::Error(e)).await,
+        },
         Request::Watch { path, recursive } => {
             match blocking(move || Watcher::arm(&path, recursive)).await {
                 Ok(watcher) => {

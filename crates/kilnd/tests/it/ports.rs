@@ -91,3 +91,57 @@ async fn connect_is_a_raw_pipe() {
     let e = d.client.connect(0, None).await.expect_err("port 0");
     assert_eq!(e.code(), Some(DaemonErrorCode::Invalid), "{e}");
 }
+
+#[tokio::test]
+async fn pipe_runs_a_process_on_the_connection() {
+    let d = Daemon::start().await;
+    let spec = |script: &str| kiln_protocol::kilnd::ExecSpec {
+        cmd: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    };
+    // Round trip through the process; its exit ends the stream.
+    let mut t = d
+        .client
+        .pipe(spec("read line; echo \"got $line\""))
+        .await
+        .expect("pipe");
+    t.write_all(b"ping\n").await.expect("write");
+    let mut out = String::new();
+    within(t.read_to_string(&mut out)).await.expect("read");
+    assert_eq!(out, "got ping\n");
+
+    // Closing the connection kills the process (and its group).
+    let mut t = d
+        .client
+        .pipe(spec("echo $$; exec sleep 1000"))
+        .await
+        .expect("pipe");
+    let mut line = Vec::new();
+    within(async {
+        let mut b = [0u8; 1];
+        while t.read_exact(&mut b).await.is_ok() && b[0] != b'\n' {
+            line.push(b[0]);
+        }
+    })
+    .await;
+    let pid: u32 = String::from_utf8_lossy(&line).trim().parse().expect("pid");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+    drop(t);
+    within(async {
+        while std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z"))
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    let e = d
+        .client
+        .pipe(kiln_protocol::kilnd::ExecSpec {
+            cmd: vec!["no-such-language-server".into()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("missing command");
+    assert_eq!(e.code(), Some(DaemonErrorCode::CommandNotFound), "{e}");
+}
