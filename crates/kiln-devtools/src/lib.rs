@@ -5,5 +5,6 @@
 //! sandboxes and credentials and calls into here.
 
 pub mod git;
+pub mod lsp;
 
 pub use git::{Git, GitError};
