@@ -11,9 +11,13 @@ debootstrap  1.0.128+nmu2+deb12u2       63f354316e9bbe747b143b7b0d83e5f237c90314
 iproute2     6.1.0-3                    1204b29e916e836267096d0b9d778106752f821ebde0d281539008b4386d9070
 nftables     1.0.6-2+deb12u2            966ff20ce58c17163a771c02ddbca264291408f94c512bd85dd18da0ebdbe88c
 btrfs-progs  6.2-1+deb12u2              8b9f4223957c327ea355c66876014f8a0ba6c74964c237266442fffa02fbf62e
+ansible-core 2.14.18-0+deb12u2          5f80e76b962daae74535ca5a2b910678acfd9ca2d902d2a94127a59e158f7a77
+ansible      7.7.0+dfsg-3+deb12u1       625d3724fe2e75bfcdf8710a1549af473163cc5971350ac5d785c6ad1dec4af3
 "
 # Tools that come with every Debian system but must be there: losetup and mount (util-linux /
 # mount). btrfs-progs (mkfs.btrfs) formats the disk pool that holds the writable layers.
+# ansible-core runs the template roles; ansible brings the community.general collection, whose
+# `chroot` connection plugin builds each role layer (ansible-core alone has no chroot connection).
 BASE_TOOLS="losetup mount"
 
 check_only=0
