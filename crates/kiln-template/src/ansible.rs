@@ -3,7 +3,7 @@
 //! The build process (`ansible-playbook`) starts in a private mount namespace in which the
 //! parent layers, a fresh upper directory and a work directory are mounted as an overlay on
 //! a scratch `merged/` directory, with the host's `/proc`, `/sys`, `/dev` and
-//! `/etc/resolv.conf` bound into it. Ansible reaches the tree through the
+//! `/etc/resolv.conf` (and, once the image has one, the CA bundle) bound into it. Ansible reaches the tree through the
 //! `community.general.chroot` connection. Every mount belongs to that namespace, so all of
 //! them vanish when the process tree exits, however it exits: a build never leaks a mount on
 //! the host. The upper directory, minus build junk, becomes the role's layer (overlay
@@ -39,6 +39,9 @@ pub fn playbook(role: &str) -> String {
 "#
     )
 }
+
+/// The system CA bundle of Debian (ca-certificates).
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 /// Where `tool` is on `$PATH`.
 pub fn which_path(tool: &str) -> Option<PathBuf> {
@@ -110,6 +113,13 @@ pub fn run_role(run: &RoleRun<'_>, on: &mut dyn FnMut(RoleEvent)) -> Result<Path
     if resolv.exists() {
         binds.push((c(resolv), c(&merged.join("etc/resolv.conf")), false));
     }
+    // The build uses the host's trust store (which may hold a site CA that a TLS proxy needs),
+    // once the image has one to cover; like resolv.conf it is not part of any layer.
+    let ca = Path::new(CA_BUNDLE);
+    let rel = &CA_BUNDLE[1..];
+    if ca.is_file() && run.lower.iter().any(|l| l.join(rel).is_file()) {
+        binds.push((c(ca), c(&merged.join(rel)), false));
+    }
 
     let mut cmd = Command::new(playbook_bin);
     cmd.arg("-i")
@@ -130,6 +140,7 @@ pub fn run_role(run: &RoleRun<'_>, on: &mut dyn FnMut(RoleEvent)) -> Result<Path
         .env("ANSIBLE_REMOTE_TMP", "/tmp/.ansible-kiln")
         .env("HOME", s)
         .env("DEBIAN_FRONTEND", "noninteractive")
+        .env("NODE_EXTRA_CA_CERTS", CA_BUNDLE)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
