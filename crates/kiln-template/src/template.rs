@@ -385,6 +385,7 @@ pub fn gc(store: &ImageStore, keep: &BTreeSet<String>) -> Result<GcReport, Templ
 /// Layers referenced by overlay mounts on this host (sandboxes' root filesystems), read from
 /// `/proc/self/mountinfo`.
 pub fn mounted_layers(root: &Path) -> BTreeSet<String> {
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf());
     let prefix = format!("{}/", root.join("layers").display());
     let mut out = BTreeSet::new();
     let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
