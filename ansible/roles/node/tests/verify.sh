@@ -12,5 +12,5 @@ TS
 tsc --strict hello.ts
 test "$(node hello.js)" = "hello kiln"
 pnpm --version
-kiln-lsp-check typescript-language-server --stdio
+kiln-lsp-check --init "{\"tsserver\":{\"path\":\"$(npm root -g)/typescript/lib\"}}" typescript-language-server --stdio
 echo "node: ok (node $(node --version), tsc $(tsc --version))"
