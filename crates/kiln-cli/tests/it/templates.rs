@@ -109,13 +109,14 @@ fn template_build_is_cached_and_errors_are_one_line() {
     let o = build("badrole", &[("KILN_TEMPLATES_DIR", d.path())]);
     one_line_error(&o, 125, "template `badrole` uses unknown role `nope`");
 
-    // A layer that must be built, with no ansible-playbook on PATH.
+    // A layer that must be built, with no ansible-playbook on PATH. (`--json` keeps progress
+    // on stdout; without it progress lines go to stderr before the one error line.)
     let d = spec_dir(
         "noansible",
         &format!("roles = [\"base\", \"git\"]\n[vars]\ngit_default_branch = \"b{}\"\n", salt()),
     );
     let o = Command::new(kiln())
-        .args(["template", "build", "noansible", "--images-dir"])
+        .args(["template", "build", "noansible", "--json", "--images-dir"])
         .arg(env_path("KILN_TEST_IMAGES"))
         .env("KILN_TEMPLATES_DIR", d.path())
         .env("PATH", "/nonexistent")
@@ -137,7 +138,7 @@ fn template_build_is_cached_and_errors_are_one_line() {
     .expect("tasks");
     let d = spec_dir("broken", "roles = [\"base\", \"broken\"]\n");
     let o = Command::new(kiln())
-        .args(["template", "build", "broken", "--images-dir"])
+        .args(["template", "build", "broken", "--json", "--images-dir"])
         .arg(env_path("KILN_TEST_IMAGES"))
         .env("KILN_TEMPLATES_DIR", d.path())
         .env("KILN_ANSIBLE_DIR", &ansible)
