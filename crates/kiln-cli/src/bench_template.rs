@@ -91,7 +91,12 @@ fn changed_specs(src: &Sources, name: &str, role: &str, dir: &Path) -> Result<So
     })
 }
 
-fn measure(store: &ImageStore, src: &Sources, name: &str, cold_root: Option<&Path>) -> Result<TemplateFigures> {
+fn measure(
+    store: &ImageStore,
+    src: &Sources,
+    name: &str,
+    cold_root: Option<&Path>,
+) -> Result<TemplateFigures> {
     let cold_build_s = match cold_root {
         Some(root) => {
             let dir = root.join(format!("cold-{name}"));
@@ -165,7 +170,12 @@ pub async fn run(g: &Global, b: TemplateBench) -> Result<i32> {
         ));
         let mut out = Vec::new();
         for n in &names {
-            out.push(measure(&store, &src, n, cold.then_some(cold_root.as_path()))?);
+            out.push(measure(
+                &store,
+                &src,
+                n,
+                cold.then_some(cold_root.as_path()),
+            )?);
         }
         let _ = std::fs::remove_dir_all(&cold_root);
         Ok(out)
@@ -191,7 +201,10 @@ pub async fn run(g: &Global, b: TemplateBench) -> Result<i32> {
             "  build in store                {:>8.2} s  ({} layers rebuilt)",
             f.build_s, f.layers_rebuilt
         );
-        println!("  no-change rebuild             {:>8.2} s", f.no_change_rebuild_s);
+        println!(
+            "  no-change rebuild             {:>8.2} s",
+            f.no_change_rebuild_s
+        );
         println!(
             "  one-role change ({:<8})     {:>8.2} s  ({} layers rebuilt)",
             f.one_role_change, f.one_role_change_rebuild_s, f.one_role_change_layers_rebuilt
@@ -201,11 +214,18 @@ pub async fn run(g: &Global, b: TemplateBench) -> Result<i32> {
             println!(
                 "    {:<10} {:<14} {:>10}",
                 l.role,
-                l.digest.trim_start_matches("sha256:").chars().take(12).collect::<String>(),
+                l.digest
+                    .trim_start_matches("sha256:")
+                    .chars()
+                    .take(12)
+                    .collect::<String>(),
                 size(l.size_bytes)
             );
         }
-        println!("  total                         {:>10}", size(f.total_size_bytes));
+        println!(
+            "  total                         {:>10}",
+            size(f.total_size_bytes)
+        );
     }
     println!("targets: base cold <= 60 s, python cold <= 180 s, no-change rebuild <= 3 s");
     Ok(0)

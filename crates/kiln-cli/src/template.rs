@@ -10,7 +10,9 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use kiln_protocol::api::{CreateSandbox, ExecEvent, ExecRequest, NetworkMode, Sandbox, TemplateList};
+use kiln_protocol::api::{
+    CreateSandbox, ExecEvent, ExecRequest, NetworkMode, Sandbox, TemplateList,
+};
 use kiln_template::template::{self, BuildEvent, BuildOptions, GcReport, TemplateInfo};
 use kiln_template::{ImageRef, ImageStore, Sources};
 use reqwest::Method;
@@ -155,7 +157,11 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
                     let src = src.sources();
                     to_list(template::list(&store, &src))
                 }
-                None => g.api().json(Method::GET, "/v1/templates", None::<&()>).await?,
+                None => {
+                    g.api()
+                        .json(Method::GET, "/v1/templates", None::<&()>)
+                        .await?
+                }
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
@@ -189,7 +195,11 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
                 Some(d) => template::info(&open_store(&d)?, &src.sources(), &name)?,
                 None => {
                     g.api()
-                        .json(Method::GET, &format!("/v1/templates/{}", path_name(&name)?), None::<&()>)
+                        .json(
+                            Method::GET,
+                            &format!("/v1/templates/{}", path_name(&name)?),
+                            None::<&()>,
+                        )
                         .await?
                 }
             };
@@ -213,7 +223,10 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
                 }
                 None => {
                     g.api()
-                        .empty(Method::DELETE, &format!("/v1/templates/{}", path_name(&name)?))
+                        .empty(
+                            Method::DELETE,
+                            &format!("/v1/templates/{}", path_name(&name)?),
+                        )
                         .await?
                 }
             }
@@ -259,7 +272,11 @@ fn path_name(name: &str) -> Result<&str> {
 }
 
 fn short(digest: &str) -> String {
-    digest.trim_start_matches("sha256:").chars().take(12).collect()
+    digest
+        .trim_start_matches("sha256:")
+        .chars()
+        .take(12)
+        .collect()
 }
 
 fn fmt_time(ms: u64) -> String {
@@ -299,8 +316,14 @@ fn print_manifest(info: &TemplateInfo) {
     let r = &info.image;
     let cache = serde_json::to_value(info.cache).unwrap_or_default();
     println!("template   {}", r.name);
-    println!("image      {}", r.layers.first().map(String::as_str).unwrap_or(""));
-    println!("size       {}", kiln_server::units::format_size(r.size_bytes));
+    println!(
+        "image      {}",
+        r.layers.first().map(String::as_str).unwrap_or("")
+    );
+    println!(
+        "size       {}",
+        kiln_server::units::format_size(r.size_bytes)
+    );
     println!("built      {}", fmt_time(r.created_at_ms));
     println!("cache      {}", cache.as_str().unwrap_or(""));
     let Some(m) = &r.template else {
@@ -361,19 +384,36 @@ pub fn build(
                 BuildEvent::Plan { template, layers } => {
                     eprintln!("[{template}] layers: {}", layers.join(" -> "))
                 }
-                BuildEvent::LayerStart { role, cached, key, .. } => eprintln!(
+                BuildEvent::LayerStart {
+                    role, cached, key, ..
+                } => eprintln!(
                     "[{role}] {} (key {})",
                     if *cached { "cached" } else { "building" },
                     short(key)
                 ),
-                BuildEvent::Step { role, n, message, .. } => eprintln!("[{role}] {n:>3} {message}"),
-                BuildEvent::LayerDone { role, digest, size_bytes, cached, seconds, .. } => eprintln!(
+                BuildEvent::Step {
+                    role, n, message, ..
+                } => eprintln!("[{role}] {n:>3} {message}"),
+                BuildEvent::LayerDone {
+                    role,
+                    digest,
+                    size_bytes,
+                    cached,
+                    seconds,
+                    ..
+                } => eprintln!(
                     "[{role}] {} layer {} {} in {seconds:.1}s",
                     if *cached { "reused" } else { "built" },
                     short(digest),
                     kiln_server::units::format_size(*size_bytes)
                 ),
-                BuildEvent::Done { template, layers, rebuilt, seconds, size_bytes } => eprintln!(
+                BuildEvent::Done {
+                    template,
+                    layers,
+                    rebuilt,
+                    seconds,
+                    size_bytes,
+                } => eprintln!(
                     "[{template}] ready: {layers} layers, {}, {rebuilt} rebuilt, {seconds:.1}s",
                     kiln_server::units::format_size(*size_bytes)
                 ),
@@ -381,7 +421,13 @@ pub fn build(
             return;
         }
         match ev {
-            BuildEvent::LayerStart { index, role, cached, tasks, .. } => {
+            BuildEvent::LayerStart {
+                index,
+                role,
+                cached,
+                tasks,
+                ..
+            } => {
                 let pb = multi.add(indicatif::ProgressBar::new(tasks.max(1)));
                 pb.set_style(style.clone());
                 pb.set_prefix(role);
@@ -393,7 +439,9 @@ pub fn build(
                 }
                 bars.insert(index, pb);
             }
-            BuildEvent::Step { index, n, message, .. } => {
+            BuildEvent::Step {
+                index, n, message, ..
+            } => {
                 if let Some(pb) = bars.get(&index) {
                     if n > pb.length().unwrap_or(0) {
                         pb.set_length(n);
@@ -402,7 +450,14 @@ pub fn build(
                     pb.set_message(message);
                 }
             }
-            BuildEvent::LayerDone { index, digest, size_bytes, cached, seconds, .. } => {
+            BuildEvent::LayerDone {
+                index,
+                digest,
+                size_bytes,
+                cached,
+                seconds,
+                ..
+            } => {
                 if let Some(pb) = bars.get(&index) {
                     pb.set_position(pb.length().unwrap_or(1));
                     pb.finish_with_message(format!(
@@ -438,7 +493,11 @@ struct CheckResult {
 async fn test(g: &Global, name: &str, src: &Sources, json: bool, timeout: f64) -> Result<i32> {
     let api = g.api();
     let info: TemplateInfo = api
-        .json(Method::GET, &format!("/v1/templates/{}", path_name(name)?), None::<&()>)
+        .json(
+            Method::GET,
+            &format!("/v1/templates/{}", path_name(name)?),
+            None::<&()>,
+        )
         .await?;
     let roles: Vec<String> = info
         .image
@@ -463,7 +522,9 @@ async fn test(g: &Global, name: &str, src: &Sources, json: bool, timeout: f64) -
         .await
         .context("cannot start a sandbox of the template")?;
     let result = run_checks(&api, &sb.id, &roles, src, timeout).await;
-    let _ = api.empty(Method::DELETE, &format!("/v1/sandboxes/{}", sb.id)).await;
+    let _ = api
+        .empty(Method::DELETE, &format!("/v1/sandboxes/{}", sb.id))
+        .await;
     let results = result?;
     let failed = results.iter().filter(|r| !r.passed).count();
     if json {
@@ -520,9 +581,15 @@ async fn run_checks(
         let path = format!("/tmp/kiln-verify/{role}.sh");
         let rb = api
             .request(Method::PUT, &format!("/v1/sandboxes/{id}/files"))
-            .query(&[("path", path.as_str()), ("mode", "755"), ("parents", "true")])
+            .query(&[
+                ("path", path.as_str()),
+                ("mode", "755"),
+                ("parents", "true"),
+            ])
             .body(script);
-        api.send(rb).await.with_context(|| format!("cannot upload the checks of role {role}"))?;
+        api.send(rb)
+            .await
+            .with_context(|| format!("cannot upload the checks of role {role}"))?;
         let start = std::time::Instant::now();
         let req = ExecRequest {
             cmd: vec!["/bin/sh".into(), path.clone()],
@@ -538,7 +605,10 @@ async fn run_checks(
             tag: None,
         };
         let resp = api
-            .send(api.request(Method::POST, &format!("/v1/sandboxes/{id}/exec")).json(&req))
+            .send(
+                api.request(Method::POST, &format!("/v1/sandboxes/{id}/exec"))
+                    .json(&req),
+            )
             .await?;
         let mut output = Vec::new();
         let mut code = None;

@@ -41,18 +41,22 @@ fn api_err(e: TemplateError) -> ApiError {
             ApiError::new(StatusCode::NOT_FOUND, "template_not_found", e.to_string())
                 .hint("template specs are the templates/*.toml files of the server's checkout")
         }
-        TemplateError::UnknownRole { .. } | TemplateError::InvalidSpec { .. } => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_template", e.to_string())
-        }
+        TemplateError::UnknownRole { .. } | TemplateError::InvalidSpec { .. } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_template",
+            e.to_string(),
+        ),
         TemplateError::MissingTool { .. } => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "missing_tool",
             e.to_string(),
         ),
-        TemplateError::RoleFailed { .. } => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "build_failed", e.to_string())
-                .hint("fix the role and build again; the previous template stays usable")
-        }
+        TemplateError::RoleFailed { .. } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "build_failed",
+            e.to_string(),
+        )
+        .hint("fix the role and build again; the previous template stays usable"),
         other => other.into(),
     }
 }
@@ -155,7 +159,9 @@ async fn build_template(
         });
         if let Err(e) = r {
             let body = api_err(e).body();
-            let _ = tx.send(line(&serde_json::json!({"event": "error", "error": body.error})));
+            let _ = tx.send(line(
+                &serde_json::json!({"event": "error", "error": body.error}),
+            ));
         }
     });
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {

@@ -70,7 +70,10 @@ pub struct RoleRun<'a> {
 }
 
 /// Runs the role; on success `scratch/upper` holds the change set, cleaned of build junk.
-pub fn run_role(run: &RoleRun<'_>, on: &mut dyn FnMut(RoleEvent)) -> Result<PathBuf, TemplateError> {
+pub fn run_role(
+    run: &RoleRun<'_>,
+    on: &mut dyn FnMut(RoleEvent),
+) -> Result<PathBuf, TemplateError> {
     let playbook_bin = which_path("ansible-playbook").ok_or_else(|| TemplateError::MissingTool {
         tool: "ansible-playbook".into(),
         hint: "templates are built with Ansible: run `scripts/install-deps.sh` (Debian: apt-get install ansible)".into(),
@@ -174,8 +177,13 @@ pub fn run_role(run: &RoleRun<'_>, on: &mut dyn FnMut(RoleEvent)) -> Result<Path
             }
             for (src, dst, rec) in &binds {
                 let flags = libc::MS_BIND | if *rec { libc::MS_REC } else { 0 };
-                if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), flags, std::ptr::null())
-                    != 0
+                if libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    std::ptr::null(),
+                    flags,
+                    std::ptr::null(),
+                ) != 0
                 {
                     return Err(err());
                 }
@@ -208,7 +216,11 @@ pub fn run_role(run: &RoleRun<'_>, on: &mut dyn FnMut(RoleEvent)) -> Result<Path
     if let Some(out) = child.stdout.take() {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("TASK [") {
-                let name = rest.split("] *").next().unwrap_or(rest).trim_end_matches(']');
+                let name = rest
+                    .split("] *")
+                    .next()
+                    .unwrap_or(rest)
+                    .trim_end_matches(']');
                 n += 1;
                 task = name.to_string();
                 on(RoleEvent::Task {
@@ -225,7 +237,9 @@ pub fn run_role(run: &RoleRun<'_>, on: &mut dyn FnMut(RoleEvent)) -> Result<Path
             }
         }
     }
-    let status = child.wait().map_err(io_err(Path::new("ansible-playbook")))?;
+    let status = child
+        .wait()
+        .map_err(io_err(Path::new("ansible-playbook")))?;
     let errs = err_thread.join().unwrap_or_default();
     if !status.success() {
         let output = if failure.is_empty() {
@@ -238,7 +252,11 @@ pub fn run_role(run: &RoleRun<'_>, on: &mut dyn FnMut(RoleEvent)) -> Result<Path
         };
         return Err(TemplateError::RoleFailed {
             role: run.role.to_string(),
-            task: if task.is_empty() { "(before any task)".into() } else { task },
+            task: if task.is_empty() {
+                "(before any task)".into()
+            } else {
+                task
+            },
             output,
         });
     }
@@ -259,7 +277,11 @@ fn describe_failure(line: &str) -> String {
         Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Some(s.trim().to_string()),
         Some(serde_json::Value::Array(a)) if !a.is_empty() => Some(
             a.iter()
-                .map(|x| x.as_str().map(str::to_string).unwrap_or_else(|| x.to_string()))
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| x.to_string())
+                })
                 .collect::<Vec<_>>()
                 .join(" "),
         ),

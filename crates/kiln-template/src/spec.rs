@@ -34,7 +34,11 @@ impl Sources {
     /// Explicit directories, else `$KILN_TEMPLATES_DIR` / `$KILN_ANSIBLE_DIR`, else the source
     /// checkout Kiln was built from, else `/usr/share/kiln`.
     pub fn discover(templates: Option<PathBuf>, ansible: Option<PathBuf>) -> Self {
-        let env = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let env = |k: &str| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
         let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         let default = |sub: &str| {
             let p = checkout.join(sub);
@@ -113,11 +117,17 @@ pub fn resolve(src: &Sources, name: &str) -> Result<ResolvedTemplate, TemplateEr
     while let Some(n) = cur {
         if chain.iter().any(|(c, _): &(String, TemplateSpec)| *c == n) {
             return Err(TemplateError::InvalidSpec {
-                path: src.templates.join(format!("{name}.toml")).display().to_string(),
+                path: src
+                    .templates
+                    .join(format!("{name}.toml"))
+                    .display()
+                    .to_string(),
                 message: format!("parent chain loops through `{n}`"),
             });
         }
-        let child = chain.last().map(|(c, _): &(String, TemplateSpec)| c.clone());
+        let child = chain
+            .last()
+            .map(|(c, _): &(String, TemplateSpec)| c.clone());
         let spec = load_spec(src, &n, child.as_deref())?;
         cur = spec.parent.clone();
         chain.push((n, spec));
@@ -182,7 +192,11 @@ fn load_spec(
 }
 
 /// `role` and everything it depends on (through `meta/main.yml`), dependencies first.
-pub fn role_closure(src: &Sources, role: &str, template: &str) -> Result<Vec<String>, TemplateError> {
+pub fn role_closure(
+    src: &Sources,
+    role: &str,
+    template: &str,
+) -> Result<Vec<String>, TemplateError> {
     let mut out = Vec::new();
     visit(src, role, template, &mut out, &mut Vec::new())?;
     Ok(out)
@@ -200,7 +214,12 @@ fn visit(
     }
     if stack.iter().any(|r| r == role) {
         return Err(TemplateError::InvalidSpec {
-            path: src.roles_dir().join(role).join("meta/main.yml").display().to_string(),
+            path: src
+                .roles_dir()
+                .join(role)
+                .join("meta/main.yml")
+                .display()
+                .to_string(),
             message: format!("role dependency cycle: {} -> {role}", stack.join(" -> ")),
         });
     }
@@ -224,8 +243,7 @@ fn visit(
 
 fn valid_role_name(r: &str) -> bool {
     !r.is_empty()
-        && r
-            .bytes()
+        && r.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
@@ -358,7 +376,11 @@ fn list_files(root: &Path, dir: &Path, out: &mut BTreeSet<String>) -> Result<(),
         if ft.is_dir() {
             list_files(root, &p, out)?;
         } else {
-            let rel = p.strip_prefix(root).unwrap_or(&p).to_string_lossy().to_string();
+            let rel = p
+                .strip_prefix(root)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .to_string();
             out.insert(rel);
         }
     }
@@ -378,14 +400,21 @@ mod tests {
             "---\ngalaxy_info:\n  author: kiln\n  platforms:\n    - name: Debian\ndependencies:\n  - base\n  - role: git\n  - { role: 'node', when: x }\n",
         )
         .expect("write");
-        assert_eq!(meta_dependencies(&p).expect("parse"), ["base", "git", "node"]);
+        assert_eq!(
+            meta_dependencies(&p).expect("parse"),
+            ["base", "git", "node"]
+        );
         std::fs::write(&p, "dependencies: []\n").expect("write");
         assert!(meta_dependencies(&p).expect("parse").is_empty());
     }
 
     #[test]
     fn vars_go_to_their_role() {
-        let all = vec!["base".to_string(), "python".to_string(), "python_extra".to_string()];
+        let all = vec![
+            "base".to_string(),
+            "python".to_string(),
+            "python_extra".to_string(),
+        ];
         let py = vec!["base".to_string(), "python".to_string()];
         assert!(var_applies("python_uv", &py, &all));
         assert!(var_applies("proxy", &py, &all));

@@ -130,10 +130,16 @@ impl ImageStore {
     pub fn lock(&self, exclusive: bool) -> Result<StoreLock, TemplateError> {
         use std::os::fd::AsRawFd;
         let f = self.lock_file()?;
-        let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
         // SAFETY: flock on a file descriptor we own.
         if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
-            return Err(io_err(&self.root.join("lock"))(std::io::Error::last_os_error()));
+            return Err(io_err(&self.root.join("lock"))(
+                std::io::Error::last_os_error(),
+            ));
         }
         Ok(StoreLock { _file: f })
     }
@@ -148,7 +154,10 @@ impl ImageStore {
 
     /// The layer cached under a role-layer build key, if it is still stored.
     pub fn layer_for_key(&self, key: &str) -> Option<LayerManifest> {
-        let p = self.root.join("keys").join(key.trim_start_matches("sha256:"));
+        let p = self
+            .root
+            .join("keys")
+            .join(key.trim_start_matches("sha256:"));
         let digest = std::fs::read_to_string(p).ok()?;
         let digest = digest.trim();
         if self.has_layer(digest) {
@@ -160,7 +169,10 @@ impl ImageStore {
 
     /// Records that `key` built `digest` (atomic replace).
     pub fn set_key(&self, key: &str, digest: &str) -> Result<(), TemplateError> {
-        let p = self.root.join("keys").join(key.trim_start_matches("sha256:"));
+        let p = self
+            .root
+            .join("keys")
+            .join(key.trim_start_matches("sha256:"));
         let tmp = p.with_extension("tmp");
         std::fs::write(&tmp, digest).map_err(io_err(&tmp))?;
         std::fs::rename(&tmp, &p).map_err(io_err(&p))

@@ -22,7 +22,10 @@ use crate::{io_err, TemplateError};
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum BuildEvent {
     /// The plan: every layer to come, bottom first (`debian` is the debootstrap image).
-    Plan { template: String, layers: Vec<String> },
+    Plan {
+        template: String,
+        layers: Vec<String>,
+    },
     /// A layer starts; `tasks` estimates its Ansible tasks (for a bar).
     LayerStart {
         index: usize,
@@ -148,7 +151,8 @@ pub fn build(
             None => {
                 rebuilt += 1;
                 let scratch = store.scratch(&format!("role-{role}"))?;
-                let lower: Vec<PathBuf> = stack.iter().rev().map(|d| store.layer_rootfs(d)).collect();
+                let lower: Vec<PathBuf> =
+                    stack.iter().rev().map(|d| store.layer_rootfs(d)).collect();
                 let result = ansible::run_role(
                     &RoleRun {
                         ansible_dir: &src.ansible,
@@ -395,7 +399,10 @@ pub fn mounted_layers(root: &Path) -> BTreeSet<String> {
         let mut rest = line;
         while let Some(i) = rest.find(&prefix) {
             let after = &rest[i + prefix.len()..];
-            let hex: String = after.chars().take_while(|c| c.is_ascii_hexdigit()).collect();
+            let hex: String = after
+                .chars()
+                .take_while(|c| c.is_ascii_hexdigit())
+                .collect();
             if hex.len() == 64 {
                 out.insert(format!("sha256:{hex}"));
             }

@@ -65,7 +65,10 @@ fn http(s: &Server, method: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(body)
     } else {
         body.to_string()
@@ -94,13 +97,22 @@ fn template_build_is_cached_and_errors_are_one_line() {
     let ev = events(&o);
     let starts: Vec<_> = ev.iter().filter(|e| e["event"] == "layer_start").collect();
     assert_eq!(
-        starts.iter().map(|e| e["role"].as_str().unwrap_or("")).collect::<Vec<_>>(),
+        starts
+            .iter()
+            .map(|e| e["role"].as_str().unwrap_or(""))
+            .collect::<Vec<_>>(),
         ["debian", "base", "git", "ollama"]
     );
     assert!(starts.iter().all(|e| e["cached"] == true), "{ev:?}");
-    let done = ev.iter().find(|e| e["event"] == "done").expect("done event");
+    let done = ev
+        .iter()
+        .find(|e| e["event"] == "done")
+        .expect("done event");
     assert_eq!(done["rebuilt"], 0);
-    assert_eq!(ev.last().map(|e| e["event"].clone()), Some(serde_json::json!("result")));
+    assert_eq!(
+        ev.last().map(|e| e["event"].clone()),
+        Some(serde_json::json!("result"))
+    );
 
     let o = build("no-such-template", &[]);
     one_line_error(&o, 125, "unknown template `no-such-template`");
@@ -113,7 +125,10 @@ fn template_build_is_cached_and_errors_are_one_line() {
     // on stdout; without it progress lines go to stderr before the one error line.)
     let d = spec_dir(
         "noansible",
-        &format!("roles = [\"base\", \"git\"]\n[vars]\ngit_default_branch = \"b{}\"\n", salt()),
+        &format!(
+            "roles = [\"base\", \"git\"]\n[vars]\ngit_default_branch = \"b{}\"\n",
+            salt()
+        ),
     );
     let o = Command::new(kiln())
         .args(["template", "build", "noansible", "--json", "--images-dir"])
@@ -123,17 +138,27 @@ fn template_build_is_cached_and_errors_are_one_line() {
         .output()
         .expect("run");
     one_line_error(&o, 125, "`ansible-playbook` is not installed");
-    assert!(text(&o.stderr).contains("install-deps"), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("install-deps"),
+        "{}",
+        text(&o.stderr)
+    );
 
     // A failing role: one line naming the role, the task and the command's output.
     let roles = tempfile::tempdir().expect("tmp");
     let ansible = roles.path().join("ansible");
     std::fs::create_dir_all(ansible.join("roles/broken/tasks")).expect("mkdir");
-    std::os::unix::fs::symlink(repo().join("ansible/roles/base"), ansible.join("roles/base"))
-        .expect("link");
+    std::os::unix::fs::symlink(
+        repo().join("ansible/roles/base"),
+        ansible.join("roles/base"),
+    )
+    .expect("link");
     std::fs::write(
         ansible.join("roles/broken/tasks/main.yml"),
-        format!("---\n- name: Break here\n  ansible.builtin.command: ls /no-such-path-{}\n", salt()),
+        format!(
+            "---\n- name: Break here\n  ansible.builtin.command: ls /no-such-path-{}\n",
+            salt()
+        ),
     )
     .expect("tasks");
     let d = spec_dir("broken", "roles = [\"base\", \"broken\"]\n");
@@ -144,13 +169,26 @@ fn template_build_is_cached_and_errors_are_one_line() {
         .env("KILN_ANSIBLE_DIR", &ansible)
         .output()
         .expect("run");
-    one_line_error(&o, 125, "role `broken` failed at task `broken : Break here`");
-    assert!(text(&o.stderr).contains("No such file or directory"), "{}", text(&o.stderr));
+    one_line_error(
+        &o,
+        125,
+        "role `broken` failed at task `broken : Break here`",
+    );
+    assert!(
+        text(&o.stderr).contains("No such file or directory"),
+        "{}",
+        text(&o.stderr)
+    );
 }
 
 fn check_template(s: &Server, name: &str, roles: &[&str], tools: &[&str]) {
     let o = build(name, &[]);
-    assert_eq!(o.status.code(), Some(0), "build {name}: {}", text(&o.stderr));
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "build {name}: {}",
+        text(&o.stderr)
+    );
     let o = s.run(&["template", "inspect", name, "--json"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let info: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
@@ -164,7 +202,9 @@ fn check_template(s: &Server, name: &str, roles: &[&str], tools: &[&str]) {
     assert_eq!(got, roles);
     for t in tools {
         assert!(
-            info["template"]["tools"][t].as_str().is_some_and(|v| !v.is_empty()),
+            info["template"]["tools"][t]
+                .as_str()
+                .is_some_and(|v| !v.is_empty()),
             "{name}: tool {t} not recorded: {}",
             info["template"]["tools"]
         );
@@ -174,7 +214,8 @@ fn check_template(s: &Server, name: &str, roles: &[&str], tools: &[&str]) {
     assert_eq!(o.status.code(), Some(0), "{out}\n{}", text(&o.stderr));
     for r in roles {
         assert!(
-            out.lines().any(|l| l.starts_with(r) && l.contains(" pass ")),
+            out.lines()
+                .any(|l| l.starts_with(r) && l.contains(" pass ")),
             "{r} did not pass:\n{out}"
         );
     }
@@ -183,7 +224,12 @@ fn check_template(s: &Server, name: &str, roles: &[&str], tools: &[&str]) {
 #[test]
 fn base_and_python_templates_build_test_and_run() {
     let s = Server::start(&["--warm-pool", "0"]);
-    check_template(&s, "base", &["base", "git", "ollama"], &["curl", "git", "ollama_host"]);
+    check_template(
+        &s,
+        "base",
+        &["base", "git", "ollama"],
+        &["curl", "git", "ollama_host"],
+    );
     check_template(
         &s,
         "python",
@@ -192,11 +238,25 @@ fn base_and_python_templates_build_test_and_run() {
     );
     // The template is usable by `run` and `sandbox create`.
     let o = s.run(&[
-        "run", "--template", "python", "--", "python3", "-c", "import sys; print(sys.version_info[0] * 14)",
+        "run",
+        "--template",
+        "python",
+        "--",
+        "python3",
+        "-c",
+        "import sys; print(sys.version_info[0] * 14)",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     assert_eq!(text(&o.stdout).trim(), "42");
-    let o = s.run(&["run", "--template", "python", "--", "sh", "-c", "id -un user && git config --system init.defaultBranch"]);
+    let o = s.run(&[
+        "run",
+        "--template",
+        "python",
+        "--",
+        "sh",
+        "-c",
+        "id -un user && git config --system init.defaultBranch",
+    ]);
     assert_eq!(text(&o.stdout).trim(), "user\nmain", "{}", text(&o.stderr));
     let o = s.run(&["sandbox", "create", "--template", "nope"]);
     one_line_error(&o, 125, "template `nope` is not built");
@@ -218,7 +278,10 @@ fn base_and_python_templates_build_test_and_run() {
 fn template_api_builds_removes_and_collects() {
     let name = format!("scratch-{}", &salt()[..8]);
     let specs = spec_dir(&name, "roles = [\"base\"]\n");
-    let s = Server::start_env(&["--warm-pool", "0"], &[("KILN_TEMPLATES_DIR", specs.path())]);
+    let s = Server::start_env(
+        &["--warm-pool", "0"],
+        &[("KILN_TEMPLATES_DIR", specs.path())],
+    );
     let (st, body) = http(&s, "POST", &format!("/v1/templates/{name}/build"));
     assert_eq!(st, 200, "{body}");
     let ev: Vec<serde_json::Value> = body
@@ -253,8 +316,18 @@ fn node_rust_polyglot_templates() {
         return;
     }
     let s = Server::start(&["--warm-pool", "0"]);
-    check_template(&s, "node", &["base", "git", "ollama", "node"], &["node", "npm", "tsc", "typescript-language-server", "pnpm"]);
-    check_template(&s, "rust", &["base", "git", "ollama", "rust"], &["rustc", "cargo", "rust_toolchain_source", "rust-analyzer"]);
+    check_template(
+        &s,
+        "node",
+        &["base", "git", "ollama", "node"],
+        &["node", "npm", "tsc", "typescript-language-server", "pnpm"],
+    );
+    check_template(
+        &s,
+        "rust",
+        &["base", "git", "ollama", "rust"],
+        &["rustc", "cargo", "rust_toolchain_source", "rust-analyzer"],
+    );
     check_template(
         &s,
         "polyglot",

@@ -31,8 +31,11 @@ impl TestSources {
         let roles = dir.path().join("ansible/roles");
         std::fs::create_dir_all(&roles).expect("mkdir");
         std::fs::create_dir_all(dir.path().join("templates")).expect("mkdir");
-        std::fs::copy(repo().join("ansible/ansible.cfg"), dir.path().join("ansible/ansible.cfg"))
-            .expect("cfg");
+        std::fs::copy(
+            repo().join("ansible/ansible.cfg"),
+            dir.path().join("ansible/ansible.cfg"),
+        )
+        .expect("cfg");
         std::os::unix::fs::symlink(repo().join("ansible/roles/base"), roles.join("base"))
             .expect("link base");
         let s = Self { dir };
@@ -83,7 +86,12 @@ fn build(
 ) -> (Result<kiln_template::ImageRef, TemplateError>, Vec<String>) {
     let mut rebuilt = Vec::new();
     let r = template::build(store, src, name, &BuildOptions::default(), &mut |e| {
-        if let BuildEvent::LayerStart { role, cached: false, .. } = e {
+        if let BuildEvent::LayerStart {
+            role,
+            cached: false,
+            ..
+        } = e
+        {
             rebuilt.push(role);
         }
     });
@@ -122,9 +130,16 @@ fn only_layers_whose_inputs_changed_are_rebuilt() {
     ts.template(&name, &spec("a", "b"));
     let (r1, rebuilt) = build(&store, &src, &name);
     let r1 = r1.expect("first build");
-    assert_eq!(rebuilt, ["t1", "t2"], "base comes from the cache, t1 and t2 are new");
+    assert_eq!(
+        rebuilt,
+        ["t1", "t2"],
+        "base comes from the cache, t1 and t2 are new"
+    );
     assert_eq!(r1.layers.len(), 4);
-    assert_eq!(read_in_stack(&store, &r1, "etc/kiln-t2.txt"), Some(format!("b-{salt}\n")));
+    assert_eq!(
+        read_in_stack(&store, &r1, "etc/kiln-t2.txt"),
+        Some(format!("b-{salt}\n"))
+    );
 
     let (r2, rebuilt) = build(&store, &src, &name);
     assert!(rebuilt.is_empty(), "no-change rebuild rebuilt {rebuilt:?}");
@@ -136,12 +151,19 @@ fn only_layers_whose_inputs_changed_are_rebuilt() {
     assert_eq!(rebuilt, ["t2"]);
     assert_eq!(r3.layers[1..], r1.layers[1..], "layers below t2 are shared");
     assert_ne!(r3.layers[0], r1.layers[0]);
-    assert_eq!(read_in_stack(&store, &r3, "etc/kiln-t2.txt"), Some(format!("c-{salt}\n")));
+    assert_eq!(
+        read_in_stack(&store, &r3, "etc/kiln-t2.txt"),
+        Some(format!("c-{salt}\n"))
+    );
 
     ts.template(&name, &spec("z", "c"));
     let (r4, rebuilt) = build(&store, &src, &name);
     r4.expect("t1 change");
-    assert_eq!(rebuilt, ["t1", "t2"], "a change in t1 rebuilds t1 and everything above it");
+    assert_eq!(
+        rebuilt,
+        ["t1", "t2"],
+        "a change in t1 rebuilds t1 and everything above it"
+    );
 
     // A role file edit (not only a variable) also invalidates the layer.
     let tasks = ts.dir.path().join("ansible/roles/t2/tasks/main.yml");
@@ -158,9 +180,19 @@ fn only_layers_whose_inputs_changed_are_rebuilt() {
         m.roles.iter().map(|r| r.role.as_str()).collect::<Vec<_>>(),
         ["base", "t1", "t2"]
     );
-    assert_eq!(m.roles[2].vars.get("t2_msg"), Some(&serde_json::json!(format!("c-{salt}"))));
-    assert!(!m.roles[2].vars.contains_key("t1_msg"), "t2 does not see t1's variables");
-    assert!(m.tools.contains_key("curl"), "base records its tools: {:?}", m.tools);
+    assert_eq!(
+        m.roles[2].vars.get("t2_msg"),
+        Some(&serde_json::json!(format!("c-{salt}")))
+    );
+    assert!(
+        !m.roles[2].vars.contains_key("t1_msg"),
+        "t2 does not see t1's variables"
+    );
+    assert!(
+        m.tools.contains_key("curl"),
+        "base records its tools: {:?}",
+        m.tools
+    );
     ts.template(&name, &spec("y", "c"));
     assert_eq!(
         template::info(&store, &src, &name).expect("info").cache,
@@ -210,47 +242,65 @@ fn spec_errors_are_clear() {
     let store = test_store();
     let ts = TestSources::new();
     let src = ts.sources();
-    let e = build(&store, &src, "no-such-template").0.expect_err("unknown");
+    let e = build(&store, &src, "no-such-template")
+        .0
+        .expect_err("unknown");
     let msg = e.to_string();
     assert!(
-        matches!(e, TemplateError::UnknownTemplate { .. }) && msg.starts_with("unknown template `no-such-template`"),
+        matches!(e, TemplateError::UnknownTemplate { .. })
+            && msg.starts_with("unknown template `no-such-template`"),
         "{msg}"
     );
     ts.template("badrole", "roles = [\"base\", \"nope\"]\n");
     let e = build(&store, &src, "badrole").0.expect_err("unknown role");
     assert!(matches!(e, TemplateError::UnknownRole { .. }), "{e}");
     assert!(e.to_string().contains("unknown role `nope`"), "{e}");
-    assert!(e.to_string().contains("known roles: base, t1, t2, tfail"), "{e}");
+    assert!(
+        e.to_string().contains("known roles: base, t1, t2, tfail"),
+        "{e}"
+    );
     ts.template("badparent", "parent = \"ghost\"\nroles = [\"t1\"]\n");
-    let e = build(&store, &src, "badparent").0.expect_err("unknown parent");
-    assert!(e.to_string().contains("unknown template `ghost` (parent of `badparent`)"), "{e}");
+    let e = build(&store, &src, "badparent")
+        .0
+        .expect_err("unknown parent");
+    assert!(
+        e.to_string()
+            .contains("unknown template `ghost` (parent of `badparent`)"),
+        "{e}"
+    );
     ts.template("typo", "rolez = [\"t1\"]\n");
     let e = build(&store, &src, "typo").0.expect_err("bad key");
     assert!(matches!(e, TemplateError::InvalidSpec { .. }), "{e}");
     assert!(e.to_string().contains("rolez"), "{e}");
-    ts.role("needs", "---\n- name: x\n  ansible.builtin.debug: msg=x\n", "---\n");
+    ts.role(
+        "needs",
+        "---\n- name: x\n  ansible.builtin.debug: msg=x\n",
+        "---\n",
+    );
     std::fs::write(
         ts.dir.path().join("ansible/roles/needs/meta/main.yml"),
         "---\ndependencies:\n  - role: t1\n",
     )
     .expect("meta");
     ts.template("order", "roles = [\"needs\"]\n");
-    let e = build(&store, &src, "order").0.expect_err("dependency order");
+    let e = build(&store, &src, "order")
+        .0
+        .expect_err("dependency order");
     assert!(e.to_string().contains("depends on role `t1`"), "{e}");
 }
 
 #[test]
 fn repo_templates_resolve() {
-    let src = Sources::discover(
-        Some(repo().join("templates")),
-        Some(repo().join("ansible")),
-    );
+    let src = Sources::discover(Some(repo().join("templates")), Some(repo().join("ansible")));
     let want: BTreeMap<&str, Vec<&str>> = BTreeMap::from([
         ("base", vec!["base", "git", "ollama"]),
         ("python", vec!["base", "git", "ollama", "python"]),
         ("node", vec!["base", "git", "ollama", "node"]),
         ("rust", vec!["base", "git", "ollama", "rust"]),
-        ("polyglot", vec!["base", "git", "ollama", "python", "node", "rust"]),
+        (
+            "polyglot",
+            vec!["base", "git", "ollama", "python", "node", "rust"],
+        ),
     ]);
     for (name, roles) in want {
         let t = template::resolve(&src, name).expect(name);
@@ -266,7 +316,9 @@ fn repo_templates_resolve() {
         assert_eq!(listed, roles, "playbooks/{name}.yml");
         for r in &t.roles {
             assert!(
-                repo().join(format!("ansible/roles/{r}/tests/verify.sh")).is_file(),
+                repo()
+                    .join(format!("ansible/roles/{r}/tests/verify.sh"))
+                    .is_file(),
                 "role {r} ships its checks"
             );
         }
@@ -284,7 +336,9 @@ fn gc_keeps_referenced_and_mounted_layers() {
         std::fs::create_dir_all(&rootfs).expect("mkdir");
         std::fs::write(rootfs.join("f"), format!("layer {i}")).expect("write");
         let l = store.publish(&rootfs, None, "k", "test").expect("publish");
-        store.set_key(&format!("sha256:{i:064x}"), &l.digest).expect("key");
+        store
+            .set_key(&format!("sha256:{i:064x}"), &l.digest)
+            .expect("key");
         digests.push(l.digest);
     }
     store
@@ -303,7 +357,11 @@ fn gc_keeps_referenced_and_mounted_layers() {
         .with_file_name("rootfs-userns-100000-65536");
     std::fs::create_dir_all(&shifted).expect("shifted");
     // digests[1] is in use by a mounted overlay, as a live sandbox's rootfs would be.
-    let (upper, work, merged) = (dir.path().join("u"), dir.path().join("w"), dir.path().join("m"));
+    let (upper, work, merged) = (
+        dir.path().join("u"),
+        dir.path().join("w"),
+        dir.path().join("m"),
+    );
     for d in [&upper, &work, &merged] {
         std::fs::create_dir_all(d).expect("mkdir");
     }
@@ -334,7 +392,10 @@ fn gc_keeps_referenced_and_mounted_layers() {
     assert!(store.layer_for_key(&format!("sha256:{:064x}", 2)).is_none());
     assert!(store.layer_for_key(&format!("sha256:{:064x}", 0)).is_some());
     template::remove(&store, "kept").expect("rm");
-    assert!(matches!(template::remove(&store, "kept"), Err(TemplateError::NotBuilt(_))));
+    assert!(matches!(
+        template::remove(&store, "kept"),
+        Err(TemplateError::NotBuilt(_))
+    ));
     // Unreferenced and no longer mounted: both go.
     let rep = template::gc(&store, &Default::default()).expect("gc");
     let mut both = vec![digests[0].clone(), digests[1].clone()];
