@@ -2,7 +2,6 @@
 # Checks of the rust role, offline: cargo new && cargo run, and an LSP initialize handshake
 # with rust-analyzer when the template has it (the manifest says why when it does not).
 set -eu
-[ -r /etc/environment ] && export $(grep -E '^RUSTUP_HOME=' /etc/environment || true)
 d=$(mktemp -d)
 cd "$d"
 export CARGO_HOME="$d/cargo-home"
