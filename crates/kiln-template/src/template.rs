@@ -159,6 +159,7 @@ pub fn build(
                         role,
                         lower: &lower,
                         vars: &vars,
+                        applied_deps: &closure,
                         scratch: &scratch,
                     },
                     &mut |e| match e {
@@ -236,8 +237,9 @@ pub fn build(
 
 /// Rough task count of a role run (for a progress bar): `- name:` lines in its tasks.
 fn estimate_tasks(src: &Sources, closure: &[String]) -> u64 {
-    let mut n = 1; // the Python bootstrap
-    for r in closure {
+    // The Python bootstrap, one no-op per dependency stub, the role's own tasks.
+    let mut n = closure.len() as u64;
+    if let Some(r) = closure.last() {
         let dir = src.roles_dir().join(r).join("tasks");
         if let Ok(rd) = std::fs::read_dir(&dir) {
             for e in rd.filter_map(|e| e.ok()) {
