@@ -13,7 +13,7 @@ BENCH_N     ?= 200
 
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test deps toolchain build kilnd test-image bench fmt lint clean-test
+.PHONY: run test deps toolchain build kilnd test-image bench bench-template fmt lint clean-test
 
 ## run: install what is missing, build, start `kiln up` on embedded defaults
 run: deps build
@@ -40,9 +40,15 @@ build: kilnd
 	cargo build --release -p kiln-cli
 	install -m 0755 $(KILND) $(TARGET_DIR)/release/kilnd
 
-## test-image: the Debian base image the tests start sandboxes from (cached by build key)
+## test-image: the templates the tests start sandboxes from: `base` and `python` (Debian image
+## + one Ansible-built layer per role, each cached by its key; a warm store rebuilds nothing)
 test-image: build
 	$(KILN) template build base --images-dir $(TEST_IMAGES)
+	$(KILN) template build python --images-dir $(TEST_IMAGES)
+
+## bench-template: `kiln bench template` (build times, layer sizes) on the test image store
+bench-template: build
+	$(KILN) bench template base python --images-dir $(TEST_IMAGES)
 
 ## bench: `kiln bench sandbox` against a throwaway server on port 7787
 bench: build

@@ -20,6 +20,8 @@ use crate::Global;
 pub enum BenchCmd {
     /// Sandbox create/exec latency and idle memory
     Sandbox(SandboxBench),
+    /// Template build times (cold, no-change, one-role change) and layer sizes (needs root)
+    Template(crate::bench_template::TemplateBench),
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +82,7 @@ struct Report {
 pub async fn run(g: &Global, cmd: BenchCmd) -> Result<i32> {
     match cmd {
         BenchCmd::Sandbox(b) => sandbox(&g.api(), b).await,
+        BenchCmd::Template(b) => crate::bench_template::run(g, b).await,
     }
 }
 

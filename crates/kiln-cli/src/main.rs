@@ -6,6 +6,7 @@
 
 mod api;
 mod bench;
+mod bench_template;
 mod sandbox;
 mod shell;
 mod template;
@@ -57,7 +58,7 @@ enum Command {
     Sandbox(sandbox::SandboxCmd),
     /// Create a sandbox, run one command in it, remove it; exits with the command's code
     Run(sandbox::RunArgs),
-    /// Build and list templates (sandbox images)
+    /// Build, list, inspect, test and remove templates (sandbox images built from Ansible roles)
     #[command(subcommand)]
     Template(template::TemplateCmd),
     /// Measure the platform through the server's API

@@ -138,10 +138,16 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
     if !a.no_build {
         let store = kiln_template::ImageStore::open(&cfg.images_dir)?;
         if store.get("base").is_err() {
-            eprintln!("kiln: building the base image (debootstrap, about a minute on first start)");
+            eprintln!("kiln: building the base template (debootstrap + Ansible roles, a few minutes on first start)");
             let dir = cfg.images_dir.clone();
             tokio::task::spawn_blocking(move || {
-                crate::template::build_base(&dir, &kiln_template::BaseSpec::default(), false, false)
+                crate::template::build(
+                    &dir,
+                    &kiln_template::Sources::discover(None, None),
+                    "base",
+                    &kiln_template::BuildOptions::default(),
+                    false,
+                )
             })
             .await??;
         }

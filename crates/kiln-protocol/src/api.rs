@@ -272,6 +272,16 @@ pub struct Template {
     pub image: String,
     pub size_bytes: u64,
     pub created_at_ms: u64,
+    /// Number of layers in its stack.
+    #[serde(default)]
+    pub layers: usize,
+    /// Its roles, bottom first (empty for the plain Debian image).
+    #[serde(default)]
+    pub roles: Vec<String>,
+    /// `fresh` (sources match the build), `stale` (a rebuild would change layers) or
+    /// `no_spec` (no template spec, e.g. the debootstrap `debian` image).
+    #[serde(default)]
+    pub cache: String,
 }
 
 /// `GET /v1/templates`.

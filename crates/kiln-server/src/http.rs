@@ -17,7 +17,6 @@ use futures_util::{SinkExt, StreamExt, TryStreamExt};
 use kiln_protocol::api::{
     CreateSandbox, ExecEvent, ExecRequest, FileList, Health, MkdirRequest, MoveRequest,
     ProcessList, ProcessStarted, PtyMessage, SandboxList, SignalArg, SignalRequest, StreamKind,
-    Template, TemplateList,
 };
 use kiln_protocol::kilnd::{ExecSpec, PtySpec, Reply};
 use serde::Deserialize;
@@ -50,7 +49,7 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/:id/files/move", post(move_file))
         .route("/sandboxes/:id/files/watch", get(watch))
         .route("/sandboxes/:id/pty", get(pty))
-        .route("/templates", get(list_templates))
+        .merge(crate::templates::routes())
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(health));
     Router::new()
@@ -712,19 +711,4 @@ async fn pump_pty(socket: WebSocket, session: kilnd::client::PtySession) {
         _ = out => {}
         _ = inp => {}
     }
-}
-
-async fn list_templates(State(k): State<AppState>) -> Json<TemplateList> {
-    let templates = k
-        .images
-        .list()
-        .into_iter()
-        .map(|r| Template {
-            name: r.name,
-            image: r.layers.first().cloned().unwrap_or_default(),
-            size_bytes: r.size_bytes,
-            created_at_ms: r.created_at_ms,
-        })
-        .collect();
-    Json(TemplateList { templates })
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod service;
+pub mod templates;
 pub mod units;
 
 use std::net::SocketAddr;

@@ -1,5 +1,6 @@
 //! Builds the Debian base layer with `debootstrap --variant=minbase` against the host's own
-//! Debian mirror, and publishes it in the image store as the `base` template.
+//! Debian mirror, and publishes it in the image store as the `debian` image, the bottom layer
+//! of every template.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -9,6 +10,9 @@ use sha2::{Digest, Sha256};
 
 use crate::store::{ImageRef, ImageStore};
 use crate::{io_err, TemplateError, LAYER_FORMAT_VERSION};
+
+/// The ref name of the debootstrap image.
+pub const DEBIAN_REF: &str = "debian";
 
 /// What goes into the base layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +74,7 @@ pub fn build_key(spec: &BaseSpec, mirror: &str) -> String {
     format!("sha256:{}", hex::encode(h.finalize()))
 }
 
-/// Builds (or reuses) the base image and points the `base` ref at it.
+/// Builds (or reuses) the base image and points the `debian` ref at it.
 /// Reuses the existing layer when the build key is unchanged, unless `force`.
 pub fn build_base(
     store: &ImageStore,
@@ -90,7 +94,7 @@ pub fn build_base(
     let mirror = resolve_mirror(spec)?;
     let key = build_key(spec, &mirror);
     if !force {
-        if let Ok(existing) = store.get("base") {
+        if let Ok(existing) = store.get(DEBIAN_REF) {
             if existing.build_key == key {
                 report(
                     "cached",
@@ -179,18 +183,19 @@ pub fn build_base(
         let layer = store.publish(&rootfs, None, &key, &source)?;
         report("publish", format!("layer {}", layer.digest));
         let r = ImageRef {
-            name: "base".into(),
+            name: DEBIAN_REF.into(),
             layers: vec![layer.digest.clone()],
             build_key: key.clone(),
             size_bytes: layer.size_bytes,
             created_at_ms: crate::now_ms(),
+            template: None,
         };
         store.set_ref(&r)?;
         Ok(r)
     })();
     let _ = std::fs::remove_dir_all(&scratch);
     let r = result?;
-    report("done", format!("base image ready: {}", r.layers[0]));
+    report("done", format!("debian image ready: {}", r.layers[0]));
     Ok(r)
 }
 

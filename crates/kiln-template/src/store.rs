@@ -5,8 +5,10 @@
 //! ```text
 //! layers/<hex>/rootfs      the layer's files (never written after publish)
 //! layers/<hex>/layer.json  LayerManifest
-//! refs/<name>.json         ImageRef: a template name -> layer stack + build key
+//! refs/<name>.json         ImageRef: a template name -> layer stack + build key (+ manifest)
+//! keys/<hex>               role-layer build key -> layer digest (the build cache index)
 //! tmp/                     builds in progress (cleared on open)
+//! lock                     flock: builds hold it shared, gc exclusive
 //! ```
 //! Architecture invariant: a directory under `layers/` is complete and immutable; it appears
 //! only through an atomic rename from `tmp/`.
@@ -41,6 +43,40 @@ pub struct ImageRef {
     pub build_key: String,
     pub size_bytes: u64,
     pub created_at_ms: u64,
+    /// How a role-built template was made (absent for the plain Debian image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<TemplateManifest>,
+}
+
+/// The manifest of a template built from roles.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateManifest {
+    pub description: String,
+    /// Digest of the Debian base layer at the bottom.
+    pub base: String,
+    /// Role layers, bottom first.
+    pub roles: Vec<RoleLayer>,
+    /// Variables of the spec (merged along its parents).
+    pub vars: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Tool versions the roles recorded (`"unavailable: why"` when a tool could not be had).
+    pub tools: std::collections::BTreeMap<String, String>,
+}
+
+/// One role's layer in a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoleLayer {
+    pub role: String,
+    pub digest: String,
+    pub key: String,
+    pub size_bytes: u64,
+    /// The variables this layer saw.
+    pub vars: std::collections::BTreeMap<String, serde_json::Value>,
+}
+
+/// A held store lock (released on drop).
+#[derive(Debug)]
+pub struct StoreLock {
+    _file: std::fs::File,
 }
 
 /// The image store rooted at one directory.
@@ -63,16 +99,153 @@ impl ImageStore {
     /// Opens (creating) the store and clears interrupted builds.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, TemplateError> {
         let root = root.into();
-        for d in ["layers", "refs"] {
+        for d in ["layers", "refs", "keys"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        let tmp = root.join("tmp");
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let store = Self { root };
+        // Interrupted builds are cleared only when no build runs (one holds the lock shared).
+        if let Some(_l) = store.try_lock_exclusive()? {
+            let tmp = store.root.join("tmp");
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
+            }
         }
+        let tmp = store.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        Ok(Self { root })
+        Ok(store)
+    }
+
+    fn lock_file(&self) -> Result<std::fs::File, TemplateError> {
+        let p = self.root.join("lock");
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(io_err(&p))
+    }
+
+    /// Takes the store lock: shared for builds, exclusive for gc (blocks until free).
+    pub fn lock(&self, exclusive: bool) -> Result<StoreLock, TemplateError> {
+        use std::os::fd::AsRawFd;
+        let f = self.lock_file()?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: flock on a file descriptor we own.
+        if unsafe { libc::flock(f.as_raw_fd(), op) } != 0 {
+            return Err(io_err(&self.root.join("lock"))(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(StoreLock { _file: f })
+    }
+
+    fn try_lock_exclusive(&self) -> Result<Option<StoreLock>, TemplateError> {
+        use std::os::fd::AsRawFd;
+        let f = self.lock_file()?;
+        // SAFETY: flock on a file descriptor we own.
+        let ok = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        Ok(ok.then_some(StoreLock { _file: f }))
+    }
+
+    /// The layer cached under a role-layer build key, if it is still stored.
+    pub fn layer_for_key(&self, key: &str) -> Option<LayerManifest> {
+        let p = self
+            .root
+            .join("keys")
+            .join(key.trim_start_matches("sha256:"));
+        let digest = std::fs::read_to_string(p).ok()?;
+        let digest = digest.trim();
+        if self.has_layer(digest) {
+            self.layer(digest).ok()
+        } else {
+            None
+        }
+    }
+
+    /// Records that `key` built `digest` (atomic replace).
+    pub fn set_key(&self, key: &str, digest: &str) -> Result<(), TemplateError> {
+        let p = self
+            .root
+            .join("keys")
+            .join(key.trim_start_matches("sha256:"));
+        let tmp = p.with_extension("tmp");
+        std::fs::write(&tmp, digest).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, &p).map_err(io_err(&p))
+    }
+
+    /// Drops cache index entries whose layer is gone.
+    pub fn prune_keys(&self) {
+        if let Ok(rd) = std::fs::read_dir(self.root.join("keys")) {
+            for e in rd.filter_map(|e| e.ok()) {
+                let d = std::fs::read_to_string(e.path()).unwrap_or_default();
+                if !self.has_layer(d.trim()) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
+    /// Digests of every stored layer.
+    pub fn layer_digests(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.root.join("layers"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str().map(|h| format!("sha256:{h}")))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Deletes a layer and its uid-shifted copies: renamed into `tmp/` first, so a half
+    /// deleted layer is never visible under `layers/`.
+    pub fn remove_layer(&self, digest: &str) -> Result<(), TemplateError> {
+        let dir = self.layer_dir(digest);
+        let doomed = self
+            .root
+            .join("tmp")
+            .join(format!("gc-{:016x}", rand::random::<u64>()));
+        std::fs::rename(&dir, &doomed).map_err(io_err(&dir))?;
+        std::fs::remove_dir_all(&doomed).map_err(io_err(&doomed))
+    }
+
+    /// Names of every ref file (built or not), sorted.
+    pub fn ref_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.root.join("refs"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()?
+                            .strip_suffix(".json")
+                            .map(str::to_string)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        names
+    }
+
+    /// Removes the ref `name`.
+    pub fn remove_ref(&self, name: &str) -> Result<(), TemplateError> {
+        if !valid_name(name) {
+            return Err(TemplateError::InvalidName(name.to_string()));
+        }
+        let p = self.root.join("refs").join(format!("{name}.json"));
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(TemplateError::NotBuilt(name.to_string()))
+            }
+            Err(e) => Err(io_err(&p)(e)),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -187,20 +360,10 @@ impl ImageStore {
 
     /// All named images, sorted by name.
     pub fn list(&self) -> Vec<ImageRef> {
-        let mut names: Vec<String> = std::fs::read_dir(self.root.join("refs"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| {
-                        e.file_name()
-                            .to_str()?
-                            .strip_suffix(".json")
-                            .map(str::to_string)
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        names.sort();
-        names.iter().filter_map(|n| self.get(n).ok()).collect()
+        self.ref_names()
+            .iter()
+            .filter_map(|n| self.get(n).ok())
+            .collect()
     }
 
     /// Root filesystems of an image's layers, top first (overlay `lowerdir` order).
@@ -238,6 +401,7 @@ mod tests {
             build_key: "key".into(),
             size_bytes: 2,
             created_at_ms: 1,
+            template: None,
         };
         store.set_ref(&r).expect("set");
         assert_eq!(store.get("base").expect("get"), r);

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+mod templates;
+
 fn kiln() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_kiln"))
 }
@@ -33,6 +35,10 @@ fn free_port() -> u16 {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Self::start_env(extra, &[])
+    }
+
+    fn start_env(extra: &[&str], env: &[(&str, &std::path::Path)]) -> Server {
         let data = tempfile::tempdir().expect("tmp");
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
@@ -56,6 +62,7 @@ impl Server {
                 "512M",
             ])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -404,31 +411,4 @@ fn sandbox_commands_end_to_end() {
     s.remove_all();
     let st = s.stop();
     assert!(st.success(), "kiln up exited with {st}: {log_hint}");
-}
-
-#[test]
-fn template_build_reports_cached_base() {
-    let o = Command::new(kiln())
-        .args(["template", "build", "base", "--json", "--images-dir"])
-        .arg(env_path("KILN_TEST_IMAGES"))
-        .output()
-        .expect("run");
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
-    let lines: Vec<serde_json::Value> = text(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
-    assert_eq!(
-        lines.first().map(|l| l["stage"].clone()),
-        Some(serde_json::json!("cached"))
-    );
-    assert_eq!(
-        lines.last().map(|l| l["event"].clone()),
-        Some(serde_json::json!("result"))
-    );
-    let o = Command::new(kiln())
-        .args(["template", "build", "python"])
-        .output()
-        .expect("run");
-    one_line_error(&o, 125, "unknown template `python`");
 }

@@ -70,26 +70,25 @@ pub fn kilnd_path() -> PathBuf {
     })
 }
 
-/// The image layer the tests run: `$KILN_LAYER` (any rootfs), else the top layer of the
-/// `base` image in the store at `$KILN_TEST_IMAGES` (`make test` builds it and sets that).
+/// The image layer the tests run: `$KILN_LAYER` (any rootfs), else the `debian` image (one
+/// debootstrap layer) in the store at `$KILN_TEST_IMAGES` (`make test-image` builds it as the
+/// bottom of every template and sets that variable).
 pub fn layer() -> PathBuf {
     let p = match std::env::var_os("KILN_LAYER") {
         Some(l) => PathBuf::from(l),
         None => {
             let images = PathBuf::from(std::env::var_os("KILN_TEST_IMAGES").expect(
-                "set KILN_TEST_IMAGES (an image store with `base`, as `make test-image` builds it) \
+                "set KILN_TEST_IMAGES (an image store with `debian`, as `make test-image` builds it) \
                  or KILN_LAYER (a root filesystem)",
             ));
             let r: serde_json::Value = serde_json::from_slice(
-                &std::fs::read(images.join("refs/base.json"))
-                    .expect("refs/base.json in KILN_TEST_IMAGES"),
+                &std::fs::read(images.join("refs/debian.json"))
+                    .expect("refs/debian.json in KILN_TEST_IMAGES"),
             )
-            .expect("refs/base.json is JSON");
-            let top = r["layers"]
-                .as_array()
-                .and_then(|l| l.last())
-                .and_then(|d| d.as_str())
-                .expect("base has layers");
+            .expect("refs/debian.json is JSON");
+            let layers = r["layers"].as_array().expect("layers");
+            assert_eq!(layers.len(), 1, "debian is one layer");
+            let top = layers[0].as_str().expect("digest");
             images
                 .join("layers")
                 .join(top.trim_start_matches("sha256:"))
