@@ -103,7 +103,7 @@ async fn bad_requests_get_clear_json_errors() {
     "#]]
     .assert_eq(&out);
     // Nothing was created by any of it.
-    assert!(server.kiln.store.list(true).expect("list").is_empty());
+    assert!(server.kiln.store.list(true).await.expect("list").is_empty());
     server.teardown().await;
 }
 
