@@ -73,9 +73,9 @@ async fn bad_requests_get_clear_json_errors() {
     }
     expect![[r#"
         GET /v1/sandboxes 
-          -> 401 {"error":{"code":"unauthorized","message":"missing or invalid bearer token","hint":"send `Authorization: Bearer <token>`; the token is in <data-dir>/token (the CLI reads KILN_TOKEN)"}}
+          -> 401 {"error":{"code":"unauthorized","message":"missing or invalid API key","hint":"send `Authorization: Bearer kiln_...`; the owner key is in <data-dir>/token (the CLI reads it, or KILN_TOKEN)"}}
         GET /v1/sandboxes 
-          -> 401 {"error":{"code":"unauthorized","message":"missing or invalid bearer token","hint":"send `Authorization: Bearer <token>`; the token is in <data-dir>/token (the CLI reads KILN_TOKEN)"}}
+          -> 401 {"error":{"code":"unauthorized","message":"missing or invalid API key","hint":"send `Authorization: Bearer kiln_...`; the owner key is in <data-dir>/token (the CLI reads it, or KILN_TOKEN)"}}
         GET /v1/sandboxes/sb-doesnotexist 
           -> 404 {"error":{"code":"sandbox_not_found","message":"no sandbox with id `sb-doesnotexist`","hint":"list sandboxes with `kiln sandbox ls` (GET /v1/sandboxes)"}}
         DELETE /v1/sandboxes/sb-doesnotexist 

@@ -156,6 +156,7 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         GET /v1/orgs/<org-a>/quota -> 404 org_not_found
         PUT /v1/orgs/<org-a>/quota -> 404 org_not_found
         GET /v1/keys?org=<org-a> -> 404 org_not_found
+        POST /v1/keys?org=<org-a> -> 404 org_not_found
         DELETE /v1/keys/<key-a> -> 404 key_not_found
         GET /v1/audit?org=<org-a> -> 404 org_not_found
     "#]]
@@ -451,8 +452,8 @@ async fn mutating_calls_and_refusals_are_audited() {
         POST /v1/keys ok 201 kiln_ org=own
         POST /v1/sandboxes ok 201 kiln_ org=own
         POST /v1/sandboxes/:id/exec ok 200 kiln_ org=own
-        DELETE /v1/sandboxes/:id denied 403 kiln_ org=own
         GET /v1/sandboxes denied 401 kiln_ org=-
+        DELETE /v1/sandboxes/:id denied 403 kiln_ org=own
         DELETE /v1/sandboxes/:id ok 204 kiln_ org=own
     "#]]
     .assert_eq(&out);
