@@ -202,9 +202,14 @@ async fn auth(State(k): State<AppState>, mut req: Request, next: Next) -> Respon
         } else {
             "error"
         };
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let time_ms = crate::service::now_ms();
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let row = kiln_store::AuditRow {
-            id: kiln_store::random_id("au_", 16),
-            time_ms: crate::service::now_ms(),
+            // Sorts by time, then by order within this process; the random tail keeps ids of
+            // several replicas apart.
+            id: format!("au_{time_ms:013}_{seq:08}{}", kiln_store::random_id("_", 6)),
+            time_ms,
             org_id: org,
             key_prefix: prefix,
             action: format!("{method} {route}"),

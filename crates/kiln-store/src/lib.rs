@@ -928,14 +928,20 @@ pub mod testing {
 
     /// Creates a fresh schema on the test PostgreSQL server.
     pub async fn schema() -> Result<TestSchema, String> {
+        named(&super::random_id("kiln_t_", 12)).await
+    }
+
+    /// The schema `name` ([a-z0-9_]), created if it does not exist (a server restarted in a
+    /// test finds its state again).
+    pub async fn named(name: &str) -> Result<TestSchema, String> {
         let base = base_url();
         let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
             .await
             .map_err(|e| format!("cannot reach the test PostgreSQL at {base}: {e} (start it: pg_ctlcluster --skip-systemctl-redirect 15 main start)"))?;
         tokio::spawn(conn);
-        let schema = super::random_id("kiln_t_", 12);
+        let schema = name.to_string();
         client
-            .batch_execute(&format!("CREATE SCHEMA {schema}"))
+            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {schema}"))
             .await
             .map_err(|e| e.to_string())?;
         let sep = if base.contains('?') { '&' } else { '?' };

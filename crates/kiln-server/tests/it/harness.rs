@@ -82,7 +82,9 @@ pub fn on_postgres() -> bool {
 pub async fn start(mut cfg: ServerConfig) -> TestServer {
     let mut schema = None;
     if on_postgres() && cfg.database_url.is_none() {
-        let s = kiln_store::testing::schema()
+        // Named after the data dir, so a restart in the same data dir finds its state.
+        let name = format!("kiln_t_{}", cfg.instance_tag());
+        let s = kiln_store::testing::named(&name)
             .await
             .expect("postgres schema");
         cfg.database_url = Some(s.url.clone());

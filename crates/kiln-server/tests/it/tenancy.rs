@@ -452,8 +452,8 @@ async fn mutating_calls_and_refusals_are_audited() {
         POST /v1/keys ok 201 kiln_ org=own
         POST /v1/sandboxes ok 201 kiln_ org=own
         POST /v1/sandboxes/:id/exec ok 200 kiln_ org=own
-        GET /v1/sandboxes denied 401 kiln_ org=-
         DELETE /v1/sandboxes/:id denied 403 kiln_ org=own
+        GET /v1/sandboxes denied 401 kiln_ org=-
         DELETE /v1/sandboxes/:id ok 204 kiln_ org=own
     "#]]
     .assert_eq(&out);
