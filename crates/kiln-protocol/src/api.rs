@@ -481,3 +481,35 @@ pub struct Me {
     pub permissions: Vec<String>,
     pub system: bool,
 }
+
+/// One rate-limit bucket: a sustained rate and a burst (GCRA).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Requests per second, sustained.
+    pub per_sec: f64,
+    /// Requests allowed at once (bucket size).
+    pub burst: u32,
+}
+
+/// Per-key rate limits of an organisation, one bucket per kind of call.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Management calls (listing, keys, orgs, audit, pause/resume, remove).
+    pub manage: Rate,
+    /// `POST /v1/sandboxes`.
+    pub create: Rate,
+    /// In-sandbox operations: exec, processes, files, PTY.
+    pub sandbox: Rate,
+}
+
+/// `GET|PUT /v1/orgs/{org}/rate-limits`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RateLimitStatus {
+    pub org: String,
+    /// Effective limits.
+    pub limits: RateLimits,
+    /// Whether the org overrides the server defaults.
+    pub custom: bool,
+}

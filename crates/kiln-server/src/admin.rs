@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use kiln_protocol::api::{
     ApiKey, AuditEntry, AuditList, CreateKey, CreateOrg, KeyCreated, KeyList, Me, Org, OrgCreated,
-    OrgList, Quota, QuotaStatus, Role,
+    OrgList, Quota, QuotaStatus, RateLimitStatus, RateLimits, Role,
 };
 use kiln_store::{KeyRow, OrgRow};
 use serde::Deserialize;
@@ -114,6 +114,7 @@ pub async fn create_org(
         name: req.name.clone(),
         created_at_ms: now,
         quota: Quota::default(),
+        rate_limits: None,
     };
     k.store.create_org(&row).await?;
     let key = if req.owner_key.unwrap_or(true) {
@@ -388,4 +389,50 @@ pub async fn list_audit(
             })
             .collect(),
     }))
+}
+
+async fn rate_status(k: &Kiln, o: &OrgRow) -> ApiResult<RateLimitStatus> {
+    Ok(RateLimitStatus {
+        org: o.id.clone(),
+        limits: o.rate_limits.unwrap_or(k.cfg.rate_limits),
+        custom: o.rate_limits.is_some(),
+    })
+}
+
+/// `GET /v1/orgs/{org}/rate-limits`.
+pub async fn get_rate_limits(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(org): Path<String>,
+) -> ApiResult<Json<RateLimitStatus>> {
+    let o = k.org(&c, &org).await?;
+    Ok(Json(rate_status(&k, &o).await?))
+}
+
+/// `PUT /v1/orgs/{org}/rate-limits` (system organisation only); `null` restores the defaults.
+pub async fn set_rate_limits(
+    State(k): State<AppState>,
+    Extension(c): Extension<Caller>,
+    Path(org): Path<String>,
+    ApiJson(l): ApiJson<Option<RateLimits>>,
+) -> ApiResult<Json<RateLimitStatus>> {
+    let o = k.org(&c, &org).await?;
+    system_only(&c, "change rate limits")?;
+    if let Some(l) = &l {
+        for (name, r) in [
+            ("manage", l.manage),
+            ("create", l.create),
+            ("sandbox", l.sandbox),
+        ] {
+            if !(r.per_sec.is_finite() && r.per_sec > 0.0 && r.burst >= 1) {
+                return Err(ApiError::invalid(format!(
+                    "{name}: per_sec must be a positive number and burst at least 1"
+                )));
+            }
+        }
+    }
+    k.store.set_rate_limits(&o.id, l.as_ref()).await?;
+    k.forget_rate_limits(&o.id);
+    let o = k.org(&c, &o.id).await?;
+    Ok(Json(rate_status(&k, &o).await?))
 }

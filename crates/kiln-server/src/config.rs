@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub quota: kiln_store::Limits,
     /// How long audit entries are kept (`None` = forever).
     pub audit_retention: Option<std::time::Duration>,
+    /// Per-key rate limits unless an org sets its own.
+    pub rate_limits: kiln_protocol::api::RateLimits,
 }
 
 impl ServerConfig {
@@ -93,6 +95,7 @@ impl ServerConfig {
                 disk_bytes: 1 << 40,
             },
             audit_retention: Some(std::time::Duration::from_secs(90 * 86400)),
+            rate_limits: crate::ratelimit::default_limits(),
         }
     }
 

@@ -62,6 +62,10 @@ pub fn app(state: AppState) -> Router {
             get(crate::admin::get_quota).put(crate::admin::set_quota),
         )
         .route(
+            "/orgs/:org/rate-limits",
+            get(crate::admin::get_rate_limits).put(crate::admin::set_rate_limits),
+        )
+        .route(
             "/keys",
             get(crate::admin::list_keys).post(crate::admin::create_key),
         )
@@ -111,6 +115,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/orgs/:org"),
     ("GET", "/v1/orgs/:org/quota"),
     ("PUT", "/v1/orgs/:org/quota"),
+    ("GET", "/v1/orgs/:org/rate-limits"),
+    ("PUT", "/v1/orgs/:org/rate-limits"),
     ("GET", "/v1/keys"),
     ("POST", "/v1/keys"),
     ("DELETE", "/v1/keys/:id"),
@@ -186,8 +192,40 @@ async fn auth(State(k): State<AppState>, mut req: Request, next: Next) -> Respon
             match refusal {
                 Some(e) => (e.into_response(), org, prefix),
                 None => {
-                    req.extensions_mut().insert(c);
-                    (next.run(req).await, org, prefix)
+                    let bucket = crate::ratelimit::Bucket::of(&method, &route);
+                    let decision = match k.rate_limits(&c.org_id).await {
+                        Ok(l) => Ok(k.limiter.check(&c.key_id, bucket, bucket.rate(&l))),
+                        Err(e) => Err(e),
+                    };
+                    match decision {
+                        Err(e) => (e.into_response(), org, prefix),
+                        Ok(d) if !d.allowed => {
+                            metrics::counter!("kiln_rate_limited_total", "bucket" => bucket.name())
+                                .increment(1);
+                            let mut resp = ApiError::new(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                "rate_limited",
+                                format!(
+                                    "rate limit of the `{}` bucket reached for key {}: {} requests at once",
+                                    bucket.name(),
+                                    c.key_prefix,
+                                    d.limit
+                                ),
+                            )
+                            .hint(format!("retry after {} s", d.retry_after_secs))
+                            .into_response();
+                            rate_headers(&mut resp, &d);
+                            resp.headers_mut()
+                                .insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs));
+                            (resp, org, prefix)
+                        }
+                        Ok(d) => {
+                            req.extensions_mut().insert(c);
+                            let mut resp = next.run(req).await;
+                            rate_headers(&mut resp, &d);
+                            (resp, org, prefix)
+                        }
+                    }
                 }
             }
         }
@@ -224,6 +262,13 @@ async fn auth(State(k): State<AppState>, mut req: Request, next: Next) -> Respon
         }
     }
     resp
+}
+
+fn rate_headers(resp: &mut Response, d: &crate::ratelimit::Decision) {
+    let h = resp.headers_mut();
+    h.insert("ratelimit-limit", HeaderValue::from(d.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(d.reset_secs));
 }
 
 /// Request ids, counting and latency per route. The id (a sane incoming `x-request-id`, or a

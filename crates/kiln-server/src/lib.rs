@@ -9,6 +9,7 @@ pub mod admin;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod ratelimit;
 pub mod service;
 pub mod tenancy;
 pub mod units;

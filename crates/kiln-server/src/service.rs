@@ -39,6 +39,12 @@ pub struct Kiln {
     pub system_org: String,
     /// The owner key when this start created it (to print once).
     pub created_owner_key: Option<String>,
+    /// Per-key GCRA state.
+    pub limiter: crate::ratelimit::Limiter,
+    /// Org rate limits, re-read from the store at most every few seconds.
+    rate_cache: std::sync::Mutex<
+        std::collections::HashMap<String, (kiln_protocol::api::RateLimits, Instant)>,
+    >,
     pool_wake: Notify,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -100,6 +106,8 @@ impl Kiln {
             hasher,
             system_org,
             created_owner_key: None,
+            limiter: Default::default(),
+            rate_cache: Default::default(),
             pool_wake: Notify::new(),
             metrics,
         }
@@ -683,6 +691,43 @@ impl Kiln {
             key_prefix: k.prefix,
             role,
         })
+    }
+
+    /// The rate limits of an org: its own, or the server defaults. Cached for 5 s per org
+    /// (changes made through this server apply at once; other replicas see them within 5 s).
+    pub async fn rate_limits(
+        &self,
+        org_id: &str,
+    ) -> Result<kiln_protocol::api::RateLimits, ApiError> {
+        if let Some((l, at)) = self
+            .rate_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(org_id)
+        {
+            if at.elapsed() < Duration::from_secs(5) {
+                return Ok(*l);
+            }
+        }
+        let l = self
+            .store
+            .get_org(org_id)
+            .await?
+            .and_then(|o| o.rate_limits)
+            .unwrap_or(self.cfg.rate_limits);
+        self.rate_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(org_id.to_string(), (l, Instant::now()));
+        Ok(l)
+    }
+
+    /// Forgets the cached rate limits of an org (after a change).
+    pub fn forget_rate_limits(&self, org_id: &str) {
+        self.rate_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(org_id);
     }
 
     /// The organisation `id_or_name` as `caller` may see it: its own, or any for the system

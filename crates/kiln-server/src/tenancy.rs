@@ -255,7 +255,7 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
         "/sandboxes/:id/files/watch" => Some(Need::Perm(Perm::read(Files))),
         r if r == "/templates" || r.starts_with("/templates/") => rw(Templates),
         "/keys" | "/keys/:id" => rw(Keys),
-        "/orgs" | "/orgs/:org" | "/orgs/:org/quota" => rw(Orgs),
+        "/orgs" | "/orgs/:org" | "/orgs/:org/quota" | "/orgs/:org/rate-limits" => rw(Orgs),
         "/audit" => Some(Need::Perm(Perm::read(Audit))),
         "/usage" => Some(Need::Perm(Perm::read(Usage))),
         _ => None,
@@ -410,6 +410,7 @@ pub async fn bootstrap(
         name: "system".into(),
         created_at_ms: now_ms,
         quota: Default::default(),
+        rate_limits: None,
     };
     match store.create_org(&org).await {
         Ok(()) | Err(StoreError::Conflict(_)) => {}

@@ -17,7 +17,7 @@ mod migrations;
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use kiln_protocol::api::{NetworkMode, Quota, QuotaUsage, Sandbox, SandboxState};
+use kiln_protocol::api::{NetworkMode, Quota, QuotaUsage, RateLimits, Sandbox, SandboxState};
 
 pub use db::{Backend, Row, Val};
 use db::{Conn, Db};
@@ -87,6 +87,8 @@ pub struct OrgRow {
     pub name: String,
     pub created_at_ms: u64,
     pub quota: Quota,
+    /// Per-key rate limits of the org (`None` = server defaults).
+    pub rate_limits: Option<RateLimits>,
 }
 
 /// An API key row (the hash, never the key).
@@ -206,7 +208,7 @@ fn key_row(r: &Row) -> Result<KeyRow, StoreError> {
 }
 
 const ORG_COLS: &str =
-    "id, name, created_at_ms, max_sandboxes, max_cpus, max_memory_bytes, max_disk_bytes";
+    "id, name, created_at_ms, max_sandboxes, max_cpus, max_memory_bytes, max_disk_bytes, rate_limits";
 
 fn org_row(r: &Row) -> Result<OrgRow, StoreError> {
     Ok(OrgRow {
@@ -218,6 +220,13 @@ fn org_row(r: &Row) -> Result<OrgRow, StoreError> {
             cpus: r.opt_f64(4)?,
             memory_bytes: r.opt_u64(5)?,
             disk_bytes: r.opt_u64(6)?,
+        },
+        rate_limits: match r.opt_text(7)? {
+            Some(t) => Some(
+                serde_json::from_str(&t)
+                    .map_err(|e| StoreError::Decode(format!("org rate limits: {e}")))?,
+            ),
+            None => None,
         },
     })
 }
@@ -721,7 +730,7 @@ impl Store {
         let q = &org.quota;
         let r = self
             .exec(
-                &format!("INSERT INTO orgs ({ORG_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7) ON CONFLICT DO NOTHING"),
+                &format!("INSERT INTO orgs ({ORG_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8) ON CONFLICT DO NOTHING"),
                 &vals![
                     &org.id,
                     &org.name,
@@ -729,7 +738,10 @@ impl Store {
                     q.sandboxes,
                     q.cpus,
                     q.memory_bytes,
-                    q.disk_bytes
+                    q.disk_bytes,
+                    org.rate_limits
+                        .as_ref()
+                        .map(|r| serde_json::to_string(r).unwrap_or_default()),
                 ],
             )
             .await?;
@@ -767,6 +779,24 @@ impl Store {
             .exec(
                 "UPDATE orgs SET max_sandboxes = $2, max_cpus = $3, max_memory_bytes = $4, max_disk_bytes = $5 WHERE id = $1",
                 &vals![org_id, q.sandboxes, q.cpus, q.memory_bytes, q.disk_bytes],
+            )
+            .await?
+            > 0)
+    }
+
+    /// Replaces an org's rate limits (`None` = server defaults).
+    pub async fn set_rate_limits(
+        &self,
+        org_id: &str,
+        limits: Option<&RateLimits>,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .exec(
+                "UPDATE orgs SET rate_limits = $2 WHERE id = $1",
+                &vals![
+                    org_id,
+                    limits.map(|r| serde_json::to_string(r).unwrap_or_default())
+                ],
             )
             .await?
             > 0)

@@ -77,6 +77,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         );
         CREATE INDEX audit_org_time ON audit(org_id, time_ms);",
     ),
+    (3, "ALTER TABLE orgs ADD COLUMN rate_limits TEXT;"),
 ];
 
 const PG_LOCK: i64 = 0x6b696c6e; // "kiln"

@@ -52,6 +52,7 @@ fn org(id: &str) -> OrgRow {
         name: format!("name-{id}"),
         created_at_ms: 1,
         quota: Quota::default(),
+        rate_limits: None,
     }
 }
 
@@ -218,6 +219,29 @@ async fn orgs_and_keys_round_trip() {
         };
         assert!(s.set_quota("o1", &q).await.expect("quota"));
         assert_eq!(s.get_org("o1").await.expect("get").expect("some").quota, q);
+        let rl = kiln_protocol::api::RateLimits {
+            manage: kiln_protocol::api::Rate {
+                per_sec: 1.5,
+                burst: 2,
+            },
+            create: kiln_protocol::api::Rate {
+                per_sec: 1.0,
+                burst: 1,
+            },
+            sandbox: kiln_protocol::api::Rate {
+                per_sec: 9.0,
+                burst: 9,
+            },
+        };
+        assert!(s.set_rate_limits("o1", Some(&rl)).await.expect("rl"));
+        assert_eq!(
+            s.get_org("o1")
+                .await
+                .expect("get")
+                .expect("some")
+                .rate_limits,
+            Some(rl)
+        );
         let k = KeyRow {
             id: "key_a".into(),
             org_id: "o1".into(),

@@ -81,6 +81,7 @@ fn body_for(method: &str, route: &str) -> Option<serde_json::Value> {
         ("POST", r) if r.ends_with("/mkdir") => Some(json!({"path": "/tmp/x"})),
         ("POST", r) if r.ends_with("/move") => Some(json!({"from": "/tmp/a", "to": "/tmp/b"})),
         ("PUT", r) if r.ends_with("/quota") => Some(json!({"sandboxes": 1000})),
+        ("PUT", r) if r.ends_with("/rate-limits") => Some(serde_json::Value::Null),
         ("POST", "/v1/sandboxes") => Some(json!({})),
         ("POST", "/v1/orgs") => Some(json!({"name": "x"})),
         ("POST", "/v1/keys") => Some(json!({"org": "{org}"})),
@@ -155,6 +156,8 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         GET /v1/orgs/<org-a> -> 404 org_not_found
         GET /v1/orgs/<org-a>/quota -> 404 org_not_found
         PUT /v1/orgs/<org-a>/quota -> 404 org_not_found
+        GET /v1/orgs/<org-a>/rate-limits -> 404 org_not_found
+        PUT /v1/orgs/<org-a>/rate-limits -> 404 org_not_found
         GET /v1/keys?org=<org-a> -> 404 org_not_found
         POST /v1/keys?org=<org-a> -> 404 org_not_found
         DELETE /v1/keys/<key-a> -> 404 key_not_found
@@ -455,6 +458,82 @@ async fn mutating_calls_and_refusals_are_audited() {
         DELETE /v1/sandboxes/:id denied 403 kiln_ org=own
         GET /v1/sandboxes denied 401 kiln_ org=-
         DELETE /v1/sandboxes/:id ok 204 kiln_ org=own
+    "#]]
+    .assert_eq(&out);
+    s.teardown().await;
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_headers_per_key_and_bucket() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = harness::start(harness::config(dir.path())).await;
+    let b = new_org(&s, "tenant-r").await;
+    let kb = b.key.expect("key").secret;
+    let limits = json!({
+        "manage": {"per_sec": 0.01, "burst": 2},
+        "create": {"per_sec": 0.01, "burst": 1},
+        "sandbox": {"per_sec": 0.01, "burst": 1}
+    });
+    let path = format!("/v1/orgs/{}/rate-limits", b.org.id);
+    let (st, body) = call_full(&s, &s.kiln.token, "PUT", &path, Some(&limits)).await;
+    assert_eq!(st, 200, "{body}");
+    let mut out = String::new();
+    for _ in 0..3 {
+        let r = reqwest::Client::new()
+            .get(s.url("/v1/sandboxes"))
+            .bearer_auth(&kb)
+            .send()
+            .await
+            .expect("send");
+        let h = |n: &str| {
+            r.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        out.push_str(&format!(
+            "{} limit={} remaining={} retry-after={}\n",
+            r.status().as_u16(),
+            h("ratelimit-limit"),
+            h("ratelimit-remaining"),
+            if h("retry-after") == "-" { "-" } else { "set" },
+        ));
+    }
+    // The create bucket is separate from the management one, and other keys are unaffected.
+    let create = call(
+        &s,
+        &kb,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({"template": "nope"})),
+    )
+    .await;
+    out.push_str(&format!("create: {create}\n"));
+    let create = call(
+        &s,
+        &kb,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({"template": "nope"})),
+    )
+    .await;
+    out.push_str(&format!("create again: {create}\n"));
+    let other = new_key(
+        &s,
+        &s.kiln.token,
+        json!({"role": "member", "org": b.org.id}),
+    )
+    .await;
+    let got = call(&s, &other.secret, "GET", "/v1/sandboxes", None).await;
+    out.push_str(&format!("another key of the org: {got}\n"));
+    expect![[r#"
+        200 limit=2 remaining=1 retry-after=-
+        200 limit=2 remaining=0 retry-after=-
+        429 limit=2 remaining=0 retry-after=set
+        create: 404 template_not_found
+        create again: 429 rate_limited
+        another key of the org: 200
     "#]]
     .assert_eq(&out);
     s.teardown().await;
