@@ -120,9 +120,19 @@ pub async fn start(cfg: ServerConfig) -> Result<Arc<Kiln>, ServerError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
     let images = kiln_template::ImageStore::open(&cfg.images_dir)?;
     let kilnd_path = install_kilnd(&cfg.kilnd_path, &cfg.data_dir)?;
+    let host_path = cfg.data_dir.join("host-id");
+    let host = match std::fs::read_to_string(&host_path) {
+        Ok(h) if !h.trim().is_empty() => h.trim().to_string(),
+        _ => {
+            let h = kiln_store::random_id("host_", 12);
+            write_0600(&host_path, &format!("{h}\n")).map_err(io(&host_path))?;
+            h
+        }
+    };
     let store =
         kiln_store::Store::connect(cfg.database_url.as_deref(), &cfg.data_dir.join("kiln.db"))
-            .await?;
+            .await?
+            .with_host(&host);
     let secret_path = cfg
         .secret_path
         .clone()

@@ -115,16 +115,36 @@ impl Kiln {
 
     /// The sandbox `id` as `caller` may see it: only sandboxes of the caller's organisation;
     /// anything else (another org's, a warm-pool member, nothing) is the same 404.
-    pub async fn sandbox(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
+    pub async fn sandbox_row(&self, caller: &Caller, id: &str) -> Result<SandboxRow, ApiError> {
         match self.store.get(id).await? {
-            Some(row) if !row.pooled && row.org_id == caller.org_id => Ok(row.sandbox),
+            Some(row) if !row.pooled && row.org_id == caller.org_id => Ok(row),
             _ => Err(ApiError::sandbox_not_found(id)),
         }
     }
 
+    /// [`Self::sandbox_row`]'s sandbox.
+    pub async fn sandbox(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
+        Ok(self.sandbox_row(caller, id).await?.sandbox)
+    }
+
+    /// Like [`Self::sandbox`], but the sandbox must run on this server (409 otherwise: with
+    /// several servers on one database, each acts only on its own sandboxes).
+    pub async fn local(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
+        let row = self.sandbox_row(caller, id).await?;
+        if row.host != self.store.host() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "sandbox_on_other_server",
+                format!("sandbox `{id}` runs on another Kiln server sharing this database"),
+            )
+            .hint("send requests for it to the server that created it"));
+        }
+        Ok(row.sandbox)
+    }
+
     /// Like [`Self::sandbox`], but the sandbox must be running (409 if paused or dead).
     pub async fn running(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
-        let sb = self.sandbox(caller, id).await?;
+        let sb = self.local(caller, id).await?;
         match sb.state {
             SandboxState::Running => Ok(sb),
             SandboxState::Paused => Err(ApiError::new(
@@ -372,6 +392,7 @@ impl Kiln {
             pooled,
             org_id: owner.map(|(c, _)| c.org_id.clone()).unwrap_or_default(),
             key_id: owner.map(|(c, _)| c.key_id.clone()),
+            host: self.store.host().to_string(),
         };
         match owner {
             None => self.store.insert(&row).await?,
@@ -397,7 +418,7 @@ impl Kiln {
     }
 
     pub async fn remove(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
-        self.sandbox(caller, id).await?;
+        self.local(caller, id).await?;
         self.destroy(id).await
     }
 
@@ -409,7 +430,7 @@ impl Kiln {
     }
 
     pub async fn pause(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
-        let sb = self.sandbox(caller, id).await?;
+        let sb = self.local(caller, id).await?;
         match sb.state {
             SandboxState::Paused => Ok(sb),
             SandboxState::Dead | SandboxState::Creating => Err(self
@@ -427,7 +448,7 @@ impl Kiln {
     }
 
     pub async fn resume(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
-        let sb = self.sandbox(caller, id).await?;
+        let sb = self.local(caller, id).await?;
         match sb.state {
             SandboxState::Running => Ok(sb),
             SandboxState::Dead | SandboxState::Creating => Err(self

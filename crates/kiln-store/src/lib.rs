@@ -49,6 +49,8 @@ pub struct SandboxRow {
     pub org_id: String,
     /// The key that created it.
     pub key_id: Option<String>,
+    /// The server (host id) whose runtime runs it; set by the store on insert.
+    pub host: String,
 }
 
 /// What a create asks of a warm-pool member; a member matches only if all fields are equal.
@@ -123,12 +125,15 @@ pub struct AuditRow {
     pub request_id: String,
 }
 
-/// The store: SQLite or PostgreSQL behind the same methods.
+/// The store: SQLite or PostgreSQL behind the same methods. `host` names the server using
+/// it: sandboxes are inserted with it, and the runtime-facing queries (reconcile listing,
+/// warm pool, TTL) see only its own sandboxes, so several servers can share one database.
 pub struct Store {
     db: Db,
+    host: String,
 }
 
-const COLS: &str = "id, template, image, state, cpus, memory_bytes, disk_bytes, network, created_at_ms, expires_at_ms, pooled, from_pool, labels, ip, org_id, key_id";
+const COLS: &str = "id, template, image, state, cpus, memory_bytes, disk_bytes, network, created_at_ms, expires_at_ms, pooled, from_pool, labels, ip, org_id, key_id, host";
 
 fn state_str(s: SandboxState) -> &'static str {
     match s {
@@ -184,6 +189,7 @@ fn sandbox_row(r: &Row) -> Result<SandboxRow, StoreError> {
         pooled: r.bool(10)?,
         org_id: r.text(14)?,
         key_id: r.opt_text(15)?,
+        host: r.text(16)?,
     })
 }
 
@@ -325,7 +331,7 @@ macro_rules! tx {
     }};
 }
 
-fn sandbox_params(row: &SandboxRow) -> Vec<Val> {
+fn sandbox_params(row: &SandboxRow, host: &str) -> Vec<Val> {
     let s = &row.sandbox;
     vals![
         &s.id,
@@ -344,10 +350,11 @@ fn sandbox_params(row: &SandboxRow) -> Vec<Val> {
         s.ip.clone(),
         &row.org_id,
         row.key_id.clone(),
+        host,
     ]
 }
 
-const INSERT_SANDBOX: &str = "INSERT INTO sandboxes (id, template, image, state, cpus, memory_bytes, disk_bytes, network, created_at_ms, expires_at_ms, pooled, from_pool, labels, ip, org_id, key_id) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)";
+const INSERT_SANDBOX: &str = "INSERT INTO sandboxes (id, template, image, state, cpus, memory_bytes, disk_bytes, network, created_at_ms, expires_at_ms, pooled, from_pool, labels, ip, org_id, key_id, host) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)";
 
 /// A random id: `prefix` and `n` characters of [a-z0-9].
 pub fn random_id(prefix: &str, n: usize) -> String {
@@ -373,6 +380,7 @@ impl Store {
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
                 let s = Self {
                     db: Db::postgres(u).await?,
+                    host: String::new(),
                 };
                 migrations::run(&s.db).await?;
                 Ok(s)
@@ -396,6 +404,7 @@ impl Store {
         conn.pragma_update(None, "busy_timeout", 5000)?;
         let s = Self {
             db: Db::sqlite(conn),
+            host: String::new(),
         };
         migrations::run(&s.db).await?;
         Ok(s)
@@ -403,6 +412,16 @@ impl Store {
 
     pub fn backend(&self) -> Backend {
         self.db.backend()
+    }
+
+    /// Names the server using this store (see [`Store`]).
+    pub fn with_host(mut self, host: &str) -> Self {
+        self.host = host.to_string();
+        self
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     async fn conn(&self) -> Result<Conn, StoreError> {
@@ -425,7 +444,8 @@ impl Store {
 
     /// Inserts a row without any quota check (warm-pool members belong to no org).
     pub async fn insert(&self, row: &SandboxRow) -> Result<(), StoreError> {
-        self.exec(INSERT_SANDBOX, &sandbox_params(row)).await?;
+        self.exec(INSERT_SANDBOX, &sandbox_params(row, &self.host))
+            .await?;
         Ok(())
     }
 
@@ -477,7 +497,8 @@ impl Store {
             if let Some(q) = check_quota(&u, limits, &ask) {
                 return Ok::<_, StoreError>(Err(q));
             }
-            c.exec(INSERT_SANDBOX, &sandbox_params(row)).await?;
+            c.exec(INSERT_SANDBOX, &sandbox_params(row, &self.host))
+                .await?;
             Ok(Ok(()))
         })
     }
@@ -510,7 +531,7 @@ impl Store {
         let sql = format!(
             "UPDATE sandboxes SET pooled = 0, from_pool = 1, created_at_ms = $6, expires_at_ms = $7, labels = $8, org_id = $9, key_id = $10
              WHERE pooled = 1 AND id = (SELECT id FROM sandboxes WHERE pooled = 1 AND state = 'running' AND template = $1
-                         AND cpus = $2 AND memory_bytes = $3 AND disk_bytes = $4 AND network = $5
+                         AND cpus = $2 AND memory_bytes = $3 AND disk_bytes = $4 AND network = $5 AND host = $11
                          ORDER BY created_at_ms LIMIT 1{skip_locked})
              RETURNING id"
         );
@@ -534,6 +555,7 @@ impl Store {
                         serde_json::to_string(labels).unwrap_or_else(|_| "{}".into()),
                         org_id,
                         key_id.map(str::to_string),
+                        &self.host,
                     ],
                 )
                 .await?;
@@ -599,16 +621,12 @@ impl Store {
             .pop())
     }
 
-    /// All sandboxes, oldest first; `include_pooled` adds idle warm-pool members.
+    /// This server's sandboxes, oldest first; `include_pooled` adds idle warm-pool members.
     pub async fn list(&self, include_pooled: bool) -> Result<Vec<SandboxRow>, StoreError> {
-        let w = if include_pooled {
-            ""
-        } else {
-            "WHERE pooled = 0"
-        };
+        let w = if include_pooled { "" } else { "AND pooled = 0" };
         self.sandboxes(
-            &format!("SELECT {COLS} FROM sandboxes {w} ORDER BY created_at_ms, id"),
-            &[],
+            &format!("SELECT {COLS} FROM sandboxes WHERE host = $1 {w} ORDER BY created_at_ms, id"),
+            &vals![&self.host],
         )
         .await
     }
@@ -625,8 +643,8 @@ impl Store {
     pub async fn count(&self, include_pooled: bool) -> Result<u64, StoreError> {
         let r = self
             .query(
-                "SELECT COUNT(*) FROM sandboxes WHERE pooled = 0 OR pooled = $1",
-                &vals![include_pooled],
+                "SELECT COUNT(*) FROM sandboxes WHERE host = $2 AND (pooled = 0 OR pooled = $1)",
+                &vals![include_pooled, &self.host],
             )
             .await?;
         r.first().map(|r| r.u64(0)).unwrap_or(Ok(0))
@@ -664,19 +682,19 @@ impl Store {
     /// claimed (`ready_only`: not still being created).
     pub async fn pooled_count(&self, template: &str, ready_only: bool) -> Result<u64, StoreError> {
         let sql = if ready_only {
-            "SELECT COUNT(*) FROM sandboxes WHERE pooled = 1 AND template = $1 AND state = 'running'"
+            "SELECT COUNT(*) FROM sandboxes WHERE pooled = 1 AND template = $1 AND host = $2 AND state = 'running'"
         } else {
-            "SELECT COUNT(*) FROM sandboxes WHERE pooled = 1 AND template = $1"
+            "SELECT COUNT(*) FROM sandboxes WHERE pooled = 1 AND template = $1 AND host = $2"
         };
-        let r = self.query(sql, &vals![template]).await?;
+        let r = self.query(sql, &vals![template, &self.host]).await?;
         r.first().map(|r| r.u64(0)).unwrap_or(Ok(0))
     }
 
     /// Ids of user sandboxes whose TTL has passed.
     pub async fn expired(&self, now_ms: u64) -> Result<Vec<String>, StoreError> {
         self.query(
-            "SELECT id FROM sandboxes WHERE pooled = 0 AND expires_at_ms IS NOT NULL AND expires_at_ms <= $1 ORDER BY id",
-            &vals![now_ms],
+            "SELECT id FROM sandboxes WHERE pooled = 0 AND host = $2 AND expires_at_ms IS NOT NULL AND expires_at_ms <= $1 ORDER BY id",
+            &vals![now_ms, &self.host],
         )
         .await?
         .iter()
@@ -684,8 +702,14 @@ impl Store {
         .collect()
     }
 
-    /// Gives sandboxes without an org (made before organisations existed) to `org_id`.
+    /// Gives sandboxes without an org (made before organisations existed) to `org_id`, and
+    /// sandboxes without a host (made before hosts were recorded) to this server.
     pub async fn adopt_orphans(&self, org_id: &str) -> Result<u64, StoreError> {
+        self.exec(
+            "UPDATE sandboxes SET host = $1 WHERE host = ''",
+            &vals![&self.host],
+        )
+        .await?;
         self.exec(
             "UPDATE sandboxes SET org_id = $1 WHERE org_id = '' AND pooled = 0",
             &vals![org_id],

@@ -78,6 +78,11 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         CREATE INDEX audit_org_time ON audit(org_id, time_ms);",
     ),
     (3, "ALTER TABLE orgs ADD COLUMN rate_limits TEXT;"),
+    (
+        4,
+        "ALTER TABLE sandboxes ADD COLUMN host TEXT NOT NULL DEFAULT '';
+        CREATE INDEX sandboxes_host ON sandboxes(host, pooled);",
+    ),
 ];
 
 const PG_LOCK: i64 = 0x6b696c6e; // "kiln"

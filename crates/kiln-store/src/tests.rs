@@ -24,6 +24,7 @@ fn row(id: &str, pooled: bool, org: &str) -> SandboxRow {
         pooled,
         org_id: if pooled { String::new() } else { org.into() },
         key_id: None,
+        host: String::new(),
     }
 }
 

@@ -538,3 +538,74 @@ async fn rate_limits_answer_429_with_headers_per_key_and_bucket() {
     .assert_eq(&out);
     s.teardown().await;
 }
+
+/// Two servers on one PostgreSQL database (one shared secret): keys, orgs and revocation are
+/// shared; each acts only on its own sandboxes, and a restart of one never marks the other's
+/// sandboxes dead.
+#[tokio::test]
+async fn two_servers_share_one_postgres_database() {
+    let schema = kiln_store::testing::schema().await.expect("postgres");
+    let shared = tempfile::tempdir().expect("tmp");
+    let secret = shared.path().join("secret");
+    let (da, db) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let mut ca = harness::config(da.path());
+    ca.database_url = Some(schema.url.clone());
+    ca.secret_path = Some(secret.clone());
+    let mut cb = harness::config(db.path());
+    cb.database_url = Some(schema.url.clone());
+    cb.secret_path = Some(secret.clone());
+    let a = harness::start(ca).await;
+    let b = harness::start(cb.clone()).await;
+    let owner = a.kiln.token.clone();
+    assert!(!owner.is_empty());
+    assert!(
+        b.kiln.token.is_empty(),
+        "the second server does not mint a second owner key"
+    );
+    // A key minted on A works on B; revoked on B, it fails on A at once.
+    let k = new_key(&a, &owner, json!({"role": "member"})).await;
+    assert_eq!(
+        call(&b, &k.secret, "GET", "/v1/sandboxes", None).await,
+        "200"
+    );
+    assert_eq!(
+        call(
+            &b,
+            &owner,
+            "DELETE",
+            &format!("/v1/keys/{}", k.key.id),
+            None
+        )
+        .await,
+        "204"
+    );
+    assert_eq!(
+        call(&a, &k.secret, "GET", "/v1/sandboxes", None).await,
+        "401 key_revoked"
+    );
+    // A's sandbox is visible through B but only A acts on it.
+    let (st, body) = call_full(&a, &owner, "POST", "/v1/sandboxes", Some(&json!({}))).await;
+    assert_eq!(st, 201, "{body}");
+    let sb: Sandbox = serde_json::from_str(&body).expect("sandbox");
+    assert_eq!(
+        call(&b, &owner, "GET", &format!("/v1/sandboxes/{}", sb.id), None).await,
+        "200"
+    );
+    let exec = format!("/v1/sandboxes/{}/exec", sb.id);
+    let cmd = json!({"cmd": ["true"]});
+    assert_eq!(
+        call(&b, &owner, "POST", &exec, Some(&cmd)).await,
+        "409 sandbox_on_other_server"
+    );
+    // Restarting B (reconcile) leaves A's sandbox alone.
+    b.stop().await;
+    let b = harness::start(cb).await;
+    let (out, _, code) = a.sh(&sb.id, "echo still-here").await;
+    assert_eq!((out.as_str(), code), ("still-here\n", 0));
+    b.teardown().await;
+    a.teardown().await;
+    schema.drop_schema().await;
+}
