@@ -296,14 +296,25 @@ async fn track(mut req: Request, next: Next) -> Response {
         resp.headers_mut().insert("x-request-id", v);
     }
     let status = resp.status().as_u16().to_string();
-    metrics::counter!("kiln_http_requests_total", "method" => method.clone(), "route" => path.clone(), "status" => status)
+    metrics::counter!("kiln_http_requests_total", "method" => method.clone(), "route" => path.clone(), "status" => status.clone())
         .increment(1);
-    metrics::histogram!("kiln_http_request_seconds", "method" => method, "route" => path)
+    metrics::histogram!("kiln_http_request_seconds", "method" => method, "route" => path, "status" => status)
         .record(start.elapsed().as_secs_f64());
     resp
 }
 
 async fn metrics_endpoint(State(k): State<AppState>) -> Response {
+    // Gauges read from the store at scrape time: this server's sandboxes by state.
+    if let Ok(counts) = k.store.count_by_state().await {
+        for state in ["creating", "running", "paused", "dead", "pooled"] {
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == state)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            metrics::gauge!("kiln_sandboxes", "state" => state).set(n as f64);
+        }
+    }
     match &k.metrics {
         Some(h) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],

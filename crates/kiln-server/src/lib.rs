@@ -108,7 +108,16 @@ pub fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle>
         OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            const SECONDS: &[f64] = &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+            // Latencies as real histograms (buckets), so they aggregate across servers.
+            let builder = builder
+                .set_buckets(SECONDS)
+                .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok().map(|_| handle)
         })

@@ -650,6 +650,18 @@ impl Store {
         r.first().map(|r| r.u64(0)).unwrap_or(Ok(0))
     }
 
+    /// This server's sandboxes by state (`pooled` for idle warm-pool members).
+    pub async fn count_by_state(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.query(
+            "SELECT CASE WHEN pooled = 1 THEN 'pooled' ELSE state END, COUNT(*) FROM sandboxes WHERE host = $1 GROUP BY 1",
+            &vals![&self.host],
+        )
+        .await?
+        .iter()
+        .map(|r| Ok((r.text(0)?, r.u64(1)?)))
+        .collect()
+    }
+
     pub async fn set_state(&self, id: &str, state: SandboxState) -> Result<bool, StoreError> {
         Ok(self
             .exec(
