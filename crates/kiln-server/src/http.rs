@@ -296,6 +296,7 @@ async fn track(mut req: Request, next: Next) -> Response {
         resp.headers_mut().insert("x-request-id", v);
     }
     let status = resp.status().as_u16().to_string();
+    tracing::debug!(request_id = %rid, %method, route = %path, %status, elapsed_us = start.elapsed().as_micros() as u64, "request");
     metrics::counter!("kiln_http_requests_total", "method" => method.clone(), "route" => path.clone(), "status" => status.clone())
         .increment(1);
     metrics::histogram!("kiln_http_request_seconds", "method" => method, "route" => path, "status" => status)

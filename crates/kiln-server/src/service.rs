@@ -87,6 +87,7 @@ struct Admitted {
 }
 
 impl Kiln {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: ServerConfig,
         store: Store,
@@ -700,7 +701,7 @@ impl Kiln {
         let scopes = crate::tenancy::parse_scopes(&k.scopes).map_err(ApiError::internal)?;
         // last-used is precise to a second: at most one write per key per second.
         if k.last_used_at_ms
-            .map_or(true, |t| now.saturating_sub(t) >= 1000)
+            .is_none_or(|t| now.saturating_sub(t) >= 1000)
         {
             let _ = self.store.touch_key(&k.id, now).await;
         }

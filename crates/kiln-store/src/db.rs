@@ -84,10 +84,10 @@ impl From<Option<&str>> for Val {
     }
 }
 
-/// Builds a `Vec<Val>` from heterogeneous values.
+/// Builds an array of [`Val`]s from heterogeneous values.
 #[macro_export]
 macro_rules! vals {
-    ($($v:expr),* $(,)?) => { vec![$($crate::db::Val::from($v)),*] };
+    ($($v:expr),* $(,)?) => { [$($crate::db::Val::from($v)),*] };
 }
 
 /// One result row.
@@ -175,7 +175,7 @@ pub(crate) struct PgPool {
 /// The database: SQLite (one connection) or a PostgreSQL pool.
 pub(crate) enum Db {
     Sqlite(Arc<Mutex<rusqlite::Connection>>),
-    Postgres(PgPool),
+    Postgres(Box<PgPool>),
 }
 
 /// A checked-out connection; statements on it run in order, and `begin`/`commit` make a
@@ -209,7 +209,7 @@ impl Db {
                 .collect(),
             next: AtomicUsize::new(0),
         };
-        let db = Db::Postgres(pool);
+        let db = Db::Postgres(Box::new(pool));
         // Connect one now so a bad URL fails at start, not at the first request.
         db.conn().await?;
         Ok(db)
@@ -247,7 +247,7 @@ impl Db {
                     Some(g) => g,
                     None => p.slots[start % n].clone().lock_owned().await,
                 };
-                if g.client.as_ref().map_or(true, |c| c.is_closed()) {
+                if g.client.as_ref().is_none_or(|c| c.is_closed()) {
                     let (client, connection) = p
                         .config
                         .connect(tokio_postgres::NoTls)

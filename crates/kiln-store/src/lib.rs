@@ -352,6 +352,7 @@ fn sandbox_params(row: &SandboxRow, host: &str) -> Vec<Val> {
         row.key_id.clone(),
         host,
     ]
+    .to_vec()
 }
 
 const INSERT_SANDBOX: &str = "INSERT INTO sandboxes (id, template, image, state, cpus, memory_bytes, disk_bytes, network, created_at_ms, expires_at_ms, pooled, from_pool, labels, ip, org_id, key_id, host) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17)";

@@ -435,7 +435,14 @@ fn template_build_reports_cached_base() {
 
 #[test]
 fn orgs_keys_quota_and_audit_from_the_cli() {
-    let s = Server::start(&["--warm-pool", "0"]);
+    let s = Server::start(&[
+        "--warm-pool",
+        "0",
+        "--log-format",
+        "json",
+        "--log",
+        "kiln_server=debug,info",
+    ]);
     // The owner key was written 0600 to the data dir and printed once.
     let token = s.data.path().join("token");
     let mode = std::fs::metadata(&token).expect("token").permissions();
