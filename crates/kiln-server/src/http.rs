@@ -139,7 +139,12 @@ async fn auth(State(k): State<AppState>, mut req: Request, next: Next) -> Respon
         .map(|p| p.as_str().to_string())
         .unwrap_or_default();
     let method = req.method().clone();
-    let resource = req.uri().path().to_string();
+    // The full path (inside the nested `/v1` router `uri()` has the prefix stripped).
+    let resource = req
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map(|u| u.0.path().to_string())
+        .unwrap_or_else(|| req.uri().path().to_string());
     let client = req
         .extensions()
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()

@@ -442,6 +442,7 @@ async fn mutating_calls_and_refusals_are_audited() {
             e.request_id.starts_with("req_") && e.client == "127.0.0.1",
             "{e:?}"
         );
+        assert!(e.resource.starts_with("/v1/"), "{e:?}");
         out.push_str(&format!(
             "{} {} {} {} org={}\n",
             e.action,
