@@ -19,10 +19,14 @@ export CARGO_TERM_COLOR ?= never
 run: deps build
 	$(KILN) up --data-dir $(DATA_DIR)
 
-## test: install what is missing, build, run every test as root with the real runtime
+## test: install what is missing, build, run every test as root with the real runtime; the
+## server suite runs twice, on SQLite and on PostgreSQL (each test in its own schema)
 test: deps build test-image
+	scripts/ensure-postgres.sh
 	KILN_KILND=$(KILND) KILN_TEST_IMAGES=$(TEST_IMAGES) KILN_BIN=$(KILN) \
 	  cargo test --release --workspace --no-fail-fast -- --test-threads=$${KILN_TEST_THREADS:-2}
+	KILN_TEST_STORE=postgres KILN_KILND=$(KILND) KILN_TEST_IMAGES=$(TEST_IMAGES) KILN_BIN=$(KILN) \
+	  cargo test --release -p kiln-server --test it --no-fail-fast -- --test-threads=$${KILN_TEST_THREADS:-2}
 
 deps: toolchain
 	scripts/install-deps.sh

@@ -61,6 +61,15 @@ impl Api {
         Self { base, token, http }
     }
 
+    /// The same client with another API key.
+    pub fn with_token(&self, token: &str) -> Api {
+        Api {
+            base: self.base.clone(),
+            token: Some(token.to_string()),
+            http: self.http.clone(),
+        }
+    }
+
     pub fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
         let mut rb = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = &self.token {

@@ -22,6 +22,167 @@ pub enum BenchCmd {
     Sandbox(SandboxBench),
     /// Template build times (cold, no-change, one-role change) and layer sizes (needs root)
     Template(crate::bench_template::TemplateBench),
+    /// Control-plane throughput and latency: authenticated `GET /v1/sandboxes` under a fixed
+    /// concurrency against unauthenticated `GET /v1/health` (the HTTP baseline, same run), and
+    /// exec of `true` through the API. Needs a key of the system organisation: it runs in a
+    /// throwaway org with rate limits lifted, and revokes that org's key at the end.
+    Api(ApiBench),
+}
+
+#[derive(Args, Debug)]
+pub struct ApiBench {
+    /// Requests in flight at once
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Seconds per throughput measurement
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Exec round trips to time
+    #[arg(long, default_value_t = 200)]
+    pub exec_n: usize,
+    /// Print one JSON object
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Load {
+    requests: usize,
+    errors: usize,
+    per_sec: f64,
+    latency_ms: Percentiles,
+}
+
+/// Sends `GET path` from `concurrency` tasks for `seconds`.
+async fn load(api: &Api, path: &str, concurrency: usize, seconds: f64) -> Load {
+    let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let api = api.clone();
+        let path = path.to_string();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                match api.request(Method::GET, &path).send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        lat.push(ms(t.elapsed()));
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (lat, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        if let Ok((l, e)) = t.await {
+            all.extend(l);
+            errors += e;
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    Load {
+        requests: all.len(),
+        errors,
+        per_sec: (all.len() as f64 / elapsed).round(),
+        latency_ms: percentiles(&mut all),
+    }
+}
+
+async fn api_bench(admin: &Api, b: ApiBench) -> Result<i32> {
+    use kiln_protocol::api::{OrgCreated, RateLimits};
+    let name = format!("bench-{}", std::process::id());
+    let org: OrgCreated = admin
+        .json(
+            Method::POST,
+            "/v1/orgs",
+            Some(&serde_json::json!({ "name": name })),
+        )
+        .await
+        .map_err(|e| {
+            anyhow!("cannot create the bench organisation (a system-org key is needed): {e}")
+        })?;
+    let key = org
+        .key
+        .ok_or_else(|| anyhow!("the server did not return the bench org's key"))?;
+    let lifted = kiln_protocol::api::Rate {
+        per_sec: 1e6,
+        burst: 1_000_000,
+    };
+    let limits = RateLimits {
+        manage: lifted,
+        create: lifted,
+        sandbox: lifted,
+    };
+    let _: serde_json::Value = admin
+        .json(
+            Method::PUT,
+            &format!("/v1/orgs/{}/rate-limits", org.org.id),
+            Some(&limits),
+        )
+        .await?;
+    let api = admin.with_token(&key.secret);
+    progress(b.json, "GET /v1/health (baseline: no auth, no database)");
+    let health = load(&api, "/v1/health", b.concurrency, b.seconds).await;
+    progress(b.json, "GET /v1/sandboxes (authenticated)");
+    let list = load(&api, "/v1/sandboxes", b.concurrency, b.seconds).await;
+    progress(b.json, "exec `true` through the API");
+    let sb = create(&api, true).await?;
+    let mut rt = Vec::with_capacity(b.exec_n);
+    let mut health_rt = Vec::with_capacity(b.exec_n);
+    for _ in 0..b.exec_n {
+        let (_, d) = exec_timed(&api, &sb.id, &["true"]).await?;
+        rt.push(ms(d));
+        let t = Instant::now();
+        api.send(api.request(Method::GET, "/v1/health")).await?;
+        health_rt.push(ms(t.elapsed()));
+    }
+    remove(&api, &sb.id).await?;
+    admin
+        .empty(
+            Method::DELETE,
+            &format!("/v1/keys/{}?org={}", key.key.id, org.org.id),
+        )
+        .await?;
+    let exec = percentiles(&mut rt);
+    let baseline = percentiles(&mut health_rt);
+    let report = serde_json::json!({
+        "concurrency": b.concurrency,
+        "seconds": b.seconds,
+        "health_baseline": health,
+        "authenticated_list": list,
+        "authenticated_vs_baseline_p50_ratio": (list.latency_ms.p50 / health.latency_ms.p50 * 100.0).round() / 100.0,
+        "exec_true_roundtrip_ms": exec,
+        "sequential_health_roundtrip_ms": baseline,
+        "targets": {"authenticated_gets_per_sec": 3000, "authenticated_get_p99_ms": 10},
+    });
+    if b.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for (n, l) in [
+            ("GET /v1/health (baseline)", &health),
+            ("GET /v1/sandboxes (authenticated)", &list),
+        ] {
+            println!(
+                "{n:<36} {:>8} req/s   p50 {:>7.3} ms   p99 {:>7.3} ms   errors {}",
+                l.per_sec, l.latency_ms.p50, l.latency_ms.p99, l.errors
+            );
+        }
+        println!(
+            "{:<36} {:>14}   p50 {:>7.3} ms   p99 {:>7.3} ms   (sequential GET /v1/health p50 {:.3} ms)",
+            "exec `true` (API round trip)", "", exec.p50, exec.p99, baseline.p50
+        );
+        println!(
+            "targets: >= 3000 authenticated GETs/s with p99 <= 10 ms (concurrency {})",
+            b.concurrency
+        );
+    }
+    Ok(0)
 }
 
 #[derive(Args, Debug)]
@@ -83,6 +244,7 @@ pub async fn run(g: &Global, cmd: BenchCmd) -> Result<i32> {
     match cmd {
         BenchCmd::Sandbox(b) => sandbox(&g.api(), b).await,
         BenchCmd::Template(b) => crate::bench_template::run(g, b).await,
+        BenchCmd::Api(b) => api_bench(&g.api(), b).await,
     }
 }
 

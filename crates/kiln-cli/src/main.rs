@@ -4,6 +4,7 @@
 //! 125 for Kiln's own failures, 2 for bad usage; `exec`/`run` otherwise pass on the exit code of
 //! the command that ran in the sandbox (124 if it timed out, 128+N if killed by signal N).
 
+mod admin;
 mod api;
 mod bench;
 mod bench_template;
@@ -34,7 +35,7 @@ pub struct Global {
     /// Server URL [default: http://127.0.0.1:7777]
     #[arg(long, env = "KILN_URL", global = true)]
     pub url: Option<String>,
-    /// API token [default: read from <data dir>/token]
+    /// API key (`kiln_...`) [default: the owner key in <data dir>/token]
     #[arg(long, env = "KILN_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     /// Data directory of the local server: where `kiln up` keeps its state, and where the
@@ -61,6 +62,14 @@ enum Command {
     /// Build, list, inspect, test and remove templates (sandbox images built from Ansible roles)
     #[command(subcommand)]
     Template(template::TemplateCmd),
+    /// Organisations and their quotas
+    #[command(subcommand)]
+    Org(admin::OrgCmd),
+    /// API keys: create (with role, scopes, expiry), list, revoke
+    #[command(subcommand)]
+    Key(admin::KeyCmd),
+    /// Read the audit log (owner, admin, auditor)
+    Audit(admin::AuditArgs),
     /// Measure the platform through the server's API
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -103,6 +112,9 @@ fn main() {
             Command::Sandbox(c) => sandbox::run(&cli.global, c).await,
             Command::Run(a) => sandbox::run_once(&cli.global, a).await,
             Command::Template(c) => template::run(&cli.global, c).await,
+            Command::Org(c) => admin::org(&cli.global, c).await,
+            Command::Key(c) => admin::key(&cli.global, c).await,
+            Command::Audit(a) => admin::audit(&cli.global, a).await,
             Command::Bench(c) => bench::run(&cli.global, c).await,
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

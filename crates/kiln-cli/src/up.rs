@@ -52,6 +52,31 @@ pub struct UpArgs {
     /// Log filter (tracing EnvFilter syntax), e.g. info, kiln_server=debug
     #[arg(long, env = "KILN_LOG", default_value = "info")]
     pub log: String,
+    /// Log line format: text, or json (one object per line, with the request id)
+    #[arg(long, env = "KILN_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+    /// Keep state in PostgreSQL (postgres://user@host/db) instead of SQLite in the data dir.
+    /// Replicas on one database must share the --secret-file.
+    #[arg(long, env = "KILN_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// The key-hashing secret [default: <data dir>/secret, created 0600 on first start]
+    #[arg(long, env = "KILN_SECRET_FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Default quota per organisation: concurrent (creating or running) sandboxes
+    #[arg(long, default_value_t = 100)]
+    pub org_max_sandboxes: u64,
+    /// Default quota per organisation: total vCPUs of running sandboxes
+    #[arg(long, default_value_t = 64.0)]
+    pub org_max_cpus: f64,
+    /// Default quota per organisation: total memory of running sandboxes
+    #[arg(long, default_value = "256G")]
+    pub org_max_memory: String,
+    /// Default quota per organisation: total disk of all its sandboxes
+    #[arg(long, default_value = "1T")]
+    pub org_max_disk: String,
+    /// How long audit entries are kept (e.g. 90d; 0 keeps them forever)
+    #[arg(long, default_value = "90d")]
+    pub audit_retention: String,
 }
 
 fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
@@ -87,10 +112,14 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
     let data_dir = data_dir.unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_DATA_DIR));
     let filter =
         tracing_subscriber::EnvFilter::try_new(&a.log).map_err(|e| anyhow!("--log: {e}"))?;
-    tracing_subscriber::fmt()
+    let fmt = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if a.log_format == "json" {
+        fmt.json().with_current_span(true).init();
+    } else {
+        fmt.init();
+    }
     if !nix_is_root() {
         bail!("kiln up must run as root: it mounts overlays and runs an OCI runtime (hint: sudo kiln up)");
     }
@@ -125,16 +154,19 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
         cfg.max_ttl =
             Some(kiln_server::units::parse_duration(t).map_err(|e| anyhow!("--max-ttl: {e}"))?);
     }
+    cfg.database_url = a.database_url.clone();
+    cfg.secret_path = a.secret_file.clone();
+    cfg.quota = kiln_store::Limits {
+        sandboxes: a.org_max_sandboxes,
+        cpus: a.org_max_cpus,
+        memory_bytes: size("--org-max-memory", &a.org_max_memory)?,
+        disk_bytes: size("--org-max-disk", &a.org_max_disk)?,
+    };
+    let retention = kiln_server::units::parse_duration(&a.audit_retention)
+        .map_err(|e| anyhow!("--audit-retention: {e}"))?;
+    cfg.audit_retention = (!retention.is_zero()).then_some(retention);
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
-    let (token, created) = kiln_server::ensure_token(&cfg.data_dir)?;
-    if created {
-        eprintln!("kiln: created API token {token}");
-        eprintln!(
-            "kiln: it is stored in {}/token (mode 0600); the CLI reads it from there",
-            cfg.data_dir.display()
-        );
-    }
     if !a.no_build {
         let store = kiln_template::ImageStore::open(&cfg.images_dir)?;
         if store.get("base").is_err() {
@@ -152,9 +184,17 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
             .await??;
         }
     }
+    let data_dir = cfg.data_dir.clone();
     let kiln = kiln_server::start(cfg)
         .await
         .context("cannot start the server")?;
+    if let Some(key) = &kiln.created_owner_key {
+        eprintln!("kiln: created the system organisation and its owner key {key}");
+        eprintln!(
+            "kiln: it is stored in {}/token (mode 0600) and shown only now; the CLI reads it from there",
+            data_dir.display()
+        );
+    }
     let shutdown = tokio_util::sync::CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {

@@ -289,3 +289,237 @@ pub struct Template {
 pub struct TemplateList {
     pub templates: Vec<Template>,
 }
+
+/// The role of an API key: what it may do inside its organisation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Read-only: sandboxes (metadata), templates, keys, usage and the audit log.
+    Auditor,
+    /// Sandboxes, exec, files, templates; no key management.
+    Member,
+    /// Everything a member does, plus keys (up to admin) and the audit log.
+    Admin,
+    /// Everything in the organisation.
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Role::Auditor => "auditor",
+            Role::Member => "member",
+            Role::Admin => "admin",
+            Role::Owner => "owner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "auditor" => Some(Role::Auditor),
+            "member" => Some(Role::Member),
+            "admin" => Some(Role::Admin),
+            "owner" => Some(Role::Owner),
+            _ => None,
+        }
+    }
+}
+
+/// Per-organisation limits; `None` means the server default.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quota {
+    /// Concurrent sandboxes (creating or running).
+    #[serde(default)]
+    pub sandboxes: Option<u64>,
+    /// Total vCPUs of creating or running sandboxes.
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Total memory of creating or running sandboxes, bytes.
+    #[serde(default)]
+    pub memory_bytes: Option<u64>,
+    /// Total disk of all sandboxes (paused and dead ones keep their writable layer), bytes.
+    #[serde(default)]
+    pub disk_bytes: Option<u64>,
+}
+
+/// What an organisation currently holds against its quota.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct QuotaUsage {
+    pub sandboxes: u64,
+    pub cpus: f64,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// `GET /v1/orgs/{id}/quota`, `PUT /v1/orgs/{id}/quota`: effective limits and current use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuotaStatus {
+    pub org: String,
+    /// Effective limits (org overrides merged over server defaults).
+    pub limits: Quota,
+    /// The org's own overrides (`null` = server default).
+    pub overrides: Quota,
+    pub usage: QuotaUsage,
+}
+
+/// An organisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Org {
+    pub id: String,
+    pub name: String,
+    pub created_at_ms: u64,
+    /// The organisation created on first start; its owners and admins manage all others.
+    #[serde(default)]
+    pub system: bool,
+}
+
+/// `GET /v1/orgs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrgList {
+    pub orgs: Vec<Org>,
+}
+
+/// `POST /v1/orgs`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrg {
+    pub name: String,
+    /// Also create a first key of this role in the new org (default `owner`).
+    #[serde(default)]
+    pub owner_key: Option<bool>,
+}
+
+/// `POST /v1/orgs` answer: the org and, unless declined, its first owner key (shown once).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OrgCreated {
+    pub org: Org,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyCreated>,
+}
+
+/// An API key as listed (never the secret).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ApiKey {
+    pub id: String,
+    pub org: String,
+    pub name: String,
+    /// The first characters of the key (`kiln_AbCd1234`), to recognise it.
+    pub prefix: String,
+    pub role: Role,
+    /// `resource:action` scopes narrowing the role; empty = everything the role allows.
+    pub scopes: Vec<String>,
+    pub created_at_ms: u64,
+    #[serde(default)]
+    pub created_by: Option<String>,
+    #[serde(default)]
+    pub expires_at_ms: Option<u64>,
+    #[serde(default)]
+    pub last_used_at_ms: Option<u64>,
+    #[serde(default)]
+    pub revoked_at_ms: Option<u64>,
+}
+
+/// `GET /v1/keys`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyList {
+    pub keys: Vec<ApiKey>,
+}
+
+/// `POST /v1/keys`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKey {
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Default `member`; never more than the creating key's role.
+    #[serde(default)]
+    pub role: Option<Role>,
+    /// `resource:action` (`sandboxes:read`, `exec:write`, `files:*`, ...); never more than the
+    /// creating key has.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Lifetime: seconds or `30d`, `12h`.
+    #[serde(default)]
+    pub expires_in: Option<DurationArg>,
+    /// Create the key in this org (only keys of the system org may name another org).
+    #[serde(default)]
+    pub org: Option<String>,
+}
+
+/// `POST /v1/keys` answer: the key record and its secret, shown this once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyCreated {
+    pub key: ApiKey,
+    pub secret: String,
+}
+
+/// One audit log entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: String,
+    pub time_ms: u64,
+    /// Empty for auth failures with no valid key.
+    pub org: String,
+    pub key_prefix: String,
+    /// `METHOD /route/pattern`.
+    pub action: String,
+    /// The concrete path acted on.
+    pub resource: String,
+    /// `ok` or `denied` / `error`.
+    pub outcome: String,
+    pub status: u16,
+    pub client: String,
+    pub request_id: String,
+}
+
+/// `GET /v1/audit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditList {
+    pub entries: Vec<AuditEntry>,
+}
+
+/// `GET /v1/me`: the calling key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Me {
+    pub org: String,
+    pub org_name: String,
+    pub key_id: String,
+    pub key_prefix: String,
+    pub role: Role,
+    /// Effective permissions (role narrowed by scopes).
+    pub permissions: Vec<String>,
+    pub system: bool,
+}
+
+/// One rate-limit bucket: a sustained rate and a burst (GCRA).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rate {
+    /// Requests per second, sustained.
+    pub per_sec: f64,
+    /// Requests allowed at once (bucket size).
+    pub burst: u32,
+}
+
+/// Per-key rate limits of an organisation, one bucket per kind of call.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimits {
+    /// Management calls (listing, keys, orgs, audit, pause/resume, remove).
+    pub manage: Rate,
+    /// `POST /v1/sandboxes`.
+    pub create: Rate,
+    /// In-sandbox operations: exec, processes, files, PTY.
+    pub sandbox: Rate,
+}
+
+/// `GET|PUT /v1/orgs/{org}/rate-limits`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RateLimitStatus {
+    pub org: String,
+    /// Effective limits.
+    pub limits: RateLimits,
+    /// Whether the org overrides the server defaults.
+    pub custom: bool,
+}

@@ -50,6 +50,17 @@ pub struct ServerConfig {
     pub subnet: String,
     /// Run `none`-network sandboxes in a user namespace (root inside = host uid 100000).
     pub userns: bool,
+    /// `postgres://...` to keep state in PostgreSQL; `None` = SQLite in the data dir.
+    pub database_url: Option<String>,
+    /// Where the key-hashing secret lives [default: `<data dir>/secret`]; replicas sharing a
+    /// database must share this file.
+    pub secret_path: Option<PathBuf>,
+    /// Per-organisation limits unless an org overrides them.
+    pub quota: kiln_store::Limits,
+    /// How long audit entries are kept (`None` = forever).
+    pub audit_retention: Option<std::time::Duration>,
+    /// Per-key rate limits unless an org sets its own.
+    pub rate_limits: kiln_protocol::api::RateLimits,
 }
 
 impl ServerConfig {
@@ -75,6 +86,16 @@ impl ServerConfig {
             bridge: "kiln0".into(),
             subnet: "10.201.0.0/16".into(),
             userns: true,
+            database_url: None,
+            secret_path: None,
+            quota: kiln_store::Limits {
+                sandboxes: 100,
+                cpus: 64.0,
+                memory_bytes: 256 << 30,
+                disk_bytes: 1 << 40,
+            },
+            audit_retention: Some(std::time::Duration::from_secs(90 * 86400)),
+            rate_limits: crate::ratelimit::default_limits(),
         }
     }
 

@@ -135,7 +135,14 @@ impl From<kiln_sandbox::SandboxError> for ApiError {
 
 impl From<kiln_store::StoreError> for ApiError {
     fn from(e: kiln_store::StoreError) -> Self {
-        ApiError::internal(e.to_string())
+        match e {
+            kiln_store::StoreError::Conflict(what) => ApiError::new(
+                StatusCode::CONFLICT,
+                "already_exists",
+                format!("{what} already exists"),
+            ),
+            other => ApiError::internal(other.to_string()),
+        }
     }
 }
 

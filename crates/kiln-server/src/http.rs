@@ -6,7 +6,7 @@ use std::time::Instant;
 use axum::body::Body;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -50,6 +50,26 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/:id/files/watch", get(watch))
         .route("/sandboxes/:id/pty", get(pty))
         .merge(crate::templates::routes())
+        .route("/me", get(crate::admin::me))
+        .route(
+            "/orgs",
+            get(crate::admin::list_orgs).post(crate::admin::create_org),
+        )
+        .route("/orgs/:org", get(crate::admin::get_org))
+        .route(
+            "/orgs/:org/quota",
+            get(crate::admin::get_quota).put(crate::admin::set_quota),
+        )
+        .route(
+            "/orgs/:org/rate-limits",
+            get(crate::admin::get_rate_limits).put(crate::admin::set_rate_limits),
+        )
+        .route(
+            "/keys",
+            get(crate::admin::list_keys).post(crate::admin::create_key),
+        )
+        .route("/keys/:id", axum::routing::delete(crate::admin::revoke_key))
+        .route("/audit", get(crate::admin::list_audit))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(health));
     Router::new()
@@ -63,57 +83,243 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// The single authentication layer: a bearer token, checked in constant time. It attaches the
-/// [`Caller`] that every handler passes on to the service.
+/// Every authenticated route as (method, pattern): the isolation matrix and the permission
+/// table test walk this list. A new route goes here too.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/sandboxes"),
+    ("GET", "/v1/sandboxes"),
+    ("GET", "/v1/sandboxes/:id"),
+    ("DELETE", "/v1/sandboxes/:id"),
+    ("POST", "/v1/sandboxes/:id/pause"),
+    ("POST", "/v1/sandboxes/:id/resume"),
+    ("POST", "/v1/sandboxes/:id/exec"),
+    ("POST", "/v1/sandboxes/:id/processes"),
+    ("GET", "/v1/sandboxes/:id/processes"),
+    ("GET", "/v1/sandboxes/:id/processes/:pid/output"),
+    ("POST", "/v1/sandboxes/:id/processes/:pid/stdin"),
+    ("POST", "/v1/sandboxes/:id/processes/:pid/signal"),
+    ("GET", "/v1/sandboxes/:id/files"),
+    ("PUT", "/v1/sandboxes/:id/files"),
+    ("DELETE", "/v1/sandboxes/:id/files"),
+    ("GET", "/v1/sandboxes/:id/files/stat"),
+    ("GET", "/v1/sandboxes/:id/files/list"),
+    ("POST", "/v1/sandboxes/:id/files/mkdir"),
+    ("POST", "/v1/sandboxes/:id/files/move"),
+    ("GET", "/v1/sandboxes/:id/files/watch"),
+    ("GET", "/v1/sandboxes/:id/pty"),
+    ("GET", "/v1/templates"),
+    ("GET", "/v1/me"),
+    ("GET", "/v1/orgs"),
+    ("POST", "/v1/orgs"),
+    ("GET", "/v1/orgs/:org"),
+    ("GET", "/v1/orgs/:org/quota"),
+    ("PUT", "/v1/orgs/:org/quota"),
+    ("GET", "/v1/orgs/:org/rate-limits"),
+    ("PUT", "/v1/orgs/:org/rate-limits"),
+    ("GET", "/v1/keys"),
+    ("POST", "/v1/keys"),
+    ("DELETE", "/v1/keys/:id"),
+    ("GET", "/v1/audit"),
+];
+
+/// The request id of a request (`x-request-id`), set by [`track`].
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// The single authentication and authorisation layer: resolves the bearer key to a
+/// [`Caller`] (no cache: a revoked key fails on its next request), checks the route's
+/// permission from [`crate::tenancy::required`], and appends every mutating call and every
+/// refusal to the audit log. Handlers receive the [`Caller`] and never read credentials.
 async fn auth(State(k): State<AppState>, mut req: Request, next: Next) -> Response {
+    use crate::tenancy::{required, Need};
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_default();
+    let method = req.method().clone();
+    // The full path (inside the nested `/v1` router `uri()` has the prefix stripped).
+    let resource = req
+        .extensions()
+        .get::<axum::extract::OriginalUri>()
+        .map(|u| u.0.path().to_string())
+        .unwrap_or_else(|| req.uri().path().to_string());
+    let client = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let request_id = req
+        .extensions()
+        .get::<RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let ok = presented.is_some_and(|p| constant_time_eq(p.as_bytes(), k.token.as_bytes()));
-    if !ok {
-        metrics::counter!("kiln_auth_failures_total").increment(1);
-        return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid bearer token")
-            .hint(format!(
-                "send `Authorization: Bearer <token>`; the token is in {}/token (the CLI reads KILN_TOKEN)",
-                k.cfg.data_dir.display()
-            ))
-            .into_response();
+        .map(|v| v.trim().to_string());
+    let (resp, org, prefix) = match k.authenticate(presented.as_deref()).await {
+        Err(e) => {
+            metrics::counter!("kiln_auth_failures_total").increment(1);
+            let prefix = presented
+                .as_deref()
+                .filter(|p| crate::tenancy::looks_like_key(p))
+                .map(crate::tenancy::key_prefix)
+                .unwrap_or_default();
+            (e.into_response(), String::new(), prefix)
+        }
+        Ok(c) => {
+            let org = c.org_id.clone();
+            let prefix = c.key_prefix.clone();
+            let refusal = match required(&method, &route) {
+                None => Some(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "permission_denied",
+                    format!("{method} {route} has no permission rule; refused for every key"),
+                )),
+                Some(Need::Perm(p)) if !c.perms.has(p) => Some(
+                    ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "permission_denied",
+                        format!(
+                            "this key ({}, role {}) lacks the `{p}` permission",
+                            c.key_prefix,
+                            c.role.as_str()
+                        ),
+                    )
+                    .hint("use a key whose role and scopes include it (`kiln key create --role ... --scope ...`)"),
+                ),
+                _ => None,
+            };
+            match refusal {
+                Some(e) => (e.into_response(), org, prefix),
+                None => {
+                    let bucket = crate::ratelimit::Bucket::of(&method, &route);
+                    let decision = match k.rate_limits(&c.org_id).await {
+                        Ok(l) => Ok(k.limiter.check(&c.key_id, bucket, bucket.rate(&l))),
+                        Err(e) => Err(e),
+                    };
+                    match decision {
+                        Err(e) => (e.into_response(), org, prefix),
+                        Ok(d) if !d.allowed => {
+                            metrics::counter!("kiln_rate_limited_total", "bucket" => bucket.name())
+                                .increment(1);
+                            let mut resp = ApiError::new(
+                                StatusCode::TOO_MANY_REQUESTS,
+                                "rate_limited",
+                                format!(
+                                    "rate limit of the `{}` bucket reached for key {}: {} requests at once",
+                                    bucket.name(),
+                                    c.key_prefix,
+                                    d.limit
+                                ),
+                            )
+                            .hint(format!("retry after {} s", d.retry_after_secs))
+                            .into_response();
+                            rate_headers(&mut resp, &d);
+                            resp.headers_mut()
+                                .insert(header::RETRY_AFTER, HeaderValue::from(d.retry_after_secs));
+                            (resp, org, prefix)
+                        }
+                        Ok(d) => {
+                            req.extensions_mut().insert(c);
+                            let mut resp = next.run(req).await;
+                            rate_headers(&mut resp, &d);
+                            (resp, org, prefix)
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let status = resp.status();
+    let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+    if mutating || status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        let outcome = if status.is_success() || status.is_redirection() {
+            "ok"
+        } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+            "denied"
+        } else {
+            "error"
+        };
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let time_ms = crate::service::now_ms();
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let row = kiln_store::AuditRow {
+            // Sorts by time, then by order within this process; the random tail keeps ids of
+            // several replicas apart.
+            id: format!("au_{time_ms:013}_{seq:08}{}", kiln_store::random_id("_", 6)),
+            time_ms,
+            org_id: org,
+            key_prefix: prefix,
+            action: format!("{method} {route}"),
+            resource,
+            outcome: outcome.into(),
+            status: status.as_u16(),
+            client,
+            request_id,
+        };
+        if let Err(e) = k.store.append_audit(&row).await {
+            tracing::error!(error = %e, "audit: cannot append");
+        }
     }
-    req.extensions_mut().insert(Caller {
-        name: "operator".into(),
-    });
-    next.run(req).await
+    resp
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+fn rate_headers(resp: &mut Response, d: &crate::ratelimit::Decision) {
+    let h = resp.headers_mut();
+    h.insert("ratelimit-limit", HeaderValue::from(d.limit));
+    h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
+    h.insert("ratelimit-reset", HeaderValue::from(d.reset_secs));
 }
 
-/// Request counting and latency per route.
-async fn track(req: Request, next: Next) -> Response {
+/// Request ids, counting and latency per route. The id (a sane incoming `x-request-id`, or a
+/// new one) is on the response and on every log line of the request.
+async fn track(mut req: Request, next: Next) -> Response {
+    use tracing::Instrument;
     let start = Instant::now();
+    let rid = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| kiln_store::random_id("req_", 16));
+    req.extensions_mut().insert(RequestId(rid.clone()));
     let path = req
         .extensions()
         .get::<axum::extract::MatchedPath>()
         .map(|p| p.as_str().to_string())
         .unwrap_or_else(|| "unmatched".into());
     let method = req.method().to_string();
-    let resp = next.run(req).await;
+    let span = tracing::info_span!("request", request_id = %rid, method = %method, route = %path);
+    let mut resp = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&rid) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
     let status = resp.status().as_u16().to_string();
-    metrics::counter!("kiln_http_requests_total", "method" => method.clone(), "route" => path.clone(), "status" => status)
+    tracing::debug!(request_id = %rid, %method, route = %path, %status, elapsed_us = start.elapsed().as_micros() as u64, "request");
+    metrics::counter!("kiln_http_requests_total", "method" => method.clone(), "route" => path.clone(), "status" => status.clone())
         .increment(1);
-    metrics::histogram!("kiln_http_request_seconds", "method" => method, "route" => path)
+    metrics::histogram!("kiln_http_request_seconds", "method" => method, "route" => path, "status" => status)
         .record(start.elapsed().as_secs_f64());
     resp
 }
 
 async fn metrics_endpoint(State(k): State<AppState>) -> Response {
+    // Gauges read from the store at scrape time: this server's sandboxes by state.
+    if let Ok(counts) = k.store.count_by_state().await {
+        for state in ["creating", "running", "paused", "dead", "pooled"] {
+            let n = counts
+                .iter()
+                .find(|(s, _)| s == state)
+                .map(|(_, n)| *n)
+                .unwrap_or(0);
+            metrics::gauge!("kiln_sandboxes", "state" => state).set(n as f64);
+        }
+    }
     match &k.metrics {
         Some(h) => (
             [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -130,13 +336,13 @@ async fn metrics_endpoint(State(k): State<AppState>) -> Response {
 }
 
 async fn health(State(k): State<AppState>) -> Json<Health> {
-    let sandboxes = k.store.list(false).map(|v| v.len() as u64).unwrap_or(0);
+    let sandboxes = k.store.count(false).await.unwrap_or(0);
     Json(Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
         runtime: format!("{:?}", k.cfg.runtime).to_lowercase(),
         sandboxes,
-        warm_pool: k.pool_size(),
+        warm_pool: k.pool_size().await,
     })
 }
 
@@ -156,7 +362,7 @@ async fn list_sandboxes(
     Extension(c): Extension<Caller>,
 ) -> ApiResult<Json<SandboxList>> {
     Ok(Json(SandboxList {
-        sandboxes: k.list(&c)?,
+        sandboxes: k.list(&c).await?,
     }))
 }
 
@@ -165,7 +371,7 @@ async fn get_sandbox(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Response> {
-    Ok(Json(k.sandbox(&c, &id)?).into_response())
+    Ok(Json(k.sandbox(&c, &id).await?).into_response())
 }
 
 async fn delete_sandbox(
@@ -321,7 +527,7 @@ async fn exec(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     let keep_open = req.keep_stdin_open;
     let has_stdin = req.stdin_b64.is_some();
     let (spec, stdin) = exec_spec(req, false)?;
@@ -349,7 +555,7 @@ async fn start_process(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     let inline_stdin = req.stdin_b64.is_some() && !req.keep_stdin_open;
     let (mut spec, stdin) = exec_spec(req, true)?;
     if inline_stdin {
@@ -377,7 +583,7 @@ async fn list_processes(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<ProcessList>> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     let processes = k.daemon(&id, client.list_processes()).await?;
     Ok(Json(ProcessList { processes }))
 }
@@ -395,7 +601,7 @@ async fn attach_process(
     Path((id, pid)): Path<(String, String)>,
     ApiQuery(q): ApiQuery<AttachQuery>,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     let stream = k.daemon(&id, client.attach(&pid, q.after)).await?;
     Ok(reply_stream_response(None, Replies::Attach(stream)))
 }
@@ -414,7 +620,7 @@ async fn process_stdin(
     ApiQuery(q): ApiQuery<StdinQuery>,
     body: Bytes,
 ) -> ApiResult<StatusCode> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     k.daemon(&id, client.stdin(&pid, &body, q.close)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -460,7 +666,7 @@ async fn process_signal(
     ApiJson(req): ApiJson<SignalRequest>,
 ) -> ApiResult<StatusCode> {
     let sig = signal_number(&req.signal)?;
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     k.daemon(&id, client.signal(&pid, sig)).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -485,7 +691,7 @@ async fn download(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     let (stat, data) = k.daemon(&id, client.read_file(&q.path)).await?;
     let mut resp = Response::new(Body::from_stream(data.map_err(std::io::Error::other)));
     let h = resp.headers_mut();
@@ -507,7 +713,7 @@ async fn upload(
     ApiQuery(q): ApiQuery<PathQuery>,
     body: Body,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     let mode = match &q.mode {
         Some(m) => Some(
             u32::from_str_radix(m.trim_start_matches("0o"), 8).map_err(|_| {
@@ -535,7 +741,7 @@ async fn stat_file(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     Ok(Json(k.daemon(&id, client.stat(&q.path)).await?).into_response())
 }
 
@@ -545,7 +751,7 @@ async fn list_files(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<Json<FileList>> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     let entries = k
         .daemon(&id, client.list_dir(&q.path, q.depth.unwrap_or(1)))
         .await?;
@@ -558,7 +764,7 @@ async fn mkdir(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<MkdirRequest>,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     Ok((
         StatusCode::CREATED,
         Json(k.daemon(&id, client.mkdir(&req.path, req.parents)).await?),
@@ -572,7 +778,7 @@ async fn move_file(
     Path(id): Path<String>,
     ApiJson(req): ApiJson<MoveRequest>,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     Ok(Json(
         k.daemon(&id, client.move_path(&req.from, &req.to, req.overwrite))
             .await?,
@@ -586,7 +792,7 @@ async fn remove_file(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<StatusCode> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     k.daemon(&id, client.remove(&q.path, q.recursive.unwrap_or(false)))
         .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -599,7 +805,7 @@ async fn watch(
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     let stream = k
         .daemon(&id, client.watch(&q.path, q.recursive.unwrap_or(true)))
         .await?;
@@ -639,7 +845,7 @@ async fn pty(
     ApiQuery(q): ApiQuery<PtyQuery>,
     ws: WebSocketUpgrade,
 ) -> ApiResult<Response> {
-    let client = k.client(&c, &id)?;
+    let client = k.client(&c, &id).await?;
     let session = match &q.session {
         Some(s) => k.daemon(&id, client.pty_attach(s)).await?,
         None => {

@@ -1,15 +1,18 @@
 //! Kiln's HTTP API server (`kiln up`): the sandbox API under `/v1`, Prometheus metrics at
-//! `/metrics`, bearer-token auth, SQLite state, reconciliation on start, the warm pool and the
+//! `/metrics`, organisations and API keys, SQLite or PostgreSQL state, reconciliation on start, the warm pool and the
 //! TTL reaper.
 //!
 //! What it does not do: command-line parsing (that is `kiln-cli`) or anything inside a sandbox
 //! (that is `kilnd`, reached through `kiln-sandbox`).
 
+pub mod admin;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod ratelimit;
 pub mod service;
 pub mod templates;
+pub mod tenancy;
 pub mod units;
 
 use std::net::SocketAddr;
@@ -54,38 +57,21 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServerError + '_ {
     }
 }
 
-/// Reads the API token from `data_dir/token`, creating it (mode 0600) on first start.
-/// Returns the token and whether it was just created.
-pub fn ensure_token(data_dir: &Path) -> Result<(String, bool), ServerError> {
-    let p = data_dir.join("token");
-    match std::fs::read_to_string(&p) {
-        Ok(t) if !t.trim().is_empty() => return Ok((t.trim().to_string(), false)),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(&p)(e)),
-    }
-    use rand::Rng;
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
-    let mut rng = rand::rngs::OsRng;
-    let secret: String = (0..40)
-        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())] as char)
-        .collect();
-    let token = format!("kiln_{secret}");
-    let tmp = p.with_extension("tmp");
+/// Writes `contents` to `path` with mode 0600, atomically (temp file + rename).
+pub fn write_0600(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     {
-        use std::io::Write;
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode_0600()
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        f.write_all(format!("{token}\n").as_bytes())
-            .map_err(io(&tmp))?;
+            .open(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
     }
-    std::fs::rename(&tmp, &p).map_err(io(&p))?;
-    Ok((token, true))
+    std::fs::rename(&tmp, path)
 }
 
 trait Mode0600 {
@@ -123,7 +109,16 @@ pub fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle>
         OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            const SECONDS: &[f64] = &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ];
+            let builder = metrics_exporter_prometheus::PrometheusBuilder::new();
+            // Latencies as real histograms (buckets), so they aggregate across servers.
+            let builder = builder
+                .set_buckets(SECONDS)
+                .unwrap_or_else(|_| metrics_exporter_prometheus::PrometheusBuilder::new());
+            let recorder = builder.build_recorder();
             let handle = recorder.handle();
             metrics::set_global_recorder(recorder).ok().map(|_| handle)
         })
@@ -133,10 +128,30 @@ pub fn metrics_handle() -> Option<metrics_exporter_prometheus::PrometheusHandle>
 /// Opens state, prepares the runtime and reconciles: everything `serve` does before listening.
 pub async fn start(cfg: ServerConfig) -> Result<Arc<Kiln>, ServerError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io(&cfg.data_dir))?;
-    let (token, _) = ensure_token(&cfg.data_dir)?;
     let images = kiln_template::ImageStore::open(&cfg.images_dir)?;
     let kilnd_path = install_kilnd(&cfg.kilnd_path, &cfg.data_dir)?;
-    let store = kiln_store::Store::open(&cfg.data_dir.join("kiln.db"))?;
+    let host_path = cfg.data_dir.join("host-id");
+    let host = match std::fs::read_to_string(&host_path) {
+        Ok(h) if !h.trim().is_empty() => h.trim().to_string(),
+        _ => {
+            let h = kiln_store::random_id("host_", 12);
+            write_0600(&host_path, &format!("{h}\n")).map_err(io(&host_path))?;
+            h
+        }
+    };
+    let store =
+        kiln_store::Store::connect(cfg.database_url.as_deref(), &cfg.data_dir.join("kiln.db"))
+            .await?
+            .with_host(&host);
+    let secret_path = cfg
+        .secret_path
+        .clone()
+        .unwrap_or_else(|| cfg.data_dir.join("secret"));
+    let hasher = tenancy::KeyHasher::load_or_create(&secret_path).map_err(io(&secret_path))?;
+    let boot = tenancy::bootstrap(&store, &hasher, &cfg.data_dir, service::now_ms()).await?;
+    let token = std::fs::read_to_string(cfg.data_dir.join("token"))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default();
     let rt_cfg = kiln_sandbox::RuntimeConfig {
         data_dir: cfg.data_dir.clone(),
         run_dir: cfg.run_dir(),
@@ -150,14 +165,18 @@ pub async fn start(cfg: ServerConfig) -> Result<Arc<Kiln>, ServerError> {
         userns: cfg.userns.then_some(kiln_sandbox::IdMap::DEFAULT),
     };
     let runtime = kiln_sandbox::Runtime::new(rt_cfg).await?;
-    let kiln = Arc::new(Kiln::new(
+    let mut kiln = Kiln::new(
         cfg,
         store,
         images,
         runtime,
         token,
+        hasher,
+        boot.system_org.clone(),
         metrics_handle(),
-    ));
+    );
+    kiln.created_owner_key = boot.created_key;
+    let kiln = Arc::new(kiln);
     kiln.reconcile()
         .await
         .map_err(|e| ServerError::Reconcile(e.to_string()))?;
@@ -183,18 +202,22 @@ pub async fn serve(
     on_listen(bound);
     let sd = shutdown.clone();
     // Streams are many small writes; without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
-    let result = axum::serve(listener, app(kiln.clone()))
-        .tcp_nodelay(true)
-        .with_graceful_shutdown(async move { sd.cancelled().await })
-        .await;
+    let result = axum::serve(
+        listener,
+        app(kiln.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .tcp_nodelay(true)
+    .with_graceful_shutdown(async move { sd.cancelled().await })
+    .await;
     shutdown.cancel();
     kiln.drain_pool().await;
     // With no user sandboxes left, release everything (disk pool mount, cgroup parents) so a
     // stopped server leaves nothing in the kernel; otherwise the next start adopts them.
     if kiln
         .store
-        .list(true)
-        .map(|rows| rows.is_empty())
+        .count(true)
+        .await
+        .map(|n| n == 0)
         .unwrap_or(false)
     {
         if let Err(e) = kiln.runtime.destroy_all().await {

@@ -21,12 +21,9 @@ use crate::config::ServerConfig;
 use crate::error::ApiError;
 use crate::units;
 
-/// Who is calling. Today every valid token is the single operator; organisations and keys
-/// (a later issue) extend this type, and [`Kiln::sandbox`] is where they are enforced.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    pub name: String,
-}
+pub use crate::tenancy::Caller;
+use crate::tenancy::KeyHasher;
+use kiln_store::{Limits, QuotaExceeded};
 
 /// The running server's shared state.
 pub struct Kiln {
@@ -34,7 +31,20 @@ pub struct Kiln {
     pub store: Store,
     pub images: ImageStore,
     pub runtime: Runtime,
+    /// The owner key from `<data dir>/token` (empty when that file is absent).
     pub token: String,
+    /// Hashes presented keys (the secret of `<data dir>/secret`).
+    pub hasher: KeyHasher,
+    /// The organisation created on first start.
+    pub system_org: String,
+    /// The owner key when this start created it (to print once).
+    pub created_owner_key: Option<String>,
+    /// Per-key GCRA state.
+    pub limiter: crate::ratelimit::Limiter,
+    /// Org rate limits, re-read from the store at most every few seconds.
+    rate_cache: std::sync::Mutex<
+        std::collections::HashMap<String, (kiln_protocol::api::RateLimits, Instant)>,
+    >,
     pool_wake: Notify,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
@@ -42,7 +52,7 @@ pub struct Kiln {
 /// Shared handle used as axum state.
 pub type AppState = Arc<Kiln>;
 
-pub(crate) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -77,12 +87,15 @@ struct Admitted {
 }
 
 impl Kiln {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: ServerConfig,
         store: Store,
         images: ImageStore,
         runtime: Runtime,
         token: String,
+        hasher: KeyHasher,
+        system_org: String,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> Self {
         Self {
@@ -91,22 +104,48 @@ impl Kiln {
             images,
             runtime,
             token,
+            hasher,
+            system_org,
+            created_owner_key: None,
+            limiter: Default::default(),
+            rate_cache: Default::default(),
             pool_wake: Notify::new(),
             metrics,
         }
     }
 
-    /// The sandbox `id` as `caller` may see it (404 otherwise). Warm-pool members are invisible.
-    pub fn sandbox(&self, _caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
-        match self.store.get(id)? {
-            Some(row) if !row.pooled => Ok(row.sandbox),
+    /// The sandbox `id` as `caller` may see it: only sandboxes of the caller's organisation;
+    /// anything else (another org's, a warm-pool member, nothing) is the same 404.
+    pub async fn sandbox_row(&self, caller: &Caller, id: &str) -> Result<SandboxRow, ApiError> {
+        match self.store.get(id).await? {
+            Some(row) if !row.pooled && row.org_id == caller.org_id => Ok(row),
             _ => Err(ApiError::sandbox_not_found(id)),
         }
     }
 
+    /// [`Self::sandbox_row`]'s sandbox.
+    pub async fn sandbox(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
+        Ok(self.sandbox_row(caller, id).await?.sandbox)
+    }
+
+    /// Like [`Self::sandbox`], but the sandbox must run on this server (409 otherwise: with
+    /// several servers on one database, each acts only on its own sandboxes).
+    pub async fn local(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
+        let row = self.sandbox_row(caller, id).await?;
+        if row.host != self.store.host() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "sandbox_on_other_server",
+                format!("sandbox `{id}` runs on another Kiln server sharing this database"),
+            )
+            .hint("send requests for it to the server that created it"));
+        }
+        Ok(row.sandbox)
+    }
+
     /// Like [`Self::sandbox`], but the sandbox must be running (409 if paused or dead).
-    pub fn running(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
-        let sb = self.sandbox(caller, id)?;
+    pub async fn running(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
+        let sb = self.local(caller, id).await?;
         match sb.state {
             SandboxState::Running => Ok(sb),
             SandboxState::Paused => Err(ApiError::new(
@@ -133,8 +172,12 @@ impl Kiln {
     }
 
     /// The kilnd client of a running sandbox.
-    pub fn client(&self, caller: &Caller, id: &str) -> Result<kilnd::client::Client, ApiError> {
-        self.running(caller, id)?;
+    pub async fn client(
+        &self,
+        caller: &Caller,
+        id: &str,
+    ) -> Result<kilnd::client::Client, ApiError> {
+        self.running(caller, id).await?;
         Ok(self.runtime.client(id))
     }
 
@@ -145,7 +188,7 @@ impl Kiln {
             if let Ok(RuntimeStatus::Stopped | RuntimeStatus::Missing) =
                 self.runtime.status(id).await
             {
-                let _ = self.store.set_state(id, SandboxState::Dead);
+                let _ = self.store.set_state(id, SandboxState::Dead).await;
                 return ApiError::new(
                     StatusCode::CONFLICT,
                     "sandbox_dead",
@@ -173,10 +216,12 @@ impl Kiln {
         }
     }
 
-    pub fn list(&self, _caller: &Caller) -> Result<Vec<Sandbox>, ApiError> {
+    /// The caller's organisation's sandboxes.
+    pub async fn list(&self, caller: &Caller) -> Result<Vec<Sandbox>, ApiError> {
         Ok(self
             .store
-            .list(false)?
+            .list_org(&caller.org_id)
+            .await?
             .into_iter()
             .map(|r| r.sandbox)
             .collect())
@@ -272,9 +317,12 @@ impl Kiln {
     }
 
     /// Creates a sandbox: claims a warm-pool member when one matches, else creates cold.
-    pub async fn create(&self, _caller: &Caller, req: CreateSandbox) -> Result<Sandbox, ApiError> {
+    /// Admission is atomic per organisation: the quota check and the insert (or pool claim)
+    /// happen in one transaction under the org's lock.
+    pub async fn create(&self, caller: &Caller, req: CreateSandbox) -> Result<Sandbox, ApiError> {
         let started = Instant::now();
         let a = self.admit(req)?;
+        let limits = self.limits(&caller.org_id).await?;
         if a.use_pool && self.cfg.warm_pool > 0 {
             let key = PoolKey {
                 template: a.template.clone(),
@@ -283,10 +331,20 @@ impl Kiln {
                 disk_bytes: a.disk_bytes,
                 network: a.network.clone(),
             };
-            if let Some(row) =
-                self.store
-                    .claim_pooled(&key, now_ms(), a.expires_at_ms, &a.labels)?
-            {
+            let claimed = self
+                .store
+                .claim_pooled(
+                    &key,
+                    &caller.org_id,
+                    Some(&caller.key_id),
+                    &limits,
+                    now_ms(),
+                    a.expires_at_ms,
+                    &a.labels,
+                )
+                .await?
+                .map_err(|q| quota_error(&caller.org_id, &q))?;
+            if let Some(row) = claimed {
                 self.pool_wake.notify_one();
                 metrics::counter!("kiln_sandboxes_created_total", "source" => "pool").increment(1);
                 metrics::histogram!("kiln_sandbox_create_seconds", "source" => "pool")
@@ -294,14 +352,21 @@ impl Kiln {
                 return Ok(row.sandbox);
             }
         }
-        let sb = self.create_cold(&a, false).await?;
+        let sb = self.create_cold(&a, Some((caller, &limits))).await?;
         metrics::counter!("kiln_sandboxes_created_total", "source" => "cold").increment(1);
         metrics::histogram!("kiln_sandbox_create_seconds", "source" => "cold")
             .record(started.elapsed().as_secs_f64());
         Ok(sb)
     }
 
-    async fn create_cold(&self, a: &Admitted, pooled: bool) -> Result<Sandbox, ApiError> {
+    /// Creates a sandbox from scratch: for `owner` (a caller and its org's limits), or as an
+    /// idle warm-pool member when `owner` is `None`.
+    async fn create_cold(
+        &self,
+        a: &Admitted,
+        owner: Option<(&Caller, &Limits)>,
+    ) -> Result<Sandbox, ApiError> {
+        let pooled = owner.is_none();
         let id = new_sandbox_id();
         let mut sandbox = Sandbox {
             id: id.clone(),
@@ -324,65 +389,90 @@ impl Kiln {
         };
         // Record first, as `creating`: a crash during create leaves a known id that reconcile
         // cleans up, and nothing can claim or use the sandbox before it is ready.
-        self.store.insert(&SandboxRow {
+        let row = SandboxRow {
             sandbox: sandbox.clone(),
             pooled,
-        })?;
+            org_id: owner.map(|(c, _)| c.org_id.clone()).unwrap_or_default(),
+            key_id: owner.map(|(c, _)| c.key_id.clone()),
+            host: self.store.host().to_string(),
+        };
+        match owner {
+            None => self.store.insert(&row).await?,
+            Some((c, limits)) => self
+                .store
+                .admit_insert(&row, limits)
+                .await?
+                .map_err(|q| quota_error(&c.org_id, &q))?,
+        }
         match self.runtime.create(&self.spec_for(&id, a)).await {
             Ok(created) => {
-                self.store.mark_created(&id, created.ip.as_deref())?;
+                self.store.mark_created(&id, created.ip.as_deref()).await?;
                 sandbox.state = SandboxState::Running;
                 sandbox.ip = created.ip;
                 Ok(sandbox)
             }
             Err(e) => {
                 let _ = self.runtime.remove(&id).await;
-                let _ = self.store.delete(&id);
+                let _ = self.store.delete(&id).await;
                 Err(e.into())
             }
         }
     }
 
     pub async fn remove(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
-        self.sandbox(caller, id)?;
+        self.local(caller, id).await?;
         self.destroy(id).await
     }
 
     async fn destroy(&self, id: &str) -> Result<(), ApiError> {
         self.runtime.remove(id).await?;
-        self.store.delete(id)?;
+        self.store.delete(id).await?;
         metrics::counter!("kiln_sandboxes_removed_total").increment(1);
         Ok(())
     }
 
     pub async fn pause(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
-        let sb = self.sandbox(caller, id)?;
+        let sb = self.local(caller, id).await?;
         match sb.state {
             SandboxState::Paused => Ok(sb),
             SandboxState::Dead | SandboxState::Creating => Err(self
                 .running(caller, id)
+                .await
                 .err()
                 .unwrap_or_else(|| ApiError::internal("state"))),
             SandboxState::Running => {
                 self.runtime.pause(id).await?;
-                self.store.set_state(id, SandboxState::Paused)?;
-                self.sandbox(caller, id)
+                // Paused sandboxes hold only their disk against the org's quota.
+                self.store.set_state(id, SandboxState::Paused).await?;
+                self.sandbox(caller, id).await
             }
         }
     }
 
     pub async fn resume(&self, caller: &Caller, id: &str) -> Result<Sandbox, ApiError> {
-        let sb = self.sandbox(caller, id)?;
+        let sb = self.local(caller, id).await?;
         match sb.state {
             SandboxState::Running => Ok(sb),
             SandboxState::Dead | SandboxState::Creating => Err(self
                 .running(caller, id)
+                .await
                 .err()
                 .unwrap_or_else(|| ApiError::internal("state"))),
             SandboxState::Paused => {
-                self.runtime.resume(id).await?;
-                self.store.set_state(id, SandboxState::Running)?;
-                self.sandbox(caller, id)
+                // Re-admit first (atomically against the quota), then thaw.
+                let limits = self.limits(&caller.org_id).await?;
+                let admitted = self
+                    .store
+                    .admit_resume(id, &caller.org_id, &limits)
+                    .await?
+                    .map_err(|q| quota_error(&caller.org_id, &q))?;
+                if admitted {
+                    if let Err(e) = self.runtime.resume(id).await {
+                        let _ = self.store.set_state(id, SandboxState::Paused).await;
+                        return Err(e.into());
+                    }
+                }
+                self.sandbox(caller, id).await
             }
         }
     }
@@ -391,7 +481,7 @@ impl Kiln {
     /// sandboxes are removed, known sandboxes whose processes are gone are marked dead and their
     /// resources released, and paused/running states are re-read.
     pub async fn reconcile(&self) -> Result<(), ApiError> {
-        let rows = self.store.list(true)?;
+        let rows = self.store.list(true).await?;
         let known: Vec<String> = rows.iter().map(|r| r.sandbox.id.clone()).collect();
         let report = self.runtime.reconcile(&known).await?;
         for id in &report.removed {
@@ -403,25 +493,25 @@ impl Kiln {
                 // Its create was cut short by a crash: nobody has seen it work; undo it.
                 tracing::warn!(%id, "reconcile: removing a sandbox whose create was interrupted");
                 let _ = self.runtime.remove(id).await;
-                self.store.delete(id)?;
+                self.store.delete(id).await?;
                 continue;
             }
             if report.dead.contains(id) {
                 let _ = self.runtime.remove(id).await;
                 if row.pooled {
-                    self.store.delete(id)?;
+                    self.store.delete(id).await?;
                 } else {
                     tracing::warn!(%id, "reconcile: sandbox is dead");
-                    self.store.set_state(id, SandboxState::Dead)?;
+                    self.store.set_state(id, SandboxState::Dead).await?;
                 }
                 continue;
             }
             match self.runtime.status(id).await {
                 Ok(RuntimeStatus::Paused) => {
-                    self.store.set_state(id, SandboxState::Paused)?;
+                    self.store.set_state(id, SandboxState::Paused).await?;
                 }
                 Ok(RuntimeStatus::Running) => {
-                    self.store.set_state(id, SandboxState::Running)?;
+                    self.store.set_state(id, SandboxState::Running).await?;
                 }
                 _ => {}
             }
@@ -431,7 +521,7 @@ impl Kiln {
 
     /// Removes expired sandboxes; returns how many.
     pub async fn reap_expired(&self) -> usize {
-        let ids = match self.store.expired(now_ms()) {
+        let ids = match self.store.expired(now_ms()).await {
             Ok(ids) => ids,
             Err(e) => {
                 tracing::error!(error = %e, "ttl: cannot read expired sandboxes");
@@ -452,16 +542,19 @@ impl Kiln {
     }
 
     /// Number of idle warm-pool members ready to be claimed.
-    pub fn pool_size(&self) -> u64 {
-        self.store.pooled_count(POOL_TEMPLATE, true).unwrap_or(0)
+    pub async fn pool_size(&self) -> u64 {
+        self.store
+            .pooled_count(POOL_TEMPLATE, true)
+            .await
+            .unwrap_or(0)
     }
 
     /// Creates pool members until the pool is full; returns how many were added.
     pub async fn fill_pool(&self) -> Result<usize, ApiError> {
         let mut added = 0;
-        while (self.store.pooled_count(POOL_TEMPLATE, false)? as usize) < self.cfg.warm_pool {
+        while (self.store.pooled_count(POOL_TEMPLATE, false).await? as usize) < self.cfg.warm_pool {
             let a = self.admit(CreateSandbox::default())?;
-            self.create_cold(&a, true).await?;
+            self.create_cold(&a, None).await?;
             added += 1;
         }
         Ok(added)
@@ -469,7 +562,7 @@ impl Kiln {
 
     /// Removes all idle warm-pool members (clean shutdown).
     pub async fn drain_pool(&self) {
-        if let Ok(rows) = self.store.list(true) {
+        if let Ok(rows) = self.store.list(true).await {
             for r in rows.into_iter().filter(|r| r.pooled) {
                 if let Err(e) = self.destroy(&r.sandbox.id).await {
                     tracing::warn!(id = %r.sandbox.id, error = %e, "drain: remove failed");
@@ -501,6 +594,24 @@ impl Kiln {
                 }
             }
         });
+        if let Some(keep) = self.cfg.audit_retention {
+            let k = self.clone();
+            let sd = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let before = now_ms().saturating_sub(keep.as_millis() as u64);
+                    match k.store.prune_audit(before).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(n, "audit: pruned entries past retention"),
+                        Err(e) => tracing::error!(error = %e, "audit: prune failed"),
+                    }
+                    tokio::select! {
+                        _ = sd.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+                    }
+                }
+            });
+        }
         let k = self.clone();
         tokio::spawn(async move {
             loop {
@@ -511,5 +622,152 @@ impl Kiln {
                 k.reap_expired().await;
             }
         });
+    }
+}
+
+/// The API error for a refused admission: names the quota, its limit and current use.
+pub fn quota_error(org: &str, q: &QuotaExceeded) -> ApiError {
+    let fmt = |v: f64| match q.quota {
+        "memory" | "disk" => units::format_size(v as u64),
+        "cpus" => format!("{v}"),
+        _ => format!("{}", v as u64),
+    };
+    metrics::counter!("kiln_quota_rejections_total", "quota" => q.quota).increment(1);
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "quota_exceeded",
+        format!(
+            "quota `{}` of organisation `{org}` exceeded: limit {}, in use {}, requested {}",
+            q.quota,
+            fmt(q.limit),
+            fmt(q.used),
+            fmt(q.requested)
+        ),
+    )
+    .hint("remove or pause sandboxes, or ask an operator to raise the quota (`kiln org quota`)")
+}
+
+impl Kiln {
+    /// The effective limits of an org: its overrides over the server's defaults.
+    pub async fn limits(&self, org_id: &str) -> Result<Limits, ApiError> {
+        let d = &self.cfg.quota;
+        let q = self
+            .store
+            .get_org(org_id)
+            .await?
+            .map(|o| o.quota)
+            .unwrap_or_default();
+        Ok(Limits {
+            sandboxes: q.sandboxes.unwrap_or(d.sandboxes),
+            cpus: q.cpus.unwrap_or(d.cpus),
+            memory_bytes: q.memory_bytes.unwrap_or(d.memory_bytes),
+            disk_bytes: q.disk_bytes.unwrap_or(d.disk_bytes),
+        })
+    }
+
+    /// Resolves a presented bearer key to its [`Caller`]. Every request reads the key row
+    /// (no cache), so a revocation applies to the very next request.
+    pub async fn authenticate(&self, presented: Option<&str>) -> Result<Caller, ApiError> {
+        let unauthorized = |m: &str| {
+            ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", m.to_string()).hint(format!(
+                "send `Authorization: Bearer kiln_...`; the owner key is in {}/token (the CLI reads it, or KILN_TOKEN)",
+                self.cfg.data_dir.display()
+            ))
+        };
+        let Some(p) = presented.filter(|p| crate::tenancy::looks_like_key(p)) else {
+            return Err(unauthorized("missing or invalid API key"));
+        };
+        let Some(k) = self.store.key_by_hash(&self.hasher.hash(p)).await? else {
+            return Err(unauthorized("missing or invalid API key"));
+        };
+        let now = now_ms();
+        if k.revoked_at_ms.is_some() {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "key_revoked",
+                format!("API key {} was revoked", k.prefix),
+            )
+            .hint("ask an admin of your organisation for a new key"));
+        }
+        if k.expires_at_ms.is_some_and(|e| e <= now) {
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "key_expired",
+                format!("API key {} has expired", k.prefix),
+            )
+            .hint("ask an admin of your organisation for a new key (`kiln key create`)"));
+        }
+        let role = kiln_protocol::api::Role::parse(&k.role)
+            .ok_or_else(|| ApiError::internal(format!("key {} has unknown role", k.prefix)))?;
+        let scopes = crate::tenancy::parse_scopes(&k.scopes).map_err(ApiError::internal)?;
+        // last-used is precise to a second: at most one write per key per second.
+        if k.last_used_at_ms
+            .is_none_or(|t| now.saturating_sub(t) >= 1000)
+        {
+            let _ = self.store.touch_key(&k.id, now).await;
+        }
+        Ok(Caller {
+            system: k.org_id == self.system_org,
+            perms: crate::tenancy::role_perms(role).and(scopes),
+            org_id: k.org_id,
+            key_id: k.id,
+            key_prefix: k.prefix,
+            role,
+        })
+    }
+
+    /// The rate limits of an org: its own, or the server defaults. Cached for 5 s per org
+    /// (changes made through this server apply at once; other replicas see them within 5 s).
+    pub async fn rate_limits(
+        &self,
+        org_id: &str,
+    ) -> Result<kiln_protocol::api::RateLimits, ApiError> {
+        if let Some((l, at)) = self
+            .rate_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(org_id)
+        {
+            if at.elapsed() < Duration::from_secs(5) {
+                return Ok(*l);
+            }
+        }
+        let l = self
+            .store
+            .get_org(org_id)
+            .await?
+            .and_then(|o| o.rate_limits)
+            .unwrap_or(self.cfg.rate_limits);
+        self.rate_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(org_id.to_string(), (l, Instant::now()));
+        Ok(l)
+    }
+
+    /// Forgets the cached rate limits of an org (after a change).
+    pub fn forget_rate_limits(&self, org_id: &str) {
+        self.rate_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(org_id);
+    }
+
+    /// The organisation `id_or_name` as `caller` may see it: its own, or any for the system
+    /// organisation; everything else is 404.
+    pub async fn org(
+        &self,
+        caller: &Caller,
+        id_or_name: &str,
+    ) -> Result<kiln_store::OrgRow, ApiError> {
+        match self.store.get_org(id_or_name).await? {
+            Some(o) if caller.system || o.id == caller.org_id => Ok(o),
+            _ => Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "org_not_found",
+                format!("no organisation `{id_or_name}`"),
+            )
+            .hint("list organisations with `kiln org ls`")),
+        }
     }
 }

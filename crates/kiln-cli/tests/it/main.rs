@@ -412,3 +412,141 @@ fn sandbox_commands_end_to_end() {
     let st = s.stop();
     assert!(st.success(), "kiln up exited with {st}: {log_hint}");
 }
+
+#[test]
+fn orgs_keys_quota_and_audit_from_the_cli() {
+    let s = Server::start(&[
+        "--warm-pool",
+        "0",
+        "--log-format",
+        "json",
+        "--log",
+        "kiln_server=debug,info",
+    ]);
+    // The owner key was written 0600 to the data dir and printed once.
+    let token = s.data.path().join("token");
+    let mode = std::fs::metadata(&token).expect("token").permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    assert!(s.log().contains("owner key kiln_"), "{}", s.log());
+
+    let o = s.run(&["org", "create", "acme", "--json"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let created: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let acme_key = created["key"]["secret"]
+        .as_str()
+        .expect("secret")
+        .to_string();
+    let acme = created["org"]["id"].as_str().expect("id").to_string();
+    let o = s.run(&["org", "ls"]);
+    let out = text(&o.stdout);
+    assert!(out.contains("acme") && out.contains("system"), "{out}");
+    one_line_error(&s.run(&["org", "create", "acme"]), 125, "already exists");
+
+    let o = s.run(&[
+        "org",
+        "quota",
+        &acme,
+        "--sandboxes",
+        "3",
+        "--memory",
+        "4G",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let q: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(q["limits"]["sandboxes"], 3);
+    assert_eq!(q["limits"]["memory_bytes"], 4u64 << 30);
+
+    // A key of acme: scoped, expiring; listed without its secret; revoked at once.
+    let acme_cmd = |args: &[&str]| {
+        s.cmd(args)
+            .env("KILN_TOKEN", &acme_key)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run")
+    };
+    let o = acme_cmd(&[
+        "key",
+        "create",
+        "--role",
+        "member",
+        "--scope",
+        "sandboxes:read",
+        "--expires",
+        "30d",
+        "--name",
+        "ci",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let k: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let secret = k["secret"].as_str().expect("secret").to_string();
+    let id = k["key"]["id"].as_str().expect("id").to_string();
+    let o = acme_cmd(&["key", "ls"]);
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("ci") && out.contains("sandboxes:read") && !out.contains(&secret),
+        "{out}"
+    );
+    let scoped = |args: &[&str]| {
+        s.cmd(args)
+            .env("KILN_TOKEN", &secret)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run")
+    };
+    assert!(scoped(&["sandbox", "ls"]).status.success());
+    one_line_error(
+        &scoped(&["key", "ls"]),
+        125,
+        "lacks the `keys:read` permission",
+    );
+    one_line_error(
+        &acme_cmd(&["key", "create", "--role", "owner", "--org", "nope"]),
+        125,
+        "no organisation `nope`",
+    );
+    assert!(acme_cmd(&["key", "revoke", &id]).status.success());
+    one_line_error(&scoped(&["sandbox", "ls"]), 125, "was revoked");
+    // Usage errors stay exit 2.
+    assert_eq!(
+        s.run(&["key", "create", "--role", "god"]).status.code(),
+        Some(2)
+    );
+
+    let o = s.run(&["audit", "--json", "--org", &acme]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let a: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let actions: Vec<String> = a["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .rev()
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["action"].as_str().unwrap_or(""),
+                e["outcome"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    expect_test::expect![[r#"
+        [
+            "POST /v1/keys ok",
+            "GET /v1/keys denied",
+            "POST /v1/keys error",
+            "DELETE /v1/keys/:id ok",
+        ]
+    "#]]
+    .assert_debug_eq(&actions);
+    let o = s.run(&["audit"]);
+    assert!(
+        text(&o.stdout).contains("POST /v1/orgs"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(s.stop().success());
+}

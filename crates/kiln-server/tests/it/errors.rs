@@ -73,9 +73,9 @@ async fn bad_requests_get_clear_json_errors() {
     }
     expect![[r#"
         GET /v1/sandboxes 
-          -> 401 {"error":{"code":"unauthorized","message":"missing or invalid bearer token","hint":"send `Authorization: Bearer <token>`; the token is in <data-dir>/token (the CLI reads KILN_TOKEN)"}}
+          -> 401 {"error":{"code":"unauthorized","message":"missing or invalid API key","hint":"send `Authorization: Bearer kiln_...`; the owner key is in <data-dir>/token (the CLI reads it, or KILN_TOKEN)"}}
         GET /v1/sandboxes 
-          -> 401 {"error":{"code":"unauthorized","message":"missing or invalid bearer token","hint":"send `Authorization: Bearer <token>`; the token is in <data-dir>/token (the CLI reads KILN_TOKEN)"}}
+          -> 401 {"error":{"code":"unauthorized","message":"missing or invalid API key","hint":"send `Authorization: Bearer kiln_...`; the owner key is in <data-dir>/token (the CLI reads it, or KILN_TOKEN)"}}
         GET /v1/sandboxes/sb-doesnotexist 
           -> 404 {"error":{"code":"sandbox_not_found","message":"no sandbox with id `sb-doesnotexist`","hint":"list sandboxes with `kiln sandbox ls` (GET /v1/sandboxes)"}}
         DELETE /v1/sandboxes/sb-doesnotexist 
@@ -103,7 +103,7 @@ async fn bad_requests_get_clear_json_errors() {
     "#]]
     .assert_eq(&out);
     // Nothing was created by any of it.
-    assert!(server.kiln.store.list(true).expect("list").is_empty());
+    assert!(server.kiln.store.list(true).await.expect("list").is_empty());
     server.teardown().await;
 }
 
@@ -118,7 +118,41 @@ async fn health_and_metrics_are_public() {
         .uri("/metrics")
         .body(Body::empty())
         .expect("req");
-    let resp = app.oneshot(req).await.expect("resp");
+    let resp = app.clone().oneshot(req).await.expect("resp");
     assert_eq!(resp.status(), StatusCode::OK);
+    // Every answer carries a request id; a sane incoming one is kept.
+    let req = Request::builder()
+        .uri("/v1/health")
+        .header("x-request-id", "abc-123")
+        .body(Body::empty())
+        .expect("req");
+    let resp = app.clone().oneshot(req).await.expect("resp");
+    assert_eq!(resp.headers()["x-request-id"], "abc-123");
+    let req = Request::builder()
+        .uri("/v1/nope")
+        .body(Body::empty())
+        .expect("req");
+    let resp = app.clone().oneshot(req).await.expect("resp");
+    let rid = resp.headers()["x-request-id"]
+        .to_str()
+        .expect("id")
+        .to_string();
+    assert!(rid.starts_with("req_"), "{rid}");
+    // The metrics the issue names are exported.
+    let req = Request::builder()
+        .uri("/metrics")
+        .body(Body::empty())
+        .expect("req");
+    let resp = app.oneshot(req).await.expect("resp");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    for name in [
+        "kiln_http_request_seconds_bucket{",
+        "kiln_sandboxes{state=\"running\"}",
+        "kiln_http_requests_total{",
+    ] {
+        assert!(text.contains(name), "{name} missing from /metrics:\n{text}");
+    }
+    assert!(text.contains("status=\"200\""), "{text}");
     server.teardown().await;
 }

@@ -43,6 +43,8 @@ pub fn config(data_dir: &Path) -> ServerConfig {
 
 pub struct TestServer {
     pub kiln: Arc<Kiln>,
+    /// The PostgreSQL schema of this server, when the suite runs on PostgreSQL.
+    pub schema: Option<kiln_store::testing::TestSchema>,
     pub url: String,
     pub http: reqwest::Client,
     shutdown: CancellationToken,
@@ -72,7 +74,22 @@ impl Drop for TestServer {
     }
 }
 
-pub async fn start(cfg: ServerConfig) -> TestServer {
+/// Whether the suite runs on PostgreSQL (`KILN_TEST_STORE=postgres`) instead of SQLite.
+pub fn on_postgres() -> bool {
+    std::env::var("KILN_TEST_STORE").is_ok_and(|v| v == "postgres")
+}
+
+pub async fn start(mut cfg: ServerConfig) -> TestServer {
+    let mut schema = None;
+    if on_postgres() && cfg.database_url.is_none() {
+        // Named after the data dir, so a restart in the same data dir finds its state.
+        let name = format!("kiln_t_{}", cfg.instance_tag());
+        let s = kiln_store::testing::named(&name)
+            .await
+            .expect("postgres schema");
+        cfg.database_url = Some(s.url.clone());
+        schema = Some(s);
+    }
     let kiln = kiln_server::start(cfg).await.expect("server start");
     let shutdown = CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -97,6 +114,7 @@ pub async fn start(cfg: ServerConfig) -> TestServer {
         .expect("client");
     TestServer {
         kiln,
+        schema,
         url: format!("http://{addr}"),
         http,
         shutdown,
@@ -121,13 +139,20 @@ impl TestServer {
 
     /// Removes every sandbox, stops, and releases the data dir's kernel resources.
     pub async fn teardown(self) {
-        for row in self.kiln.store.list(true).expect("list") {
+        for row in self.kiln.store.list(true).await.expect("list") {
             self.kiln
                 .runtime
                 .remove(&row.sandbox.id)
                 .await
                 .expect("remove");
-            self.kiln.store.delete(&row.sandbox.id).expect("delete");
+            self.kiln
+                .store
+                .delete(&row.sandbox.id)
+                .await
+                .expect("delete");
+        }
+        if let Some(s) = &self.schema {
+            s.drop_schema().await;
         }
         let kiln = self.kiln.clone();
         self.stop().await;

@@ -158,7 +158,7 @@ async fn warm_pool_serves_matching_creates() {
     let mut cfg = harness::config(dir.path());
     cfg.warm_pool = 1;
     let s = harness::start(cfg).await;
-    let filled = harness::eventually(30, async || s.kiln.pool_size() == 1).await;
+    let filled = harness::eventually(30, async || s.kiln.pool_size().await == 1).await;
     assert!(filled, "pool never filled");
     // Pool members are invisible.
     let list: SandboxList = s
@@ -185,7 +185,7 @@ async fn warm_pool_serves_matching_creates() {
         .await;
     assert!(!other.from_pool);
     // And `pool: false` forces a cold create.
-    let refilled = harness::eventually(30, async || s.kiln.pool_size() == 1).await;
+    let refilled = harness::eventually(30, async || s.kiln.pool_size().await == 1).await;
     assert!(refilled, "pool never refilled");
     let cold = s
         .create(&CreateSandbox {

@@ -9,3 +9,4 @@ mod files;
 mod lifecycle;
 mod pty;
 mod restart;
+mod tenancy;

@@ -50,17 +50,18 @@ async fn restart_adopts_live_sandboxes_and_reconciles_dead_ones() {
     std::fs::create_dir_all(cfg.data_dir.join("sandboxes/sb-orphan000000")).expect("mkdir");
 
     let s = harness::start(cfg.clone()).await;
-    let got = |id: &str| {
+    let got = async |id: &str| {
         s.kiln
             .store
             .get(id)
+            .await
             .expect("get")
             .expect("row")
             .sandbox
             .state
     };
-    assert_eq!(got(&keep.id), SandboxState::Running);
-    assert_eq!(got(&doomed.id), SandboxState::Dead);
+    assert_eq!(got(&keep.id).await, SandboxState::Running);
+    assert_eq!(got(&doomed.id).await, SandboxState::Dead);
     assert!(!cfg.data_dir.join("sandboxes/sb-orphan000000").exists());
     // The survivor still runs its background process, and its output is still there.
     let text = s

@@ -1,0 +1,385 @@
+//! `kiln org ...`, `kiln key ...` and `kiln audit`: the control plane (organisations, quotas,
+//! API keys, the audit log). Every command takes `--json`.
+
+use anyhow::{anyhow, Result};
+use clap::{Args, Subcommand};
+use kiln_protocol::api::{
+    AuditList, CreateKey, CreateOrg, DurationArg, KeyCreated, KeyList, OrgCreated, OrgList, Quota,
+    QuotaStatus, Role,
+};
+use reqwest::Method;
+
+use crate::Global;
+
+#[derive(Subcommand)]
+pub enum OrgCmd {
+    /// Create an organisation and its first owner key (system organisation only)
+    Create {
+        name: String,
+        /// Do not create an owner key
+        #[arg(long)]
+        no_key: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List organisations (all of them for the system organisation, else your own)
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an organisation's quota and current use; with limits, change them (system
+    /// organisation only)
+    Quota(QuotaArgs),
+}
+
+#[derive(Args)]
+pub struct QuotaArgs {
+    /// Organisation id or name [default: your own]
+    pub org: Option<String>,
+    /// Concurrent (creating or running) sandboxes
+    #[arg(long)]
+    pub sandboxes: Option<u64>,
+    /// Total vCPUs of running sandboxes
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Total memory of running sandboxes, e.g. 64G
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Total disk of all sandboxes, e.g. 500G
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Drop every override (back to the server defaults) before applying the flags above
+    #[arg(long)]
+    pub reset: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Create an API key (never with more rights than the key you use); prints the secret once
+    Create(KeyCreateArgs),
+    /// List the keys of your organisation
+    Ls {
+        /// Organisation id or name (system organisation only)
+        #[arg(long)]
+        org: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by id or prefix; it stops working on its next request
+    Revoke {
+        id: String,
+        #[arg(long)]
+        org: Option<String>,
+    },
+}
+
+#[derive(Args)]
+pub struct KeyCreateArgs {
+    /// A name to recognise the key by
+    #[arg(long)]
+    pub name: Option<String>,
+    /// owner, admin, member or auditor
+    #[arg(long, default_value = "member", value_parser = ["owner", "admin", "member", "auditor"])]
+    pub role: String,
+    /// Narrow the role to RESOURCE:ACTION (repeatable), e.g. sandboxes:read, exec:write,
+    /// files:*; resources: sandboxes exec files templates keys orgs audit usage
+    #[arg(long = "scope", value_name = "RESOURCE:ACTION")]
+    pub scopes: Vec<String>,
+    /// Lifetime, e.g. 30d, 12h [default: never expires]
+    #[arg(long)]
+    pub expires: Option<String>,
+    /// Create it in this organisation (system organisation only)
+    #[arg(long)]
+    pub org: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// Only entries newer than this, e.g. 1h, 7d
+    #[arg(long)]
+    pub since: Option<String>,
+    /// At most this many entries (newest first)
+    #[arg(long, default_value_t = 50)]
+    pub limit: u64,
+    /// Organisation id or name (system organisation only)
+    #[arg(long)]
+    pub org: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn when(ms: Option<u64>) -> String {
+    let Some(t) = ms else { return "-".into() };
+    let now = now_ms();
+    let (d, later) = if t > now {
+        (t - now, true)
+    } else {
+        (now - t, false)
+    };
+    let s = d / 1000;
+    let txt = if s >= 86400 {
+        format!("{}d", s / 86400)
+    } else if s >= 3600 {
+        format!("{}h", s / 3600)
+    } else if s >= 60 {
+        format!("{}m", s / 60)
+    } else {
+        format!("{s}s")
+    };
+    if later {
+        format!("in {txt}")
+    } else {
+        format!("{txt} ago")
+    }
+}
+
+fn q(org: Option<&str>) -> String {
+    match org {
+        Some(o) => format!("?org={o}"),
+        None => String::new(),
+    }
+}
+
+pub async fn org(g: &Global, c: OrgCmd) -> Result<i32> {
+    let api = g.api();
+    match c {
+        OrgCmd::Create { name, no_key, json } => {
+            let req = CreateOrg {
+                name,
+                owner_key: Some(!no_key),
+            };
+            let out: OrgCreated = api.json(Method::POST, "/v1/orgs", Some(&req)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                println!("created organisation {} ({})", out.org.name, out.org.id);
+                if let Some(k) = out.key {
+                    println!("owner key (shown only now): {}", k.secret);
+                }
+            }
+        }
+        OrgCmd::Ls { json } => {
+            let list: OrgList = api.json(Method::GET, "/v1/orgs", None::<&()>).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!("{:<18} {:<24} {:<8} CREATED", "ID", "NAME", "SYSTEM");
+                for o in &list.orgs {
+                    println!(
+                        "{:<18} {:<24} {:<8} {}",
+                        o.id,
+                        o.name,
+                        if o.system { "yes" } else { "" },
+                        when(Some(o.created_at_ms))
+                    );
+                }
+            }
+        }
+        OrgCmd::Quota(a) => {
+            let org = match &a.org {
+                Some(o) => o.clone(),
+                None => {
+                    let me: kiln_protocol::api::Me =
+                        api.json(Method::GET, "/v1/me", None::<&()>).await?;
+                    me.org
+                }
+            };
+            let path = format!("/v1/orgs/{org}/quota");
+            let size = |flag: &str, v: &Option<String>| -> Result<Option<u64>> {
+                v.as_deref()
+                    .map(|s| {
+                        kiln_server::units::parse_size(s).map_err(|e| anyhow!("--{flag}: {e}"))
+                    })
+                    .transpose()
+            };
+            let memory = size("memory", &a.memory)?;
+            let disk = size("disk", &a.disk)?;
+            let changing = a.reset
+                || a.sandboxes.is_some()
+                || a.cpus.is_some()
+                || memory.is_some()
+                || disk.is_some();
+            let st: QuotaStatus = if changing {
+                let cur: QuotaStatus = api.json(Method::GET, &path, None::<&()>).await?;
+                let base = if a.reset {
+                    Quota::default()
+                } else {
+                    cur.overrides
+                };
+                let new = Quota {
+                    sandboxes: a.sandboxes.or(base.sandboxes),
+                    cpus: a.cpus.or(base.cpus),
+                    memory_bytes: memory.or(base.memory_bytes),
+                    disk_bytes: disk.or(base.disk_bytes),
+                };
+                api.json(Method::PUT, &path, Some(&new)).await?
+            } else {
+                api.json(Method::GET, &path, None::<&()>).await?
+            };
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                let fs = kiln_server::units::format_size;
+                let l = &st.limits;
+                let u = &st.usage;
+                println!("organisation {}", st.org);
+                println!("{:<10} {:>10} {:>10}", "QUOTA", "USED", "LIMIT");
+                println!(
+                    "{:<10} {:>10} {:>10}",
+                    "sandboxes",
+                    u.sandboxes,
+                    l.sandboxes.unwrap_or(0)
+                );
+                println!(
+                    "{:<10} {:>10} {:>10}",
+                    "cpus",
+                    u.cpus,
+                    l.cpus.unwrap_or(0.0)
+                );
+                println!(
+                    "{:<10} {:>10} {:>10}",
+                    "memory",
+                    fs(u.memory_bytes),
+                    fs(l.memory_bytes.unwrap_or(0))
+                );
+                println!(
+                    "{:<10} {:>10} {:>10}",
+                    "disk",
+                    fs(u.disk_bytes),
+                    fs(l.disk_bytes.unwrap_or(0))
+                );
+            }
+        }
+    }
+    Ok(0)
+}
+
+pub async fn key(g: &Global, c: KeyCmd) -> Result<i32> {
+    let api = g.api();
+    match c {
+        KeyCmd::Create(a) => {
+            let req = CreateKey {
+                name: a.name,
+                role: Role::parse(&a.role),
+                scopes: a.scopes,
+                expires_in: a.expires.map(DurationArg::Text),
+                org: a.org,
+            };
+            let out: KeyCreated = api.json(Method::POST, "/v1/keys", Some(&req)).await?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                eprintln!(
+                    "created {} key {} ({}); the secret below is shown only now",
+                    out.key.role.as_str(),
+                    out.key.id,
+                    out.key.prefix
+                );
+                println!("{}", out.secret);
+            }
+        }
+        KeyCmd::Ls { org, json } => {
+            let list: KeyList = api
+                .json(
+                    Method::GET,
+                    &format!("/v1/keys{}", q(org.as_deref())),
+                    None::<&()>,
+                )
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                println!(
+                    "{:<16} {:<14} {:<12} {:<8} {:<10} {:<10} {:<10} SCOPES",
+                    "ID", "PREFIX", "NAME", "ROLE", "LAST USED", "EXPIRES", "STATUS"
+                );
+                let now = now_ms();
+                for k in &list.keys {
+                    let status = if k.revoked_at_ms.is_some() {
+                        "revoked"
+                    } else if k.expires_at_ms.is_some_and(|e| e <= now) {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    println!(
+                        "{:<16} {:<14} {:<12} {:<8} {:<10} {:<10} {:<10} {}",
+                        k.id,
+                        k.prefix,
+                        k.name,
+                        k.role.as_str(),
+                        when(k.last_used_at_ms),
+                        when(k.expires_at_ms),
+                        status,
+                        if k.scopes.is_empty() {
+                            "*".to_string()
+                        } else {
+                            k.scopes.join(",")
+                        }
+                    );
+                }
+            }
+        }
+        KeyCmd::Revoke { id, org } => {
+            api.empty(
+                Method::DELETE,
+                &format!("/v1/keys/{id}{}", q(org.as_deref())),
+            )
+            .await?;
+            eprintln!("revoked {id}");
+        }
+    }
+    Ok(0)
+}
+
+pub async fn audit(g: &Global, a: AuditArgs) -> Result<i32> {
+    let api = g.api();
+    let mut path = format!("/v1/audit?limit={}", a.limit);
+    if let Some(s) = &a.since {
+        let d = kiln_server::units::parse_duration(s).map_err(|e| anyhow!("--since: {e}"))?;
+        path.push_str(&format!(
+            "&since={}",
+            now_ms().saturating_sub(d.as_millis() as u64)
+        ));
+    }
+    if let Some(o) = &a.org {
+        path.push_str(&format!("&org={o}"));
+    }
+    let list: AuditList = api.json(Method::GET, &path, None::<&()>).await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(0);
+    }
+    println!(
+        "{:<9} {:<14} {:<40} {:<7} {:>4} {:<15} RESOURCE",
+        "WHEN", "KEY", "ACTION", "OUTCOME", "CODE", "CLIENT"
+    );
+    for e in &list.entries {
+        println!(
+            "{:<9} {:<14} {:<40} {:<7} {:>4} {:<15} {}",
+            when(Some(e.time_ms)),
+            if e.key_prefix.is_empty() {
+                "-"
+            } else {
+                &e.key_prefix
+            },
+            e.action,
+            e.outcome,
+            e.status,
+            if e.client.is_empty() { "-" } else { &e.client },
+            e.resource
+        );
+    }
+    Ok(0)
+}

@@ -1,0 +1,424 @@
+//! Store tests, each run against SQLite and a fresh PostgreSQL schema.
+
+use std::sync::Arc;
+
+use super::*;
+
+fn row(id: &str, pooled: bool, org: &str) -> SandboxRow {
+    SandboxRow {
+        sandbox: Sandbox {
+            id: id.into(),
+            template: "base".into(),
+            image: "sha256:ab".into(),
+            state: SandboxState::Running,
+            cpus: 1.0,
+            memory_bytes: 512 << 20,
+            disk_bytes: 2 << 30,
+            network: NetworkMode::None,
+            created_at_ms: 1,
+            expires_at_ms: None,
+            from_pool: false,
+            labels: Default::default(),
+            ip: None,
+        },
+        pooled,
+        org_id: if pooled { String::new() } else { org.into() },
+        key_id: None,
+        host: String::new(),
+    }
+}
+
+fn key() -> PoolKey {
+    PoolKey {
+        template: "base".into(),
+        cpus: 1.0,
+        memory_bytes: 512 << 20,
+        disk_bytes: 2 << 30,
+        network: NetworkMode::None,
+    }
+}
+
+fn roomy() -> Limits {
+    Limits {
+        sandboxes: 100,
+        cpus: 100.0,
+        memory_bytes: 1 << 40,
+        disk_bytes: 1 << 40,
+    }
+}
+
+fn org(id: &str) -> OrgRow {
+    OrgRow {
+        id: id.into(),
+        name: format!("name-{id}"),
+        created_at_ms: 1,
+        quota: Quota::default(),
+        rate_limits: None,
+    }
+}
+
+/// Runs `f` on a SQLite store and on a PostgreSQL store in its own schema.
+async fn on_both<F, Fut>(f: F)
+where
+    F: Fn(Arc<Store>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = Store::open(&dir.path().join("kiln.db"))
+        .await
+        .expect("sqlite");
+    f(Arc::new(s)).await;
+    let schema = testing::schema().await.expect("postgres");
+    let s = Store::connect(Some(&schema.url), Path::new("/nonexistent"))
+        .await
+        .expect("postgres store");
+    assert_eq!(s.backend(), Backend::Postgres);
+    f(Arc::new(s)).await;
+    schema.drop_schema().await;
+}
+
+#[tokio::test]
+async fn claim_takes_each_pool_member_once() {
+    on_both(|s| async move {
+        s.create_org(&org("o1")).await.expect("org");
+        s.insert(&row("sb-a", true, "")).await.expect("insert");
+        s.insert(&row("sb-b", false, "o1")).await.expect("insert");
+        assert_eq!(s.list(false).await.expect("list").len(), 1);
+        assert_eq!(s.pooled_count("base", false).await.expect("count"), 1);
+        assert_eq!(s.pooled_count("base", true).await.expect("count"), 1);
+        let labels = [("k".to_string(), "v".to_string())].into_iter().collect();
+        let c = s
+            .claim_pooled(
+                &key(),
+                "o1",
+                Some("key_1"),
+                &roomy(),
+                42,
+                Some(100),
+                &labels,
+            )
+            .await
+            .expect("claim")
+            .expect("quota")
+            .expect("some");
+        assert_eq!(c.sandbox.id, "sb-a");
+        assert!(c.sandbox.from_pool && !c.pooled);
+        assert_eq!(
+            (c.org_id.as_str(), c.key_id.as_deref()),
+            ("o1", Some("key_1"))
+        );
+        assert_eq!(c.sandbox.labels, labels);
+        let again = s
+            .claim_pooled(&key(), "o1", None, &roomy(), 43, None, &labels)
+            .await
+            .expect("claim");
+        assert_eq!(again, Ok(None));
+        let other = PoolKey { cpus: 2.0, ..key() };
+        s.insert(&row("sb-c", true, "")).await.expect("insert");
+        let none = s
+            .claim_pooled(&other, "o1", None, &roomy(), 43, None, &labels)
+            .await
+            .expect("claim");
+        assert_eq!(none, Ok(None));
+        assert_eq!(s.expired(99).await.expect("exp"), Vec::<String>::new());
+        assert_eq!(s.expired(100).await.expect("exp"), vec!["sb-a".to_string()]);
+        assert_eq!(s.list_org("o1").await.expect("list").len(), 2);
+        assert_eq!(s.list_org("o2").await.expect("list").len(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn creating_members_cannot_be_claimed() {
+    on_both(|s| async move {
+        s.create_org(&org("o1")).await.expect("org");
+        let mut r = row("sb-a", true, "");
+        r.sandbox.state = SandboxState::Creating;
+        s.insert(&r).await.expect("insert");
+        let labels = Default::default();
+        let c = s
+            .claim_pooled(&key(), "o1", None, &roomy(), 1, None, &labels)
+            .await
+            .expect("claim");
+        assert_eq!(c, Ok(None));
+        assert_eq!(
+            (
+                s.pooled_count("base", false).await.expect("n"),
+                s.pooled_count("base", true).await.expect("n")
+            ),
+            (1, 0)
+        );
+        assert!(s
+            .mark_created("sb-a", Some("10.0.0.2"))
+            .await
+            .expect("mark"));
+        assert!(!s
+            .mark_created("sb-a", None)
+            .await
+            .expect("mark twice is a no-op"));
+        let c = s
+            .claim_pooled(&key(), "o1", None, &roomy(), 1, None, &labels)
+            .await
+            .expect("claim")
+            .expect("quota")
+            .expect("some");
+        assert_eq!(c.sandbox.ip.as_deref(), Some("10.0.0.2"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn state_and_meta_round_trip() {
+    on_both(|s| async move {
+        s.insert(&row("sb-a", false, "o1")).await.expect("insert");
+        assert!(s
+            .set_state("sb-a", SandboxState::Paused)
+            .await
+            .expect("set"));
+        assert_eq!(
+            s.get("sb-a")
+                .await
+                .expect("get")
+                .expect("some")
+                .sandbox
+                .state,
+            SandboxState::Paused
+        );
+        assert!(!s.set_state("nope", SandboxState::Dead).await.expect("set"));
+        assert!(s.delete("sb-a").await.expect("del"));
+        assert_eq!(s.get("sb-a").await.expect("get"), None);
+        s.set_meta("k", "1").await.expect("meta");
+        s.set_meta("k", "2").await.expect("meta");
+        assert_eq!(s.get_meta("k").await.expect("meta").as_deref(), Some("2"));
+        assert_eq!(s.init_meta("k", "3").await.expect("init"), "2");
+        assert_eq!(s.init_meta("j", "3").await.expect("init"), "3");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn orgs_and_keys_round_trip() {
+    on_both(|s| async move {
+        s.create_org(&org("o1")).await.expect("org");
+        let dup = OrgRow {
+            id: "o2".into(),
+            ..org("o1")
+        };
+        assert!(matches!(
+            s.create_org(&dup).await,
+            Err(StoreError::Conflict(_))
+        ));
+        assert_eq!(
+            s.get_org("name-o1").await.expect("get").map(|o| o.id),
+            Some("o1".to_string())
+        );
+        let q = Quota {
+            sandboxes: Some(3),
+            cpus: Some(1.5),
+            memory_bytes: None,
+            disk_bytes: Some(10),
+        };
+        assert!(s.set_quota("o1", &q).await.expect("quota"));
+        assert_eq!(s.get_org("o1").await.expect("get").expect("some").quota, q);
+        let rl = kiln_protocol::api::RateLimits {
+            manage: kiln_protocol::api::Rate {
+                per_sec: 1.5,
+                burst: 2,
+            },
+            create: kiln_protocol::api::Rate {
+                per_sec: 1.0,
+                burst: 1,
+            },
+            sandbox: kiln_protocol::api::Rate {
+                per_sec: 9.0,
+                burst: 9,
+            },
+        };
+        assert!(s.set_rate_limits("o1", Some(&rl)).await.expect("rl"));
+        assert_eq!(
+            s.get_org("o1")
+                .await
+                .expect("get")
+                .expect("some")
+                .rate_limits,
+            Some(rl)
+        );
+        let k = KeyRow {
+            id: "key_a".into(),
+            org_id: "o1".into(),
+            name: "ci".into(),
+            prefix: "kiln_abcdefg".into(),
+            hash: "h1".into(),
+            role: "member".into(),
+            scopes: vec!["sandboxes:read".into()],
+            created_at_ms: 5,
+            created_by: Some("key_root".into()),
+            expires_at_ms: Some(99),
+            last_used_at_ms: None,
+            revoked_at_ms: None,
+        };
+        s.insert_key(&k).await.expect("key");
+        assert_eq!(s.key_by_hash("h1").await.expect("get"), Some(k.clone()));
+        assert_eq!(s.key_by_hash("h2").await.expect("get"), None);
+        s.touch_key("key_a", 7).await.expect("touch");
+        assert!(!s.revoke_key("o2", "key_a", 8).await.expect("other org"));
+        assert!(s.revoke_key("o1", "kiln_abcdefg", 8).await.expect("revoke"));
+        assert!(!s.revoke_key("o1", "key_a", 9).await.expect("twice"));
+        let got = s.key_by_hash("h1").await.expect("get").expect("some");
+        assert_eq!((got.last_used_at_ms, got.revoked_at_ms), (Some(7), Some(8)));
+        assert_eq!(s.list_keys("o1").await.expect("list").len(), 1);
+        assert_eq!(s.list_keys("o2").await.expect("list").len(), 0);
+    })
+    .await;
+}
+
+/// Many admissions race for the last slots of one org: exactly `limit` win, on both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_admissions_never_exceed_the_quota() {
+    on_both(|s| async move {
+        s.create_org(&org("o1")).await.expect("org");
+        s.insert(&row("sb-old", false, "o1")).await.expect("insert");
+        let limits = Limits {
+            sandboxes: 3,
+            ..roomy()
+        };
+        let mut tasks = Vec::new();
+        for i in 0..12 {
+            let s = s.clone();
+            let limits = limits.clone();
+            tasks.push(tokio::spawn(async move {
+                s.admit_insert(&row(&format!("sb-{i}"), false, "o1"), &limits)
+                    .await
+                    .expect("admit")
+            }));
+        }
+        let mut won = 0;
+        let mut refused = Vec::new();
+        for t in tasks {
+            match t.await.expect("join") {
+                Ok(()) => won += 1,
+                Err(q) => refused.push(q),
+            }
+        }
+        assert_eq!(won, 2, "one slot was already used");
+        assert_eq!(
+            refused[0],
+            QuotaExceeded {
+                quota: "sandboxes",
+                limit: 3.0,
+                used: 3.0,
+                requested: 1.0
+            }
+        );
+        let u = s.usage("o1").await.expect("usage");
+        assert_eq!((u.sandboxes, u.cpus), (3, 3.0));
+        // Pausing releases the slot (not the disk); resuming re-admits.
+        s.set_state("sb-old", SandboxState::Paused)
+            .await
+            .expect("pause");
+        let u = s.usage("o1").await.expect("usage");
+        assert_eq!((u.sandboxes, u.disk_bytes), (2, 3 * (2 << 30)));
+        s.admit_insert(&row("sb-new", false, "o1"), &limits)
+            .await
+            .expect("admit")
+            .expect("fits");
+        let r = s
+            .admit_resume("sb-old", "o1", &limits)
+            .await
+            .expect("resume");
+        assert_eq!(r.map_err(|q| q.quota), Err("sandboxes"));
+        let disk = Limits {
+            disk_bytes: 4 << 30,
+            ..roomy()
+        };
+        let r = s
+            .admit_insert(&row("sb-disk", false, "o2"), &disk)
+            .await
+            .expect("admit");
+        assert_eq!(r, Ok(()));
+        let r = s
+            .admit_insert(&row("sb-disk2", false, "o2"), &disk)
+            .await
+            .expect("admit");
+        assert_eq!(r, Ok(()));
+        let r = s
+            .admit_insert(&row("sb-disk3", false, "o2"), &disk)
+            .await
+            .expect("admit");
+        assert_eq!(r.map_err(|q| q.quota), Err("disk"));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn audit_appends_and_prunes() {
+    on_both(|s| async move {
+        for i in 0..3u64 {
+            s.append_audit(&AuditRow {
+                id: format!("a{i}"),
+                time_ms: 10 * i,
+                org_id: "o1".into(),
+                key_prefix: "kiln_x".into(),
+                action: "POST /v1/sandboxes".into(),
+                resource: "/v1/sandboxes".into(),
+                outcome: "ok".into(),
+                status: 201,
+                client: "127.0.0.1".into(),
+                request_id: format!("r{i}"),
+            })
+            .await
+            .expect("append");
+        }
+        let ids: Vec<String> = s
+            .list_audit("o1", None, 10)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|a| a.id)
+            .collect();
+        assert_eq!(ids, ["a2", "a1", "a0"]);
+        assert_eq!(
+            s.list_audit("o1", Some(10), 1).await.expect("list").len(),
+            1
+        );
+        assert_eq!(s.list_audit("o2", None, 10).await.expect("list").len(), 0);
+        assert_eq!(s.prune_audit(15).await.expect("prune"), 2);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn migrations_are_idempotent_and_adopt_the_old_schema() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("kiln.db");
+    {
+        // The schema as it was before numbered migrations.
+        let c = rusqlite::Connection::open(&path).expect("open");
+        c.execute_batch(
+            "CREATE TABLE sandboxes (id TEXT PRIMARY KEY, template TEXT NOT NULL, image TEXT NOT NULL,
+               state TEXT NOT NULL, cpus REAL NOT NULL, memory_bytes INTEGER NOT NULL,
+               disk_bytes INTEGER NOT NULL, network TEXT NOT NULL, created_at_ms INTEGER NOT NULL,
+               expires_at_ms INTEGER, pooled INTEGER NOT NULL DEFAULT 0,
+               from_pool INTEGER NOT NULL DEFAULT 0, labels TEXT NOT NULL DEFAULT '{}', ip TEXT);
+             CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO sandboxes (id, template, image, state, cpus, memory_bytes, disk_bytes, network, created_at_ms)
+               VALUES ('sb-old', 'base', 'sha256:x', 'running', 1.0, 1, 1, 'none', 1);",
+        )
+        .expect("old schema");
+    }
+    let s = Store::open(&path).await.expect("migrate");
+    assert_eq!(s.adopt_orphans("o1").await.expect("adopt"), 1);
+    drop(s);
+    let s = Store::open(&path).await.expect("reopen");
+    let r = s.get("sb-old").await.expect("get").expect("some");
+    assert_eq!(r.org_id, "o1");
+    // And on PostgreSQL, two concurrent opens of one fresh schema migrate once.
+    let schema = testing::schema().await.expect("postgres");
+    let (a, b) = tokio::join!(
+        Store::connect(Some(&schema.url), Path::new("/x")),
+        Store::connect(Some(&schema.url), Path::new("/x"))
+    );
+    a.expect("a");
+    b.expect("b");
+    schema.drop_schema().await;
+}
