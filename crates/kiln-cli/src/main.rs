@@ -8,6 +8,7 @@ mod admin;
 mod api;
 mod bench;
 mod bench_template;
+mod devtools;
 mod sandbox;
 mod shell;
 mod template;
@@ -62,6 +63,15 @@ enum Command {
     /// Build, list, inspect, test and remove templates (sandbox images built from Ansible roles)
     #[command(subcommand)]
     Template(template::TemplateCmd),
+    /// git in a sandbox: clone, status, diff, add, commit, log, branch, checkout, push, pull
+    Git(devtools::GitArgs),
+    /// Language servers in a sandbox: diagnostics, definition, references, hover, symbols,
+    /// completion, rename preview (positions PATH:LINE:COL, 1-based)
+    Lsp(devtools::LspArgs),
+    /// TCP ports listening in a sandbox (previews: /v1/sandboxes/ID/ports/PORT/)
+    Ports(devtools::PortsArgs),
+    /// Show or change a sandbox's egress allow-list (network `full`)
+    Egress(devtools::EgressArgs),
     /// Organisations and their quotas
     #[command(subcommand)]
     Org(admin::OrgCmd),
@@ -112,6 +122,10 @@ fn main() {
             Command::Sandbox(c) => sandbox::run(&cli.global, c).await,
             Command::Run(a) => sandbox::run_once(&cli.global, a).await,
             Command::Template(c) => template::run(&cli.global, c).await,
+            Command::Git(a) => devtools::git(&cli.global, a).await,
+            Command::Lsp(a) => devtools::lsp(&cli.global, a).await,
+            Command::Ports(a) => devtools::ports(&cli.global, a).await,
+            Command::Egress(a) => devtools::egress(&cli.global, a).await,
             Command::Org(c) => admin::org(&cli.global, c).await,
             Command::Key(c) => admin::key(&cli.global, c).await,
             Command::Audit(a) => admin::audit(&cli.global, a).await,

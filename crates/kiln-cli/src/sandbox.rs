@@ -63,8 +63,16 @@ pub struct CreateArgs {
     #[arg(long)]
     pub disk: Option<String>,
     /// Network access: none (loopback only) or full (NAT to the host's uplink)
-    #[arg(long, value_parser = ["none", "full"], default_value = "none")]
-    pub network: String,
+    /// [default: none, or full with --allow-domain/--allow-cidr]
+    #[arg(long, value_parser = ["none", "full"])]
+    pub network: Option<String>,
+    /// Egress allow-list: this domain (`pypi.org`, `*.github.com`) is reachable; implies
+    /// --network full (repeatable; everything not listed is refused)
+    #[arg(long = "allow-domain", value_name = "DOMAIN")]
+    pub allow_domains: Vec<String>,
+    /// Egress allow-list: this IPv4 network (`10.0.0.0/8`) is reachable (repeatable)
+    #[arg(long = "allow-cidr", value_name = "CIDR")]
+    pub allow_cidrs: Vec<String>,
     /// Remove automatically after this long, e.g. 10m, 1h
     #[arg(long)]
     pub ttl: Option<String>,
@@ -98,19 +106,32 @@ impl CreateArgs {
                 .ok_or_else(|| anyhow!("--label `{l}` must look like KEY=VALUE"))?;
             labels.insert(k.to_string(), v.to_string());
         }
+        let egress = (!self.allow_domains.is_empty() || !self.allow_cidrs.is_empty()).then(|| {
+            kiln_protocol::api::EgressAllowList {
+                domains: self.allow_domains.clone(),
+                cidrs: self.allow_cidrs.clone(),
+            }
+        });
+        if egress.is_some() && self.network.as_deref() == Some("none") {
+            return Err(anyhow!(
+                "--allow-domain/--allow-cidr need --network full (they restrict a full network)"
+            ));
+        }
         Ok(CreateSandbox {
             template: Some(self.template.clone()),
             cpus: self.cpus,
             memory: self.memory.clone().map(SizeArg::Text),
             disk: self.disk.clone().map(SizeArg::Text),
-            network: Some(if self.network == "full" {
-                NetworkMode::Full
-            } else {
-                NetworkMode::None
-            }),
+            network: match self.network.as_deref() {
+                Some("full") => Some(NetworkMode::Full),
+                Some(_) => Some(NetworkMode::None),
+                None if egress.is_some() => Some(NetworkMode::Full),
+                None => Some(NetworkMode::None),
+            },
             ttl: self.ttl.clone().map(DurationArg::Text),
             labels,
             pool: if self.no_pool { Some(false) } else { None },
+            egress,
         })
     }
 }

@@ -67,6 +67,20 @@ pub struct CreateSandbox {
     /// a matching idle pool member is claimed when there is one.
     #[serde(default)]
     pub pool: Option<bool>,
+    /// Egress allow-list (implies network `full`): only these domains and IPv4 CIDRs are
+    /// reachable; everything else is refused at once. Changeable later with
+    /// `PUT /v1/sandboxes/{id}/egress`.
+    #[serde(default)]
+    pub egress: Option<EgressAllowList>,
+}
+
+/// Destinations a sandbox may reach (domains: exact or `*.suffix`; CIDRs: IPv4).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressAllowList {
+    #[serde(default)]
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub cidrs: Vec<String>,
 }
 
 /// A size given as bytes or as a human string (`512M`, `2G`, `100KiB`).

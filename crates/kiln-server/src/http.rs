@@ -50,6 +50,7 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/:id/files/watch", get(watch))
         .route("/sandboxes/:id/pty", get(pty))
         .merge(crate::templates::routes())
+        .merge(crate::devtools::routes())
         .route("/me", get(crate::admin::me))
         .route(
             "/orgs",
@@ -107,6 +108,15 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/sandboxes/:id/files/move"),
     ("GET", "/v1/sandboxes/:id/files/watch"),
     ("GET", "/v1/sandboxes/:id/pty"),
+    ("GET", "/v1/sandboxes/:id/egress"),
+    ("PUT", "/v1/sandboxes/:id/egress"),
+    ("GET", "/v1/sandboxes/:id/ports"),
+    ("GET", "/v1/sandboxes/:id/ports/:port"),
+    ("GET", "/v1/sandboxes/:id/ports/:port/"),
+    ("GET", "/v1/sandboxes/:id/ports/:port/*path"),
+    ("POST", "/v1/sandboxes/:id/git/:op"),
+    ("POST", "/v1/sandboxes/:id/lsp/:op"),
+    ("GET", "/v1/sandboxes/:id/lsp/ws"),
     ("GET", "/v1/templates"),
     ("GET", "/v1/me"),
     ("GET", "/v1/orgs"),

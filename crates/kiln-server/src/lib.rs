@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod devtools;
 pub mod error;
 pub mod http;
 pub mod ratelimit;

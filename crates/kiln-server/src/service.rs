@@ -84,6 +84,7 @@ struct Admitted {
     expires_at_ms: Option<u64>,
     labels: BTreeMap<String, String>,
     use_pool: bool,
+    egress: Option<kiln_sandbox::egress::EgressAllow>,
 }
 
 impl Kiln {
@@ -288,16 +289,38 @@ impl Kiln {
                 ));
             }
         }
+        let egress = match req.egress {
+            Some(e) => Some(
+                kiln_sandbox::egress::EgressAllow {
+                    domains: e.domains,
+                    cidrs: e.cidrs,
+                }
+                .normalized()
+                .map_err(|e| ApiError::invalid(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let network = match (req.network, &egress) {
+            (Some(NetworkMode::None), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "an egress allow-list needs network `full` (it restricts a full network)",
+                ))
+            }
+            (None, Some(_)) => NetworkMode::Full,
+            (n, _) => n.unwrap_or_default(),
+        };
         Ok(Admitted {
             template,
             image,
             cpus,
             memory_bytes,
             disk_bytes,
-            network: req.network.unwrap_or_default(),
+            network,
             expires_at_ms,
             labels: req.labels,
-            use_pool: req.pool.unwrap_or(true),
+            // Pool members have no allow-list; a sandbox with one is always created cold.
+            use_pool: req.pool.unwrap_or(true) && egress.is_none(),
+            egress,
         })
     }
 
@@ -312,7 +335,7 @@ impl Kiln {
             network: a.network.clone(),
             hostname: id.to_string(),
             env: vec![("KILN_SANDBOX_ID".to_string(), id.to_string())],
-            egress: None,
+            egress: a.egress.clone(),
         }
     }
 

@@ -251,6 +251,16 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
         | "/sandboxes/:id/files/list"
         | "/sandboxes/:id/files/mkdir"
         | "/sandboxes/:id/files/move" => rw(Files),
+        // Network policy is part of the sandbox; ports are read, a preview talks to the
+        // sandbox's servers like exec does; git and language servers run processes in it.
+        "/sandboxes/:id/egress" => rw(Sandboxes),
+        "/sandboxes/:id/ports" => Some(Need::Perm(Perm::read(Sandboxes))),
+        "/sandboxes/:id/ports/:port"
+        | "/sandboxes/:id/ports/:port/"
+        | "/sandboxes/:id/ports/:port/*path"
+        | "/sandboxes/:id/git/:op"
+        | "/sandboxes/:id/lsp/:op"
+        | "/sandboxes/:id/lsp/ws" => Some(Need::Perm(Perm::write(Exec))),
         // A watch streams changes, a read.
         "/sandboxes/:id/files/watch" => Some(Need::Perm(Perm::read(Files))),
         r if r == "/templates" || r.starts_with("/templates/") => rw(Templates),

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod devtools;
 mod errors;
 mod exec;
 mod files;

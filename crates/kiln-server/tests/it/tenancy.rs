@@ -82,6 +82,9 @@ fn body_for(method: &str, route: &str) -> Option<serde_json::Value> {
         ("POST", r) if r.ends_with("/move") => Some(json!({"from": "/tmp/a", "to": "/tmp/b"})),
         ("PUT", r) if r.ends_with("/quota") => Some(json!({"sandboxes": 1000})),
         ("PUT", r) if r.ends_with("/rate-limits") => Some(serde_json::Value::Null),
+        ("PUT", r) if r.ends_with("/egress") => Some(json!({"allow": null})),
+        ("POST", r) if r.ends_with("/git/:op") => Some(json!({"repo": "/workspace"})),
+        ("POST", r) if r.ends_with("/lsp/:op") => Some(json!({"path": "/workspace/a.py"})),
         ("POST", "/v1/sandboxes") => Some(json!({})),
         ("POST", "/v1/orgs") => Some(json!({"name": "x"})),
         ("POST", "/v1/keys") => Some(json!({"org": "{org}"})),
@@ -115,10 +118,14 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
                 },
             )
             .replace(":pid", "p-1")
-            .replace(":org", &org_a);
+            .replace(":org", &org_a)
+            .replace(":port", "8080")
+            .replace(":op", "status")
+            .replace("*path", "index.html");
         let path = match *route {
             "/v1/keys" | "/v1/audit" => format!("{path}?org={org_a}"),
             r if r.contains("/files") => format!("{path}?path=/etc/hostname"),
+            r if r.ends_with("/lsp/ws") => format!("{path}?language=python"),
             _ => path,
         };
         if !path.contains(&sb.id) && !path.contains(&org_a) && !path.contains(&a_key) {
@@ -153,6 +160,15 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         POST /v1/sandboxes/<sb-a>/files/move?path=/etc/hostname -> 404 sandbox_not_found
         GET /v1/sandboxes/<sb-a>/files/watch?path=/etc/hostname -> 404 sandbox_not_found
         GET /v1/sandboxes/<sb-a>/pty -> 404 sandbox_not_found
+        GET /v1/sandboxes/<sb-a>/egress -> 404 sandbox_not_found
+        PUT /v1/sandboxes/<sb-a>/egress -> 404 sandbox_not_found
+        GET /v1/sandboxes/<sb-a>/ports -> 404 sandbox_not_found
+        GET /v1/sandboxes/<sb-a>/ports/8080 -> 404 sandbox_not_found
+        GET /v1/sandboxes/<sb-a>/ports/8080/ -> 404 sandbox_not_found
+        GET /v1/sandboxes/<sb-a>/ports/8080/index.html -> 404 sandbox_not_found
+        POST /v1/sandboxes/<sb-a>/git/status -> 404 sandbox_not_found
+        POST /v1/sandboxes/<sb-a>/lsp/status -> 404 sandbox_not_found
+        GET /v1/sandboxes/<sb-a>/lsp/ws?language=python -> 404 sandbox_not_found
         GET /v1/orgs/<org-a> -> 404 org_not_found
         GET /v1/orgs/<org-a>/quota -> 404 org_not_found
         PUT /v1/orgs/<org-a>/quota -> 404 org_not_found
