@@ -23,6 +23,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 /// How long a request may take before the session gives up on it.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Quiet time after which a version-less diagnostics stream counts as complete.
+const SETTLE: Duration = Duration::from_millis(1500);
+
 /// Errors of language-server sessions.
 #[derive(Debug, thiserror::Error)]
 pub enum LspError {
@@ -630,14 +633,12 @@ impl LspSession {
         let u = uri(path);
         let mut tick = self.diag_tick.clone();
         let deadline = tokio::time::Instant::now() + wait;
+        let current = |d: &Mutex<HashMap<String, (Option<i64>, Value)>>| {
+            d.lock().ok().and_then(|d| d.get(&u).cloned())
+        };
         loop {
-            let current = self
-                .diagnostics
-                .lock()
-                .ok()
-                .and_then(|d| d.get(&u).cloned());
-            let fresh = match &current {
-                Some((Some(v), _)) => *v >= version,
+            let fresh = match current(&self.diagnostics) {
+                Some((Some(v), _)) => v >= version,
                 Some((None, _)) => *tick.borrow() > before,
                 None => false,
             };
@@ -652,6 +653,29 @@ impl LspSession {
                 .is_err()
             {
                 break; // report what we have
+            }
+        }
+        // Servers that publish without a version (or publish in stages: syntax first, then
+        // semantics) may send more for this file: wait until it has been quiet for a moment.
+        if let Some((ver, list)) = current(&self.diagnostics) {
+            if ver.is_none() || list.as_array().map_or(true, Vec::is_empty) {
+                let mut last = list;
+                loop {
+                    let settle = (tokio::time::Instant::now() + SETTLE).min(deadline);
+                    if tokio::time::timeout_at(settle, tick.changed())
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    match current(&self.diagnostics) {
+                        Some((_, l)) if l != last => last = l,
+                        _ => {}
+                    }
+                    if tokio::time::Instant::now() >= deadline {
+                        break;
+                    }
+                }
             }
         }
         let raw = self

@@ -95,7 +95,7 @@ async fn bad_requests_get_clear_json_errors() {
         POST /v1/sandboxes {"template":"../etc"}
           -> 400 {"error":{"code":"invalid_argument","message":"invalid template name `../etc`: use lower-case letters, digits, `-` and `_`"}}
         POST /v1/sandboxes {"colour":"red"}
-          -> 400 {"error":{"code":"invalid_argument","message":"Failed to deserialize the JSON body into the target type: colour: unknown field `colour`, expected one of `template`, `cpus`, `memory`, `disk`, `network`, `ttl`, `labels`, `pool` at line 1 column 9","hint":"send a JSON body with Content-Type: application/json; see /v1 docs in README"}}
+          -> 400 {"error":{"code":"invalid_argument","message":"Failed to deserialize the JSON body into the target type: colour: unknown field `colour`, expected one of `template`, `cpus`, `memory`, `disk`, `network`, `ttl`, `labels`, `pool`, `egress` at line 1 column 9","hint":"send a JSON body with Content-Type: application/json; see /v1 docs in README"}}
         POST /v1/sandboxes {not json
           -> 400 {"error":{"code":"invalid_argument","message":"Failed to parse the request body as JSON: key must be a string at line 1 column 2","hint":"send a JSON body with Content-Type: application/json; see /v1 docs in README"}}
         GET /v2/anything 
