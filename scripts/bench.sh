@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs `kiln bench sandbox` against a throwaway server (own data dir, port 7787, warm pool 2),
+# Runs `kiln bench sandbox` against a throwaway server (own data dir, port 7787, warm pool 2,
+# org quotas raised so that N sandboxes fit),
 # then stops it and removes everything it made. Usage: scripts/bench.sh KILN_BIN [N]
 set -euo pipefail
 kiln=${1:?usage: scripts/bench.sh path/to/kiln [N]}
@@ -7,7 +8,8 @@ n=${2:-200}
 data=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
 images=${KILN_TEST_IMAGES:-${KILN_IMAGES_DIR:-/var/lib/kiln/images}}
 "$kiln" up --listen 127.0.0.1:7787 --data-dir "$data" --images-dir "$images" --warm-pool 2 \
-  --disk-pool 64G >"$data/server.log" 2>&1 &
+  --disk-pool 64G --org-max-sandboxes 1000 --org-max-cpus 1000 --org-max-memory 1T \
+  >"$data/server.log" 2>&1 &
 pid=$!
 cleanup() {
   kill -TERM "$pid" 2>/dev/null || true
