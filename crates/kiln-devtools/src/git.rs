@@ -391,7 +391,7 @@ impl Git {
                     let answer = creds
                         .unwrap_or_default()
                         .iter()
-                        .find(|c| c.host.as_deref().map_or(true, |h| host_matches(h, &host)))
+                        .find(|c| c.host.as_deref().is_none_or(|h| host_matches(h, &host)))
                         .map(|c| {
                             BTreeMap::from([
                                 ("username".to_string(), c.username.clone()),

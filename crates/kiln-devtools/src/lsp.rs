@@ -267,6 +267,9 @@ pub fn frame_message(v: &Value) -> Vec<u8> {
     out
 }
 
+/// uri -> (document version the diagnostics are for, diagnostics as sent).
+type DiagnosticsByUri = HashMap<String, (Option<i64>, Value)>;
+
 type Pending = Arc<Mutex<HashMap<i64, oneshot::Sender<std::result::Result<Value, String>>>>>;
 
 struct OpenFile {
@@ -282,8 +285,7 @@ pub struct LspSession {
     out: mpsc::UnboundedSender<Vec<u8>>,
     pending: Pending,
     next_id: AtomicI64,
-    /// uri -> (document version the diagnostics are for, diagnostics as sent).
-    diagnostics: Arc<Mutex<HashMap<String, (Option<i64>, Value)>>>,
+    diagnostics: Arc<Mutex<DiagnosticsByUri>>,
     diag_tick: watch::Receiver<u64>,
     files: tokio::sync::Mutex<HashMap<String, OpenFile>>,
     alive: watch::Receiver<bool>,
@@ -340,7 +342,7 @@ impl LspSession {
         let (alive_tx, alive_rx) = watch::channel(true);
         let (tick_tx, tick_rx) = watch::channel(0u64);
         let pending: Pending = Default::default();
-        let diagnostics: Arc<Mutex<HashMap<String, (Option<i64>, Value)>>> = Default::default();
+        let diagnostics: Arc<Mutex<DiagnosticsByUri>> = Default::default();
         tokio::spawn(async move {
             while let Some(m) = out_rx.recv().await {
                 if wr.write_all(&m).await.is_err() {
@@ -633,9 +635,7 @@ impl LspSession {
         let u = uri(path);
         let mut tick = self.diag_tick.clone();
         let deadline = tokio::time::Instant::now() + wait;
-        let current = |d: &Mutex<HashMap<String, (Option<i64>, Value)>>| {
-            d.lock().ok().and_then(|d| d.get(&u).cloned())
-        };
+        let current = |d: &Mutex<DiagnosticsByUri>| d.lock().ok().and_then(|d| d.get(&u).cloned());
         loop {
             let fresh = match current(&self.diagnostics) {
                 Some((Some(v), _)) => v >= version,
@@ -658,7 +658,7 @@ impl LspSession {
         // Servers that publish without a version (or publish in stages: syntax first, then
         // semantics) may send more for this file: wait until it has been quiet for a moment.
         if let Some((ver, list)) = current(&self.diagnostics) {
-            if ver.is_none() || list.as_array().map_or(true, Vec::is_empty) {
+            if ver.is_none() || list.as_array().is_none_or(Vec::is_empty) {
                 let mut last = list;
                 loop {
                     let settle = (tokio::time::Instant::now() + SETTLE).min(deadline);

@@ -17,7 +17,7 @@
 
 use std::ffi::CString;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
@@ -830,28 +830,8 @@ impl Host for RealHost {
     fn ensure_nat(&self, bridge: &str, subnet: &str) -> Result<()> {
         fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .kctx(|| "enabling net.ipv4.ip_forward".into())?;
-        let mut child = Command::new("nft")
-            .args(["-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| SandboxError::Host(format!("running nft: {e}")))?;
-        if let Some(mut stdin) = child.stdin.take() {
-            stdin
-                .write_all(nat_script(bridge, subnet).as_bytes())
-                .map_err(|e| SandboxError::Host(format!("writing to nft: {e}")))?;
-        }
-        let out = child
-            .wait_with_output()
-            .map_err(|e| SandboxError::Host(format!("running nft: {e}")))?;
-        if !out.status.success() {
-            return Err(SandboxError::Host(format!(
-                "nft failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        crate::egress::nft(&nat_script(bridge, subnet))
+            .map_err(|e| SandboxError::Host(format!("setting up NAT: {e}")))
     }
 
     fn create_netns(&self, path: &Path, veth: Option<&VethConfig>) -> io::Result<()> {

@@ -851,7 +851,8 @@ impl Runtime {
         Ok(())
     }
 
-    /// The egress allow-list of a sandbox and how many packets it has denied so far.
+    /// The egress allow-list of a sandbox and how many packets it has denied so far
+    /// (blocking: reads its state file and runs `nft`).
     pub fn egress(&self, id: &str) -> Option<(crate::egress::EgressAllow, u64)> {
         let allow = self.read_state(id)?.egress?;
         let denied = crate::egress::denied_packets(id).unwrap_or(0);

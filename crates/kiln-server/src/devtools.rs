@@ -58,7 +58,12 @@ pub struct Egress {
 }
 
 async fn egress_of(k: &AppState, id: &str, network: &NetworkMode) -> Egress {
-    let cur = k.runtime.egress(id);
+    // Reads the sandbox's state file and runs `nft list counter`: off the async workers.
+    let (rt, i) = (k.runtime.clone(), id.to_string());
+    let cur = tokio::task::spawn_blocking(move || rt.egress(&i))
+        .await
+        .ok()
+        .flatten();
     Egress {
         network: match network {
             NetworkMode::Full => "full",

@@ -418,12 +418,16 @@ impl Client {
     /// A TCP connection to `port` on `host` (default loopback) inside the sandbox, as a
     /// byte stream (reads and writes go to that connection; `shutdown` half-closes it).
     pub async fn connect(&self, port: u16, host: Option<&str>) -> Result<Tunnel> {
-        let c = self
-            .open(&Request::Connect {
-                port,
-                host: host.map(str::to_string),
-            })
-            .await?;
+        self.tunnel(&Request::Connect {
+            port,
+            host: host.map(str::to_string),
+        })
+        .await
+    }
+
+    /// Sends `req`, whose `Ok` reply turns the connection into a raw byte stream.
+    async fn tunnel(&self, req: &Request) -> Result<Tunnel> {
+        let c = self.open(req).await?;
         let mut r = c.r;
         match check(read_reply(&mut r).await?)? {
             Reply::Ok { .. } => {
@@ -443,20 +447,7 @@ impl Client {
     /// Starts `spec.cmd` with this connection as its stdin and stdout (see `Request::Pipe`):
     /// dropping the returned stream kills the process; its exit ends the stream.
     pub async fn pipe(&self, spec: ExecSpec) -> Result<Tunnel> {
-        let c = self.open(&Request::Pipe { spec }).await?;
-        let mut r = c.r;
-        match check(read_reply(&mut r).await?)? {
-            Reply::Ok { .. } => {
-                let early = r.buffer().to_vec();
-                let stream = r.into_inner().unsplit(c.w);
-                Ok(Tunnel {
-                    early,
-                    pos: 0,
-                    stream,
-                })
-            }
-            other => Err(unexpected(&other)),
-        }
+        self.tunnel(&Request::Pipe { spec }).await
     }
 
     pub async fn watch(&self, path: &str, recursive: bool) -> Result<WatchStream> {

@@ -190,10 +190,8 @@ async fn clone_commit_push_pull_with_typed_errors() {
     // pulling conflicts.
     sh(
         host.path(),
-        &format!(
-            "git clone -q srv/project.git other && cd other && \
-             printf 'line one\\nline TWO (theirs)\\n' > README.md && git commit -q -am theirs && git push -q origin main"
-        ),
+        "git clone -q srv/project.git other && cd other && \
+         printf 'line one\\nline TWO (theirs)\\n' > README.md && git commit -q -am theirs && git push -q origin main",
     );
     std::fs::write(format!("{repo}/README.md"), "line one\nline two (ours)\n").expect("edit");
     git.commit(&repo, "ours", &ada, true)

@@ -318,8 +318,7 @@ async fn language_servers_through_the_api_and_a_websocket() {
     ws.send(Message::Text(
         json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
                "params": {"processId": null, "rootUri": "file:///workspace", "capabilities": {}}})
-        .to_string()
-        .into(),
+        .to_string(),
     ))
     .await
     .expect("send");

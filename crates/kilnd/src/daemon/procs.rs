@@ -312,8 +312,23 @@ pub struct Piped {
     waiter: Option<ExitWaiter>,
 }
 
-/// Spawns `spec.cmd` with piped stdin/stdout (stderr to /dev/null) in its own process group.
-pub fn spawn_piped(procs: &Procs, spec: &ExecSpec) -> Result<Piped, DaemonError> {
+/// A child started by [`start`]: its pid, exit waiter and async pipe ends.
+struct Started {
+    os_pid: u32,
+    waiter: ExitWaiter,
+    stdin: Option<pipe::Sender>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+}
+
+/// Prepares and spawns `spec.cmd` in its own session as the requested user (stdout piped,
+/// stdin piped when `stdin`, stderr piped or discarded), registered with `reaper`.
+fn start(
+    reaper: &Reaper,
+    spec: &ExecSpec,
+    stdin: bool,
+    stderr: bool,
+) -> Result<Started, DaemonError> {
     let p = prepare(
         &spec.cmd,
         &spec.env,
@@ -322,11 +337,13 @@ pub fn spawn_piped(procs: &Procs, spec: &ExecSpec) -> Result<Piped, DaemonError>
         false,
     )?;
     let mut cmd = p.command();
-    cmd.stdin(Stdio::piped())
+    let piped_or = |on: bool| if on { Stdio::piped() } else { Stdio::null() };
+    cmd.stdin(piped_or(stdin))
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(piped_or(stderr));
     let creds = p.creds.clone();
-    // SAFETY: only async-signal-safe calls on data prepared before the fork.
+    // SAFETY: the closure only makes async-signal-safe calls (setsid, setgroups, setgid,
+    // setuid) on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
             child::setsid_in_child()?;
@@ -336,8 +353,7 @@ pub fn spawn_piped(procs: &Procs, spec: &ExecSpec) -> Result<Piped, DaemonError>
             Ok(())
         });
     }
-    let (mut child, waiter) = procs
-        .reaper
+    let (mut child, waiter) = reaper
         .spawn(&mut cmd)
         .map_err(|e| spawn_error(&e, &p.argv0))?;
     let os_pid = child.id();
@@ -347,14 +363,19 @@ pub fn spawn_piped(procs: &Procs, spec: &ExecSpec) -> Result<Piped, DaemonError>
             .take()
             .map(|s| pipe::Sender::from_owned_fd(s.into()))
             .transpose()?;
-        Ok((stdin, pipe_rx(child.stdout.take())?))
+        Ok((
+            stdin,
+            pipe_rx(child.stdout.take())?,
+            pipe_rx(child.stderr.take())?,
+        ))
     })();
     match pipes {
-        Ok((stdin, stdout)) => Ok(Piped {
+        Ok((stdin, stdout, stderr)) => Ok(Started {
             os_pid,
+            waiter,
             stdin,
             stdout,
-            waiter: Some(waiter),
+            stderr,
         }),
         Err(e) => {
             let _ = signal_group(os_pid, libc::SIGKILL);
@@ -364,6 +385,17 @@ pub fn spawn_piped(procs: &Procs, spec: &ExecSpec) -> Result<Piped, DaemonError>
             ))
         }
     }
+}
+
+/// Spawns `spec.cmd` with piped stdin/stdout (stderr to /dev/null) in its own process group.
+pub fn spawn_piped(procs: &Procs, spec: &ExecSpec) -> Result<Piped, DaemonError> {
+    let c = start(&procs.reaper, spec, true, false)?;
+    Ok(Piped {
+        os_pid: c.os_pid,
+        stdin: c.stdin,
+        stdout: c.stdout,
+        waiter: Some(c.waiter),
+    })
 }
 
 impl Piped {
@@ -471,60 +503,13 @@ impl Procs {
                     })?,
             ),
         };
-        let p = prepare(
-            &spec.cmd,
-            &spec.env,
-            spec.cwd.as_deref(),
-            spec.user.as_deref(),
-            false,
-        )?;
-        let mut cmd = p.command();
-        cmd.stdin(if spec.stdin {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-        let creds = p.creds.clone();
-        // SAFETY: the closure only makes async-signal-safe calls (setsid, setgroups, setgid,
-        // setuid) on data prepared before the fork.
-        unsafe {
-            cmd.pre_exec(move || {
-                child::setsid_in_child()?;
-                if let Some(c) = &creds {
-                    c.apply()?;
-                }
-                Ok(())
-            });
-        }
-        let (mut child, waiter) = self
-            .reaper
-            .spawn(&mut cmd)
-            .map_err(|e| spawn_error(&e, &p.argv0))?;
-        let os_pid = child.id();
-        let pipes = (|| -> io::Result<_> {
-            let stdin = child
-                .stdin
-                .take()
-                .map(|s| pipe::Sender::from_owned_fd(s.into()))
-                .transpose()?;
-            Ok((
-                stdin,
-                pipe_rx(child.stdout.take())?,
-                pipe_rx(child.stderr.take())?,
-            ))
-        })();
-        let (stdin, stdout, stderr) = match pipes {
-            Ok(p) => p,
-            Err(e) => {
-                let _ = signal_group(os_pid, libc::SIGKILL);
-                return Err(err(
-                    DaemonErrorCode::Internal,
-                    format!("setting up pipes: {e}"),
-                ));
-            }
-        };
+        let Started {
+            os_pid,
+            waiter,
+            stdin,
+            stdout,
+            stderr,
+        } = start(&self.reaper, &spec, spec.stdin, true)?;
         let n = self.next_id.fetch_add(1, Ordering::Relaxed);
         let ring = Ring::new(self.ring_bytes);
         let sub = (!spec.detach).then(|| ring.subscribe(0));

@@ -187,16 +187,10 @@ async fn handle(d: &Daemon, stream: UnixStream) -> io::Result<()> {
             let host = host.unwrap_or_else(|| "127.0.0.1".into());
             match super::ports::connect(&host, port).await {
                 Ok(mut tcp) => {
-                    reply(&mut w, &Reply::Ok { body: None }).await?;
-                    // Bytes the client sent right behind the request are already buffered.
-                    let early = r.buffer().to_vec();
+                    let (early, mut unix) = go_raw(r, w).await?;
                     if !early.is_empty() {
                         tcp.write_all(&early).await?;
                     }
-                    let mut unix = r
-                        .into_inner()
-                        .reunite(w)
-                        .map_err(|e| io::Error::other(e.to_string()))?;
                     tokio::io::copy_bidirectional(&mut unix, &mut tcp).await?;
                     Ok(())
                 }
@@ -205,12 +199,7 @@ async fn handle(d: &Daemon, stream: UnixStream) -> io::Result<()> {
         }
         Request::Pipe { spec } => match super::procs::spawn_piped(&d.procs, &spec) {
             Ok(mut p) => {
-                reply(&mut w, &Reply::Ok { body: None }).await?;
-                let early = r.buffer().to_vec();
-                let mut unix = r
-                    .into_inner()
-                    .reunite(w)
-                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let (early, mut unix) = go_raw(r, w).await?;
                 let res = p.run(&early, &mut unix).await;
                 p.kill().await;
                 res
@@ -227,6 +216,18 @@ async fn handle(d: &Daemon, stream: UnixStream) -> io::Result<()> {
             }
         }
     }
+}
+
+/// Replies `Ok` and hands back the connection as a raw stream, with the bytes the client
+/// sent right behind its request (already in the read buffer) to be passed on first.
+async fn go_raw(r: Reader, mut w: Writer) -> io::Result<(Vec<u8>, UnixStream)> {
+    reply(&mut w, &Reply::Ok { body: None }).await?;
+    let early = r.buffer().to_vec();
+    let unix = r
+        .into_inner()
+        .reunite(w)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    Ok((early, unix))
 }
 
 /// `WatchPorts`: the list now, then again whenever it changes, until the client goes away.
