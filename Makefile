@@ -30,6 +30,7 @@ test: deps build test-image
 
 deps: toolchain
 	scripts/install-deps.sh
+	scripts/install-tools.sh
 
 toolchain:
 	@command -v cargo >/dev/null || { echo "make: cargo is missing (hint: install Rust with rustup, https://rustup.rs)"; exit 1; }

@@ -112,6 +112,31 @@ pub struct AuditArgs {
     pub json: bool,
 }
 
+#[derive(Args)]
+pub struct UsageArgs {
+    /// Organisation id or name (system organisation only) [default: your own]
+    #[arg(long)]
+    pub org: Option<String>,
+    /// Start: a duration ago (24h, 7d), a UTC date (2026-11-24), RFC 3339 or unix ms
+    /// [default: 24h ago for hours, 30d ago for days]
+    #[arg(long)]
+    pub from: Option<String>,
+    /// End (exclusive), same forms [default: now]
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Split each bucket by key, sandbox or template
+    #[arg(long, value_parser = ["key", "sandbox", "template"])]
+    pub by: Option<String>,
+    /// Bucket size
+    #[arg(long, default_value = "hour", value_parser = ["hour", "day"])]
+    pub granularity: String,
+    /// Print the raw usage events (CloudEvents) instead of sums
+    #[arg(long)]
+    pub events: bool,
+    #[arg(long)]
+    pub json: bool,
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -381,5 +406,116 @@ pub async fn audit(g: &Global, a: AuditArgs) -> Result<i32> {
             e.resource
         );
     }
+    Ok(0)
+}
+
+fn query_string(pairs: &[(&str, Option<&str>)]) -> String {
+    let parts: Vec<String> = pairs
+        .iter()
+        .filter_map(|(k, v)| {
+            v.map(|v| {
+                let enc: String = v
+                    .bytes()
+                    .map(|b| match b {
+                        b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                            (b as char).to_string()
+                        }
+                        _ => format!("%{b:02X}"),
+                    })
+                    .collect();
+                format!("{k}={enc}")
+            })
+        })
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+/// `kiln usage`: metered usage by hour or day (optionally by key, sandbox or template), or
+/// the raw events.
+pub async fn usage(g: &Global, a: UsageArgs) -> Result<i32> {
+    let api = g.api();
+    if a.events {
+        let q = query_string(&[
+            ("org", a.org.as_deref()),
+            ("from", a.from.as_deref()),
+            ("to", a.to.as_deref()),
+        ]);
+        let list: kiln_protocol::api::UsageEventList = api
+            .json(Method::GET, &format!("/v1/usage/events{q}"), None::<&()>)
+            .await?;
+        if a.json {
+            for e in &list.events {
+                println!("{}", serde_json::to_string(e)?);
+            }
+            return Ok(0);
+        }
+        println!(
+            "{:<24} {:<26} {:<16} {:>9} {:>8} {:>9} {:>9}",
+            "TIME", "TYPE", "SANDBOX", "SB-SEC", "CPU-SEC", "MEM-GiBs", "DISK-GiBs"
+        );
+        for e in &list.events {
+            let d = &e.data;
+            println!(
+                "{:<24} {:<26} {:<16} {:>9.1} {:>8.2} {:>9.3} {:>9.3}",
+                e.time,
+                e.kind,
+                d.sandbox,
+                d.sandbox_seconds,
+                d.cpu_seconds,
+                d.memory_gib_seconds,
+                d.disk_gib_seconds
+            );
+        }
+        return Ok(0);
+    }
+    let q = query_string(&[
+        ("org", a.org.as_deref()),
+        ("from", a.from.as_deref()),
+        ("to", a.to.as_deref()),
+        ("by", a.by.as_deref()),
+        ("granularity", Some(a.granularity.as_str())),
+    ]);
+    let r: kiln_protocol::api::UsageReport = api
+        .json(Method::GET, &format!("/v1/usage{q}"), None::<&()>)
+        .await?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(0);
+    }
+    let group = a.by.as_deref().map(str::to_uppercase).unwrap_or_default();
+    println!(
+        "{:<24} {:<18} {:>10} {:>9} {:>10} {:>10}",
+        if a.granularity == "day" {
+            "DAY"
+        } else {
+            "HOUR"
+        },
+        group,
+        "SB-SEC",
+        "CPU-SEC",
+        "MEM-GiBs",
+        "DISK-GiBs"
+    );
+    for b in &r.buckets {
+        let u = &b.usage;
+        println!(
+            "{:<24} {:<18} {:>10.1} {:>9.2} {:>10.3} {:>10.3}",
+            b.start,
+            b.group.as_deref().unwrap_or(""),
+            u.sandbox_seconds,
+            u.cpu_seconds,
+            u.memory_gib_seconds,
+            u.disk_gib_seconds
+        );
+    }
+    let t = &r.total;
+    println!(
+        "{:<24} {:<18} {:>10.1} {:>9.2} {:>10.3} {:>10.3}",
+        "TOTAL", "", t.sandbox_seconds, t.cpu_seconds, t.memory_gib_seconds, t.disk_gib_seconds
+    );
     Ok(0)
 }

@@ -80,6 +80,9 @@ enum Command {
     Key(admin::KeyCmd),
     /// Read the audit log (owner, admin, auditor)
     Audit(admin::AuditArgs),
+    /// Metered usage (sandbox-, CPU-, memory- and disk-seconds) by hour or day, or the raw
+    /// usage events (owner, admin, auditor)
+    Usage(admin::UsageArgs),
     /// Measure the platform through the server's API
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -129,6 +132,7 @@ fn main() {
             Command::Org(c) => admin::org(&cli.global, c).await,
             Command::Key(c) => admin::key(&cli.global, c).await,
             Command::Audit(a) => admin::audit(&cli.global, a).await,
+            Command::Usage(a) => admin::usage(&cli.global, a).await,
             Command::Bench(c) => bench::run(&cli.global, c).await,
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

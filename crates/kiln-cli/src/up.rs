@@ -77,6 +77,10 @@ pub struct UpArgs {
     /// How long audit entries are kept (e.g. 90d; 0 keeps them forever)
     #[arg(long, default_value = "90d")]
     pub audit_retention: String,
+    /// How often each sandbox's CPU, memory and disk use is sampled into usage events
+    /// (a crash loses at most one interval of memory and disk accounting)
+    #[arg(long, default_value = "15s")]
+    pub meter_interval: String,
 }
 
 fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
@@ -165,6 +169,10 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
     let retention = kiln_server::units::parse_duration(&a.audit_retention)
         .map_err(|e| anyhow!("--audit-retention: {e}"))?;
     cfg.audit_retention = (!retention.is_zero()).then_some(retention);
+    cfg.meter_interval = kiln_server::units::parse_duration(&a.meter_interval)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| anyhow!("--meter-interval: expected a duration such as 15s or 1m (hint: it must be above zero)"))?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     if !a.no_build {

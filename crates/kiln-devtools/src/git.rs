@@ -62,7 +62,7 @@ impl GitError {
 type Result<T, E = GitError> = std::result::Result<T, E>;
 
 /// Credentials for one host (or any host when `host` is `None`), given per request.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Credential {
     #[serde(default)]
     pub host: Option<String>,
@@ -89,7 +89,7 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
 }
 
 /// A commit author / committer identity.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Identity {
     pub name: String,
     pub email: String,

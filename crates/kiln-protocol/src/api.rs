@@ -12,12 +12,14 @@ pub use crate::kilnd::{ExitStatus, FileKind, FileStat, ProcessInfo, StreamKind, 
 
 /// `{"error":{"code","message","hint"}}` — the body of every non-2xx answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
 /// The detail of an API error.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ErrorDetail {
     /// Stable machine-readable code, e.g. `sandbox_not_found`, `invalid_argument`.
     pub code: String,
@@ -30,6 +32,7 @@ pub struct ErrorDetail {
 
 /// Network access of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NetworkMode {
     /// Own network namespace with loopback only (the default).
@@ -41,6 +44,7 @@ pub enum NetworkMode {
 
 /// `POST /v1/sandboxes`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// Template (image) name; default `base`.
@@ -76,6 +80,7 @@ pub struct CreateSandbox {
 
 /// Destinations a sandbox may reach (domains: exact or `*.suffix`; CIDRs: IPv4).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct EgressAllowList {
     #[serde(default)]
     pub domains: Vec<String>,
@@ -85,6 +90,7 @@ pub struct EgressAllowList {
 
 /// A size given as bytes or as a human string (`512M`, `2G`, `100KiB`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum SizeArg {
     Bytes(u64),
@@ -93,6 +99,7 @@ pub enum SizeArg {
 
 /// A duration given as seconds or a human string (`10m`, `90s`, `1h`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum DurationArg {
     Secs(f64),
@@ -101,6 +108,7 @@ pub enum DurationArg {
 
 /// Lifecycle state of a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxState {
     /// Being created; not usable yet (a create interrupted by a crash is cleaned up on start).
@@ -114,6 +122,7 @@ pub enum SandboxState {
 
 /// A sandbox as the API shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Sandbox {
     pub id: String,
     pub template: String,
@@ -141,6 +150,7 @@ pub struct Sandbox {
 
 /// `GET /v1/sandboxes`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct SandboxList {
     pub sandboxes: Vec<Sandbox>,
 }
@@ -148,6 +158,7 @@ pub struct SandboxList {
 /// `POST /v1/sandboxes/{id}/exec` (streams [`ExecEvent`]s) and
 /// `POST /v1/sandboxes/{id}/processes` (starts detached, answers [`ProcessStarted`]).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     pub cmd: Vec<String>,
@@ -171,6 +182,7 @@ pub struct ExecRequest {
 
 /// One line of an exec / attach NDJSON stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ExecEvent {
     Started {
@@ -180,11 +192,13 @@ pub enum ExecEvent {
     Stdout {
         seq: u64,
         #[serde(with = "crate::b64")]
+        #[cfg_attr(feature = "schema", schemars(with = "String"))]
         data: Vec<u8>,
     },
     Stderr {
         seq: u64,
         #[serde(with = "crate::b64")]
+        #[cfg_attr(feature = "schema", schemars(with = "String"))]
         data: Vec<u8>,
     },
     /// Output with `seq` in `[from, to]` was dropped from the ring buffer before attach.
@@ -199,6 +213,7 @@ pub enum ExecEvent {
 
 /// Answer of `POST /v1/sandboxes/{id}/processes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ProcessStarted {
     pub pid: String,
     pub os_pid: u32,
@@ -206,12 +221,14 @@ pub struct ProcessStarted {
 
 /// `GET /v1/sandboxes/{id}/processes`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ProcessList {
     pub processes: Vec<ProcessInfo>,
 }
 
 /// `POST /v1/sandboxes/{id}/processes/{pid}/signal`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SignalRequest {
     /// Number (`15`) or name (`TERM`, `SIGKILL`).
@@ -220,6 +237,7 @@ pub struct SignalRequest {
 
 /// A signal by number or name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(untagged)]
 pub enum SignalArg {
     Number(i32),
@@ -228,12 +246,14 @@ pub enum SignalArg {
 
 /// `GET /v1/sandboxes/{id}/files/list?path=..&depth=..`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct FileList {
     pub entries: Vec<FileStat>,
 }
 
 /// `POST /v1/sandboxes/{id}/files/mkdir`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MkdirRequest {
     pub path: String,
@@ -243,6 +263,7 @@ pub struct MkdirRequest {
 
 /// `POST /v1/sandboxes/{id}/files/move`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct MoveRequest {
     pub from: String,
@@ -258,6 +279,7 @@ fn yes() -> bool {
 /// Text messages on the PTY WebSocket (`GET /v1/sandboxes/{id}/pty`). Binary messages carry
 /// terminal bytes in both directions.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PtyMessage {
     /// Server -> client, first message: the session id (use `?session=ID` to re-attach).
@@ -270,6 +292,7 @@ pub enum PtyMessage {
 
 /// `GET /v1/health`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Health {
     pub status: String,
     pub version: String,
@@ -280,6 +303,7 @@ pub struct Health {
 
 /// One template/image the server knows (`GET /v1/templates`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Template {
     pub name: String,
     /// Content address (`sha256:...`) of its top layer.
@@ -300,12 +324,14 @@ pub struct Template {
 
 /// `GET /v1/templates`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct TemplateList {
     pub templates: Vec<Template>,
 }
 
 /// The role of an API key: what it may do inside its organisation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Read-only: sandboxes (metadata), templates, keys, usage and the audit log.
@@ -341,6 +367,7 @@ impl Role {
 
 /// Per-organisation limits; `None` means the server default.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Quota {
     /// Concurrent sandboxes (creating or running).
@@ -359,6 +386,7 @@ pub struct Quota {
 
 /// What an organisation currently holds against its quota.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct QuotaUsage {
     pub sandboxes: u64,
     pub cpus: f64,
@@ -368,6 +396,7 @@ pub struct QuotaUsage {
 
 /// `GET /v1/orgs/{id}/quota`, `PUT /v1/orgs/{id}/quota`: effective limits and current use.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct QuotaStatus {
     pub org: String,
     /// Effective limits (org overrides merged over server defaults).
@@ -379,6 +408,7 @@ pub struct QuotaStatus {
 
 /// An organisation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Org {
     pub id: String,
     pub name: String,
@@ -390,12 +420,14 @@ pub struct Org {
 
 /// `GET /v1/orgs`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OrgList {
     pub orgs: Vec<Org>,
 }
 
 /// `POST /v1/orgs`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrg {
     pub name: String,
@@ -406,6 +438,7 @@ pub struct CreateOrg {
 
 /// `POST /v1/orgs` answer: the org and, unless declined, its first owner key (shown once).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct OrgCreated {
     pub org: Org,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -414,6 +447,7 @@ pub struct OrgCreated {
 
 /// An API key as listed (never the secret).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ApiKey {
     pub id: String,
     pub org: String,
@@ -436,12 +470,14 @@ pub struct ApiKey {
 
 /// `GET /v1/keys`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct KeyList {
     pub keys: Vec<ApiKey>,
 }
 
 /// `POST /v1/keys`.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
     #[serde(default)]
@@ -463,6 +499,7 @@ pub struct CreateKey {
 
 /// `POST /v1/keys` answer: the key record and its secret, shown this once.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct KeyCreated {
     pub key: ApiKey,
     pub secret: String,
@@ -470,6 +507,7 @@ pub struct KeyCreated {
 
 /// One audit log entry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AuditEntry {
     pub id: String,
     pub time_ms: u64,
@@ -489,12 +527,100 @@ pub struct AuditEntry {
 
 /// `GET /v1/audit`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct AuditList {
     pub entries: Vec<AuditEntry>,
 }
 
+/// A usage event as the API shows it: a CloudEvents 1.0 envelope.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct UsageEvent {
+    /// Always `1.0`.
+    pub specversion: String,
+    /// Unique and deterministic: replaying an event with a known id records nothing.
+    pub id: String,
+    /// The server that measured it, `kiln://<host id>`.
+    pub source: String,
+    /// `dev.kiln.sandbox.{started,usage,paused,resumed,stopped}`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// `org/<org>/key/<key>/sandbox/<sandbox>`.
+    pub subject: String,
+    /// RFC 3339.
+    pub time: String,
+    pub datacontenttype: String,
+    pub data: UsageData,
+}
+
+/// What a usage event counts, for the window `[start_ms, end_ms)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct UsageData {
+    pub org: String,
+    pub key: String,
+    pub sandbox: String,
+    pub template: String,
+    pub start_ms: u64,
+    pub end_ms: u64,
+    pub sandbox_seconds: f64,
+    pub cpu_seconds: f64,
+    pub memory_gib_seconds: f64,
+    pub disk_gib_seconds: f64,
+}
+
+/// `GET /v1/usage/events`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct UsageEventList {
+    pub events: Vec<UsageEvent>,
+}
+
+/// Summed usage quantities.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct UsageTotals {
+    pub sandbox_seconds: f64,
+    pub cpu_seconds: f64,
+    pub memory_gib_seconds: f64,
+    pub disk_gib_seconds: f64,
+    /// Events summed.
+    pub events: u64,
+}
+
+/// One bucket (hour or UTC day) of usage, optionally for one key, sandbox or template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct UsageBucket {
+    /// Start of the bucket, RFC 3339.
+    pub start: String,
+    pub start_ms: u64,
+    /// The key id, sandbox id or template this row is for (absent without `by`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(flatten)]
+    pub usage: UsageTotals,
+}
+
+/// `GET /v1/usage`: an org's usage in `[from_ms, to_ms)` by bucket (and group).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct UsageReport {
+    pub org: String,
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// `hour` or `day`.
+    pub granularity: String,
+    /// `key`, `sandbox` or `template` when grouped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+    pub buckets: Vec<UsageBucket>,
+    pub total: UsageTotals,
+}
+
 /// `GET /v1/me`: the calling key.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct Me {
     pub org: String,
     pub org_name: String,
@@ -508,6 +634,7 @@ pub struct Me {
 
 /// One rate-limit bucket: a sustained rate and a burst (GCRA).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Rate {
     /// Requests per second, sustained.
@@ -518,6 +645,7 @@ pub struct Rate {
 
 /// Per-key rate limits of an organisation, one bucket per kind of call.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RateLimits {
     /// Management calls (listing, keys, orgs, audit, pause/resume, remove).
@@ -530,6 +658,7 @@ pub struct RateLimits {
 
 /// `GET|PUT /v1/orgs/{org}/rate-limits`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct RateLimitStatus {
     pub org: String,
     /// Effective limits.

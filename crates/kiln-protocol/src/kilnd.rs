@@ -45,6 +45,7 @@ pub const KILND_PATH_IN_SANDBOX: &str = "/.kiln/kilnd";
 
 /// A request from the host. Serialized with an `op` tag, e.g. `{"op":"stat","path":"/etc"}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     /// Liveness check. Reply: `Ok` with [`OkBody::Pong`].
@@ -146,6 +147,7 @@ fn default_port_interval() -> u32 {
 
 /// A listening TCP socket inside a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ListenPort {
     pub port: u16,
     /// Bound address (`0.0.0.0`, `127.0.0.1`, `::` ...).
@@ -167,6 +169,7 @@ fn yes() -> bool {
 
 /// How to start a process.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ExecSpec {
     /// argv; `cmd[0]` is looked up in `PATH` when it has no slash.
     pub cmd: Vec<String>,
@@ -198,6 +201,7 @@ pub struct ExecSpec {
 
 /// How to open a PTY session.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct PtySpec {
     /// argv; empty = the user's login shell (falls back to `/bin/sh`).
     #[serde(default)]
@@ -214,6 +218,7 @@ pub struct PtySpec {
 
 /// Client -> daemon control messages sent as JSON frames during a PTY conversation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "control", rename_all = "snake_case")]
 pub enum Control {
     Resize {
@@ -234,6 +239,7 @@ pub enum Control {
 
 /// Which output stream a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StreamKind {
     Stdout,
@@ -242,6 +248,7 @@ pub enum StreamKind {
 
 /// Daemon -> host messages. Serialized with a `reply` tag.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
     Ok {
@@ -261,6 +268,7 @@ pub enum Reply {
         seq: u64,
         stream: StreamKind,
         #[serde(with = "crate::b64")]
+        #[cfg_attr(feature = "schema", schemars(with = "String"))]
         data: Vec<u8>,
     },
     /// Output with `seq` in `[from, to]` was dropped from the bounded ring buffer before this
@@ -293,6 +301,7 @@ pub enum Reply {
 /// Payloads of [`Reply::Ok`]. Tagged with `type` (not `kind`: [`FileStat`] has a `kind`
 /// field, and `Stat` is flattened into the tagged object).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum OkBody {
     Pong { version: String },
@@ -304,6 +313,7 @@ pub enum OkBody {
 
 /// How a process ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ExitStatus {
     pub exit_code: Option<i32>,
     pub signal: Option<i32>,
@@ -317,6 +327,7 @@ pub struct ExitStatus {
 
 /// A process kilnd started.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct ProcessInfo {
     pub pid: String,
     pub os_pid: u32,
@@ -332,6 +343,7 @@ pub struct ProcessInfo {
 
 /// File type as reported by stat.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FileKind {
     File,
@@ -342,6 +354,7 @@ pub enum FileKind {
 
 /// Metadata of a file inside the sandbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct FileStat {
     /// Absolute, normalised path inside the sandbox.
     pub path: String,
@@ -360,6 +373,7 @@ pub struct FileStat {
 
 /// What happened to a watched path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum WatchKind {
     Create,
@@ -372,6 +386,7 @@ pub enum WatchKind {
 
 /// One change under a watched path.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct WatchEvent {
     pub kind: WatchKind,
     /// Absolute path inside the sandbox.
@@ -381,6 +396,7 @@ pub struct WatchEvent {
 
 /// Error codes kilnd reports; the server maps them to HTTP statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum DaemonErrorCode {
     /// Bad request (malformed, invalid argument, path escaping the root ...).
@@ -398,6 +414,7 @@ pub enum DaemonErrorCode {
 
 /// An error from kilnd.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct DaemonError {
     pub code: DaemonErrorCode,
     pub message: String,

@@ -89,6 +89,11 @@ pub trait Host: Send + Sync + 'static {
     fn create_volume(&self, pool: &Path, name: &str, limit_bytes: u64) -> io::Result<u64>;
     /// Deletes volume `pool/name` and everything in it; missing is success.
     fn delete_volume(&self, pool: &Path, name: &str) -> io::Result<()>;
+    /// Bytes volume `pool/name` holds (its quota group's referenced count), read on the pool
+    /// backed by `device`; `None` where the kernel does not expose quota-group counts.
+    fn volume_usage(&self, _device: &str, _pool: &Path, _name: &str) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
 
     /// The mounted cgroup hierarchies.
     fn cgroup_roots(&self) -> io::Result<Vec<CgroupRoot>>;

@@ -28,4 +28,4 @@ pub use config::{
 pub use error::SandboxError;
 pub use host::{Engine, Host};
 pub use kiln_protocol::api::NetworkMode;
-pub use runtime::Runtime;
+pub use runtime::{ResourceUsage, Runtime};

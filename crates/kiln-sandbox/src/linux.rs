@@ -624,6 +624,29 @@ impl Host for RealHost {
         }
     }
 
+    fn volume_usage(&self, device: &str, pool: &Path, name: &str) -> io::Result<Option<u64>> {
+        // btrfs publishes every quota group under /sys/fs/btrfs/<fsid>/qgroups/0_<subvol>;
+        // the pool's fsid directory is the one listing its loop device.
+        let vfd = open_dir(&pool.join(name))?;
+        let id = subvol_id(&vfd)?;
+        let dev = Path::new(device)
+            .file_name()
+            .map(|n| n.to_os_string())
+            .unwrap_or_default();
+        for fs_dir in fs::read_dir("/sys/fs/btrfs")?.flatten() {
+            if !fs_dir.path().join("devices").join(&dev).exists() {
+                continue;
+            }
+            let f = fs_dir.path().join(format!("qgroups/0_{id}/referenced"));
+            return match fs::read_to_string(&f) {
+                Ok(s) => Ok(s.trim().parse().ok()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            };
+        }
+        Ok(None)
+    }
+
     fn delete_volume(&self, pool: &Path, name: &str) -> io::Result<()> {
         let path = pool.join(name);
         let vfd = match open_dir(&path) {

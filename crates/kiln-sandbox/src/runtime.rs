@@ -160,6 +160,17 @@ struct Inner {
     dns: std::sync::Mutex<Option<crate::egress::DnsForwarder>>,
 }
 
+/// A sandbox's resource use at one moment (see [`Runtime::resource_usage`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ResourceUsage {
+    /// Cumulative CPU time of the sandbox's processes since it was created, in nanoseconds.
+    pub cpu_ns: Option<u64>,
+    /// Memory charged to its cgroup now.
+    pub memory_bytes: u64,
+    /// Bytes its writable layer holds now.
+    pub disk_bytes: Option<u64>,
+}
+
 /// The sandbox runtime of one Kiln server. Cheap to clone; all methods take `&self`.
 #[derive(Clone)]
 pub struct Runtime {
@@ -1245,31 +1256,86 @@ impl Runtime {
         Ok(report)
     }
 
+    /// Reads a value of a sandbox's cgroup: the first hierarchy (v1 with `v1` bound, or the
+    /// unified one offering `v2`) whose file exists; `None` when no hierarchy offers it.
+    fn cgroup_file(&self, id: &str, v1: (&str, &str), v2: (&str, &str)) -> Result<Option<String>> {
+        let rel = self.cgroups_path(id);
+        let rel = rel.trim_start_matches('/');
+        let mut found = false;
+        for r in &self.inner.cgroups {
+            let (controller, file) = if r.unified { v2 } else { v1 };
+            if !r.controllers.iter().any(|c| c == controller) {
+                continue;
+            }
+            found = true;
+            let path = r.mount_point.join(rel).join(file);
+            match fs::read_to_string(&path) {
+                Ok(s) => return Ok(Some(s)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(SandboxError::io(format!("reading {}", path.display()), e)),
+            }
+        }
+        if found {
+            Err(SandboxError::NotFound(id.into()))
+        } else {
+            Ok(None)
+        }
+    }
+
     /// Current memory usage of a sandbox's cgroup, in bytes.
     pub async fn memory_usage(&self, id: &str) -> Result<u64> {
         crate::config::validate_id(id)?;
-        let rel = self.cgroups_path(id);
-        let rel = rel.trim_start_matches('/');
-        let file = self
-            .inner
-            .cgroups
-            .iter()
-            .find_map(
-                |r| match (r.unified, r.controllers.iter().any(|c| c == "memory")) {
-                    (false, true) => Some(r.mount_point.join(rel).join("memory.usage_in_bytes")),
-                    (true, true) => Some(r.mount_point.join(rel).join("memory.current")),
-                    _ => None,
-                },
-            )
+        let s = self
+            .cgroup_file(
+                id,
+                ("memory", "memory.usage_in_bytes"),
+                ("memory", "memory.current"),
+            )?
             .ok_or_else(|| SandboxError::Host("no memory cgroup controller is mounted".into()))?;
-        match fs::read_to_string(&file) {
-            Ok(s) => s
-                .trim()
-                .parse()
-                .map_err(|_| SandboxError::Host(format!("unreadable {}", file.display()))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SandboxError::NotFound(id.into())),
-            Err(e) => Err(SandboxError::io(format!("reading {}", file.display()), e)),
-        }
+        s.trim()
+            .parse()
+            .map_err(|_| SandboxError::Host(format!("unreadable memory usage of {id}")))
+    }
+
+    /// Cumulative CPU time of a sandbox's cgroup in nanoseconds (`None` where no cpuacct or
+    /// cpu controller accounts it). A file read, cheap enough for a request path.
+    pub fn cpu_usage(&self, id: &str) -> Result<Option<u64>> {
+        crate::config::validate_id(id)?;
+        Ok(
+            match self.cgroup_file(id, ("cpuacct", "cpuacct.usage"), ("cpu", "cpu.stat"))? {
+                None => None,
+                Some(s) if s.contains("usage_usec") => s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("usage_usec "))
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    .map(|us| us * 1000),
+                Some(s) => s.trim().parse().ok(),
+            },
+        )
+    }
+
+    /// What a sandbox uses right now, for metering: cumulative CPU time of its cgroup, its
+    /// memory and the bytes its writable layer holds. CPU and disk are `None` where the host
+    /// does not account them (no cpuacct/cpu controller; no quota-group counts).
+    pub async fn resource_usage(&self, id: &str) -> Result<ResourceUsage> {
+        crate::config::validate_id(id)?;
+        let memory_bytes = self.memory_usage(id).await?;
+        let cpu_ns = self.cpu_usage(id)?;
+        let inner = self.inner.clone();
+        let name = id.to_string();
+        let disk_bytes = tokio::task::spawn_blocking(move || {
+            inner
+                .host
+                .volume_usage(&inner.pool.device, &inner.paths.pool(), &name)
+        })
+        .await
+        .map_err(|e| SandboxError::Host(format!("disk usage task: {e}")))?
+        .unwrap_or(None);
+        Ok(ResourceUsage {
+            cpu_ns,
+            memory_bytes,
+            disk_bytes,
+        })
     }
 
     /// Removes all sandboxes of this runtime, unmounts the disk pool and removes the cgroup

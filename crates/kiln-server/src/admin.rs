@@ -205,7 +205,7 @@ pub async fn set_quota(
     Ok(Json(quota_status(&k, &o).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub struct OrgQuery {
     #[serde(default)]
     org: Option<String>,
@@ -346,7 +346,7 @@ pub async fn revoke_key(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 pub struct AuditQuery {
     /// Unix ms.
     #[serde(default)]
@@ -366,6 +366,8 @@ pub async fn list_audit(
 ) -> ApiResult<Json<AuditList>> {
     let org = target_org(&k, &c, q.org.as_deref()).await?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    // Read-your-writes: entries of calls answered before this one are stored first.
+    k.audit.flush().await;
     let mut rows = k.store.list_audit(&org, q.since, limit).await?;
     if c.system && q.org.is_none() {
         rows.extend(k.store.list_audit("", q.since, limit).await?);

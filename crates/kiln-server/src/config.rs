@@ -61,6 +61,9 @@ pub struct ServerConfig {
     pub audit_retention: Option<std::time::Duration>,
     /// Per-key rate limits unless an org sets its own.
     pub rate_limits: kiln_protocol::api::RateLimits,
+    /// How often the resource use of every sandbox is sampled into usage events (a crash
+    /// loses at most this much of memory and disk accounting; CPU time is cumulative).
+    pub meter_interval: std::time::Duration,
 }
 
 impl ServerConfig {
@@ -96,6 +99,7 @@ impl ServerConfig {
             },
             audit_retention: Some(std::time::Duration::from_secs(90 * 86400)),
             rate_limits: crate::ratelimit::default_limits(),
+            meter_interval: std::time::Duration::from_secs(15),
         }
     }
 

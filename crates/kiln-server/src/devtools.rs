@@ -45,12 +45,13 @@ pub fn routes() -> Router<AppState> {
 // Egress
 
 /// `GET|PUT /v1/sandboxes/{id}/egress`.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Egress {
     /// `none` or `full`: fixed at creation.
     #[serde(default, skip_deserializing)]
     pub network: String,
     /// The allow-list (`full` only); `null` = unrestricted.
+    #[schemars(with = "Option<kiln_protocol::api::EgressAllowList>")]
     pub allow: Option<EgressAllow>,
     /// Packets refused so far (with an allow-list).
     #[serde(default, skip_deserializing)]
@@ -104,10 +105,16 @@ async fn put_egress(
 // ---------------------------------------------------------------------------------------
 // Ports and previews
 
-#[derive(Debug, Deserialize)]
-struct PortsQuery {
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(crate) struct PortsQuery {
     #[serde(default)]
     watch: bool,
+}
+
+/// Answer of `GET /v1/sandboxes/{id}/ports` (and each line of its watch stream).
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+pub struct PortList {
+    pub ports: Vec<kiln_protocol::kilnd::ListenPort>,
 }
 
 /// `GET /v1/sandboxes/{id}/ports[?watch=true]`: the listening TCP ports; with `watch`, an
@@ -121,15 +128,15 @@ async fn list_ports(
     let client = k.client(&c, &id).await?;
     if !q.watch {
         let ports = k.daemon(&id, client.list_ports()).await?;
-        return Ok(Json(json!({ "ports": ports })).into_response());
+        return Ok(Json(PortList { ports }).into_response());
     }
     let (first, updates) = k.daemon(&id, client.watch_ports(500)).await?;
     let head = futures_util::stream::once(async move {
-        Ok::<_, std::io::Error>(line(&json!({"ports": first})))
+        Ok::<_, std::io::Error>(line(&json!(PortList { ports: first })))
     });
     let rest = futures_util::stream::unfold(updates, |mut u| async move {
         match u.next().await {
-            Some(Ok(ports)) => Some((Ok(line(&json!({ "ports": ports }))), u)),
+            Some(Ok(ports)) => Some((Ok(line(&json!(PortList { ports }))), u)),
             _ => None,
         }
     });
@@ -252,7 +259,7 @@ async fn proxy(
 // git
 
 /// Body of `POST /v1/sandboxes/{id}/git/{op}`; which fields matter depends on `op`.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitRequest {
     /// The repository (absolute path in the sandbox); for `clone`, the directory to clone
@@ -485,7 +492,7 @@ pub fn lsp_manager() -> Arc<LspManager> {
 
 /// Body of `POST /v1/sandboxes/{id}/lsp/{op}`. Positions: 1-based line, 1-based column in
 /// characters.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LspRequest {
     #[serde(default)]
@@ -618,8 +625,8 @@ async fn lsp_op(
     Ok(Json(v).into_response())
 }
 
-#[derive(Debug, Deserialize)]
-struct LspWsQuery {
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub(crate) struct LspWsQuery {
     language: String,
     #[serde(default)]
     root: Option<String>,

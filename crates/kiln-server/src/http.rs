@@ -71,11 +71,14 @@ pub fn app(state: AppState) -> Router {
         )
         .route("/keys/:id", axum::routing::delete(crate::admin::revoke_key))
         .route("/audit", get(crate::admin::list_audit))
+        .route("/usage", get(crate::metering::usage_report))
+        .route("/usage/events", get(crate::metering::usage_events))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .route("/health", get(health));
     Router::new()
         .nest("/v1", v1)
         .route("/metrics", get(metrics_endpoint))
+        .route("/openapi.json", get(crate::openapi::serve))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
                 .hint("the API lives under /v1; see README for the routes")
@@ -118,6 +121,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/sandboxes/:id/lsp/:op"),
     ("GET", "/v1/sandboxes/:id/lsp/ws"),
     ("GET", "/v1/templates"),
+    ("GET", "/v1/templates/:name"),
+    ("DELETE", "/v1/templates/:name"),
+    ("POST", "/v1/templates/:name/build"),
+    ("POST", "/v1/templates/gc"),
     ("GET", "/v1/me"),
     ("GET", "/v1/orgs"),
     ("POST", "/v1/orgs"),
@@ -130,6 +137,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/keys"),
     ("DELETE", "/v1/keys/:id"),
     ("GET", "/v1/audit"),
+    ("GET", "/v1/usage"),
+    ("GET", "/v1/usage/events"),
 ];
 
 /// The request id of a request (`x-request-id`), set by [`track`].
@@ -271,9 +280,7 @@ async fn auth(State(k): State<AppState>, mut req: Request, next: Next) -> Respon
             client,
             request_id,
         };
-        if let Err(e) = k.store.append_audit(&row).await {
-            tracing::error!(error = %e, "audit: cannot append");
-        }
+        k.audit.append(row);
     }
     resp
 }
@@ -283,6 +290,54 @@ fn rate_headers(resp: &mut Response, d: &crate::ratelimit::Decision) {
     h.insert("ratelimit-limit", HeaderValue::from(d.limit));
     h.insert("ratelimit-remaining", HeaderValue::from(d.remaining));
     h.insert("ratelimit-reset", HeaderValue::from(d.reset_secs));
+}
+
+/// Every error answer in the API's shape: rejections that axum produces before a handler
+/// runs (an undecodable path segment, a wrong method, a body over the limit) come as plain
+/// text, and are rewritten here to `{"error":{"code","message","hint"}}` with the same status.
+/// Preview answers (the sandbox server's own) are left alone by the caller.
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::BAD_REQUEST => "bad_request",
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::UNPROCESSABLE_ENTITY => "invalid_argument",
+        s if s.is_server_error() => "internal",
+        _ => "http_error",
+    };
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, code, message)
+        .hint("see the API's OpenAPI document at /openapi.json")
+        .into_response();
+    for name in [header::ALLOW, header::RETRY_AFTER] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    out
 }
 
 /// Request ids, counting and latency per route. The id (a sane incoming `x-request-id`, or a
@@ -306,6 +361,9 @@ async fn track(mut req: Request, next: Next) -> Response {
     let method = req.method().to_string();
     let span = tracing::info_span!("request", request_id = %rid, method = %method, route = %path);
     let mut resp = next.run(req).instrument(span).await;
+    if !path.contains("/ports/:port") {
+        resp = json_errors(resp).await;
+    }
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);
     }
@@ -598,8 +656,8 @@ async fn list_processes(
     Ok(Json(ProcessList { processes }))
 }
 
-#[derive(Deserialize)]
-struct AttachQuery {
+#[derive(Deserialize, schemars::JsonSchema)]
+pub(crate) struct AttachQuery {
     #[serde(default)]
     after: u64,
 }
@@ -616,8 +674,8 @@ async fn attach_process(
     Ok(reply_stream_response(None, Replies::Attach(stream)))
 }
 
-#[derive(Deserialize)]
-struct StdinQuery {
+#[derive(Deserialize, schemars::JsonSchema)]
+pub(crate) struct StdinQuery {
     #[serde(default)]
     close: bool,
 }
@@ -681,8 +739,8 @@ async fn process_signal(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
-struct PathQuery {
+#[derive(Deserialize, schemars::JsonSchema)]
+pub(crate) struct PathQuery {
     path: String,
     #[serde(default)]
     recursive: Option<bool>,
@@ -828,8 +886,8 @@ async fn watch(
     Ok(ndjson_response(Body::from_stream(events)))
 }
 
-#[derive(Deserialize)]
-struct PtyQuery {
+#[derive(Deserialize, schemars::JsonSchema)]
+pub(crate) struct PtyQuery {
     #[serde(default)]
     session: Option<String>,
     #[serde(default)]
@@ -853,9 +911,17 @@ async fn pty(
     Extension(c): Extension<Caller>,
     Path(id): Path<String>,
     ApiQuery(q): ApiQuery<PtyQuery>,
-    ws: WebSocketUpgrade,
+    ws: Option<WebSocketUpgrade>,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id).await?;
+    let ws = ws.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "websocket_required",
+            "this endpoint speaks WebSocket",
+        )
+        .hint("connect with a WebSocket client (ws://.../v1/sandboxes/ID/pty)")
+    })?;
     let session = match &q.session {
         Some(s) => k.daemon(&id, client.pty_attach(s)).await?,
         None => {

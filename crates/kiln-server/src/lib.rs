@@ -6,10 +6,13 @@
 //! (that is `kilnd`, reached through `kiln-sandbox`).
 
 pub mod admin;
+pub mod auditlog;
 pub mod config;
 pub mod devtools;
 pub mod error;
 pub mod http;
+pub mod metering;
+pub mod openapi;
 pub mod ratelimit;
 pub mod service;
 pub mod templates;
@@ -211,6 +214,10 @@ pub async fn serve(
     .with_graceful_shutdown(async move { sd.cancelled().await })
     .await;
     shutdown.cancel();
+    // Close every open usage window and store every queued audit entry, so a clean stop
+    // loses no accounting at all.
+    kiln.meter_all().await;
+    kiln.audit.flush().await;
     kiln.drain_pool().await;
     // With no user sandboxes left, release everything (disk pool mount, cgroup parents) so a
     // stopped server leaves nothing in the kernel; otherwise the next start adopts them.

@@ -46,6 +46,10 @@ pub struct Kiln {
         std::collections::HashMap<String, (kiln_protocol::api::RateLimits, Instant)>,
     >,
     pool_wake: Notify,
+    /// Appends audit rows off the request path (see [`crate::auditlog`]).
+    pub audit: crate::auditlog::AuditWriter,
+    /// Open usage windows (see [`crate::metering`]).
+    pub(crate) meter: crate::metering::Meter,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -100,6 +104,7 @@ impl Kiln {
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> Self {
         Self {
+            audit: crate::auditlog::AuditWriter::start(store.clone()),
             cfg,
             store,
             images,
@@ -111,6 +116,7 @@ impl Kiln {
             limiter: Default::default(),
             rate_cache: Default::default(),
             pool_wake: Notify::new(),
+            meter: Default::default(),
             metrics,
         }
     }
@@ -345,7 +351,8 @@ impl Kiln {
     pub async fn create(&self, caller: &Caller, req: CreateSandbox) -> Result<Sandbox, ApiError> {
         let started = Instant::now();
         let a = self.admit(req)?;
-        let limits = self.limits(&caller.org_id).await?;
+        // The org's own quota is read inside the admission transaction.
+        let limits = self.cfg.quota.clone();
         if a.use_pool && self.cfg.warm_pool > 0 {
             let key = PoolKey {
                 template: a.template.clone(),
@@ -369,6 +376,7 @@ impl Kiln {
                 .map_err(|q| quota_error(&caller.org_id, &q))?;
             if let Some(row) = claimed {
                 self.pool_wake.notify_one();
+                self.meter_started(&row).await;
                 metrics::counter!("kiln_sandboxes_created_total", "source" => "pool").increment(1);
                 metrics::histogram!("kiln_sandbox_create_seconds", "source" => "pool")
                     .record(started.elapsed().as_secs_f64());
@@ -432,6 +440,13 @@ impl Kiln {
                 self.store.mark_created(&id, created.ip.as_deref()).await?;
                 sandbox.state = SandboxState::Running;
                 sandbox.ip = created.ip;
+                if !pooled {
+                    self.meter_started(&SandboxRow {
+                        sandbox: sandbox.clone(),
+                        ..row
+                    })
+                    .await;
+                }
                 Ok(sandbox)
             }
             Err(e) => {
@@ -448,6 +463,9 @@ impl Kiln {
     }
 
     async fn destroy(&self, id: &str) -> Result<(), ApiError> {
+        if let Some(row) = self.store.get(id).await? {
+            self.meter_transition(&row, crate::metering::STOPPED).await;
+        }
         self.runtime.remove(id).await?;
         self.store.delete(id).await?;
         metrics::counter!("kiln_sandboxes_removed_total").increment(1);
@@ -464,6 +482,8 @@ impl Kiln {
                 .err()
                 .unwrap_or_else(|| ApiError::internal("state"))),
             SandboxState::Running => {
+                let row = self.sandbox_row(caller, id).await?;
+                self.meter_transition(&row, crate::metering::PAUSED).await;
                 self.runtime.pause(id).await?;
                 // Paused sandboxes hold only their disk against the org's quota.
                 self.store.set_state(id, SandboxState::Paused).await?;
@@ -483,7 +503,7 @@ impl Kiln {
                 .unwrap_or_else(|| ApiError::internal("state"))),
             SandboxState::Paused => {
                 // Re-admit first (atomically against the quota), then thaw.
-                let limits = self.limits(&caller.org_id).await?;
+                let limits = self.cfg.quota.clone();
                 let admitted = self
                     .store
                     .admit_resume(id, &caller.org_id, &limits)
@@ -494,6 +514,10 @@ impl Kiln {
                         let _ = self.store.set_state(id, SandboxState::Paused).await;
                         return Err(e.into());
                     }
+                    // Close the paused window (disk only), then open a running one.
+                    let mut row = self.sandbox_row(caller, id).await?;
+                    row.sandbox.state = SandboxState::Paused;
+                    self.meter_transition(&row, crate::metering::RESUMED).await;
                 }
                 self.sandbox(caller, id).await
             }
@@ -635,6 +659,17 @@ impl Kiln {
                 }
             });
         }
+        let k = self.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sd.cancelled() => return,
+                    _ = tokio::time::sleep(k.cfg.meter_interval) => {}
+                }
+                k.meter_all().await;
+            }
+        });
         let k = self.clone();
         tokio::spawn(async move {
             loop {

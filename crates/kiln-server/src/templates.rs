@@ -123,9 +123,9 @@ async fn gc(State(k): State<AppState>) -> Result<Json<GcReport>, ApiError> {
     ))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct BuildQuery {
+pub(crate) struct BuildQuery {
     #[serde(default)]
     no_cache: bool,
 }

@@ -267,7 +267,7 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
         "/keys" | "/keys/:id" => rw(Keys),
         "/orgs" | "/orgs/:org" | "/orgs/:org/quota" | "/orgs/:org/rate-limits" => rw(Orgs),
         "/audit" => Some(Need::Perm(Perm::read(Audit))),
-        "/usage" => Some(Need::Perm(Perm::read(Usage))),
+        "/usage" | "/usage/events" => Some(Need::Perm(Perm::read(Usage))),
         _ => None,
     }
 }

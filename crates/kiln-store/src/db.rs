@@ -172,10 +172,11 @@ pub(crate) struct PgPool {
     next: AtomicUsize,
 }
 
-/// The database: SQLite (one connection) or a PostgreSQL pool.
+/// The database: SQLite (one connection) or a PostgreSQL pool; clones share it.
+#[derive(Clone)]
 pub(crate) enum Db {
     Sqlite(Arc<Mutex<rusqlite::Connection>>),
-    Postgres(Box<PgPool>),
+    Postgres(Arc<PgPool>),
 }
 
 /// A checked-out connection; statements on it run in order, and `begin`/`commit` make a
@@ -209,7 +210,7 @@ impl Db {
                 .collect(),
             next: AtomicUsize::new(0),
         };
-        let db = Db::Postgres(Box::new(pool));
+        let db = Db::Postgres(Arc::new(pool));
         // Connect one now so a bad URL fails at start, not at the first request.
         db.conn().await?;
         Ok(db)

@@ -1,6 +1,6 @@
 //! Kiln's persistent state, in embedded SQLite or in PostgreSQL (`KILN_DATABASE_URL`):
 //! organisations, API keys (hashes only), sandboxes (including idle warm-pool members), the
-//! audit log and small key/value metadata. Both backends run the same migrations
+//! audit log, the usage (metering) event log and small key/value metadata. Both backends run the same migrations
 //! ([`migrations`]) and the same SQL.
 //!
 //! What it does not do: talk to the runtime, or hash keys (the server owns the secret). The
@@ -13,6 +13,9 @@
 
 pub mod db;
 mod migrations;
+mod usage;
+
+pub use usage::{UsageAgg, UsageEventRow, UsageGroup};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -128,6 +131,8 @@ pub struct AuditRow {
 /// The store: SQLite or PostgreSQL behind the same methods. `host` names the server using
 /// it: sandboxes are inserted with it, and the runtime-facing queries (reconcile listing,
 /// warm pool, TTL) see only its own sandboxes, so several servers can share one database.
+/// Clones share the same database handle.
+#[derive(Clone)]
 pub struct Store {
     db: Db,
     host: String,
@@ -472,18 +477,59 @@ impl Store {
         })
     }
 
+    /// Locks the org like [`Self::locked_usage`] and also reads its quota in the same
+    /// transaction: the effective limits are its overrides over `defaults`.
+    async fn locked_state(
+        c: &mut Conn,
+        org_id: &str,
+        defaults: &Limits,
+    ) -> Result<(QuotaUsage, Limits), StoreError> {
+        let lock = if c.backend() == Backend::Postgres {
+            " FOR UPDATE"
+        } else {
+            ""
+        };
+        let rows = c
+            .query(
+                &format!("SELECT max_sandboxes, max_cpus, max_memory_bytes, max_disk_bytes FROM orgs WHERE id = $1{lock}"),
+                &vals![org_id],
+            )
+            .await?;
+        let limits = match rows.first() {
+            Some(r) => Limits {
+                sandboxes: r.opt_u64(0)?.unwrap_or(defaults.sandboxes),
+                cpus: r.opt_f64(1)?.unwrap_or(defaults.cpus),
+                memory_bytes: r.opt_u64(2)?.unwrap_or(defaults.memory_bytes),
+                disk_bytes: r.opt_u64(3)?.unwrap_or(defaults.disk_bytes),
+            },
+            None => defaults.clone(),
+        };
+        let r = c.query(USAGE_SQL, &vals![org_id]).await?;
+        let r = r
+            .first()
+            .ok_or_else(|| StoreError::Decode("usage query returned no row".into()))?;
+        let u = QuotaUsage {
+            sandboxes: r.u64(0)?,
+            cpus: r.f64(1)?,
+            memory_bytes: r.u64(2)?,
+            disk_bytes: r.u64(3)?,
+        };
+        Ok((u, limits))
+    }
+
     /// Current usage of an org against its quota.
     pub async fn usage(&self, org_id: &str) -> Result<QuotaUsage, StoreError> {
         let mut c = self.conn().await?;
         tx!(c, Self::locked_usage(&mut c, org_id).await)
     }
 
-    /// Inserts a user sandbox if the org's quota allows it, atomically: the check and the
-    /// insert happen under the org's lock.
+    /// Inserts a user sandbox if the org's quota (its overrides over `defaults`, read in the
+    /// same transaction) allows it, atomically: the check and the insert happen under the
+    /// org's lock.
     pub async fn admit_insert(
         &self,
         row: &SandboxRow,
-        limits: &Limits,
+        defaults: &Limits,
     ) -> Result<Result<(), QuotaExceeded>, StoreError> {
         let ask = Ask {
             active: true,
@@ -494,8 +540,8 @@ impl Store {
         };
         let mut c = self.conn().await?;
         tx!(c, {
-            let u = Self::locked_usage(&mut c, &row.org_id).await?;
-            if let Some(q) = check_quota(&u, limits, &ask) {
+            let (u, limits) = Self::locked_state(&mut c, &row.org_id, defaults).await?;
+            if let Some(q) = check_quota(&u, &limits, &ask) {
                 return Ok::<_, StoreError>(Err(q));
             }
             c.exec(INSERT_SANDBOX, &sandbox_params(row, &self.host))
@@ -512,7 +558,7 @@ impl Store {
         key: &PoolKey,
         org_id: &str,
         key_id: Option<&str>,
-        limits: &Limits,
+        defaults: &Limits,
         now_ms: u64,
         expires_at_ms: Option<u64>,
         labels: &BTreeMap<String, String>,
@@ -534,12 +580,12 @@ impl Store {
              WHERE pooled = 1 AND id = (SELECT id FROM sandboxes WHERE pooled = 1 AND state = 'running' AND template = $1
                          AND cpus = $2 AND memory_bytes = $3 AND disk_bytes = $4 AND network = $5 AND host = $11
                          ORDER BY created_at_ms LIMIT 1{skip_locked})
-             RETURNING id"
+             RETURNING {COLS}"
         );
         let mut c = self.conn().await?;
-        let claimed: Result<Option<String>, QuotaExceeded> = tx!(c, {
-            let u = Self::locked_usage(&mut c, org_id).await?;
-            if let Some(q) = check_quota(&u, limits, &ask) {
+        let claimed: Result<Option<SandboxRow>, QuotaExceeded> = tx!(c, {
+            let (u, limits) = Self::locked_state(&mut c, org_id, defaults).await?;
+            if let Some(q) = check_quota(&u, &limits, &ask) {
                 return Ok::<_, StoreError>(Err(q));
             }
             let rows = c
@@ -561,16 +607,11 @@ impl Store {
                 )
                 .await?;
             Ok(Ok(match rows.first() {
-                Some(r) => Some(r.text(0)?),
+                Some(r) => Some(sandbox_row(r)?),
                 None => None,
             }))
         })?;
-        drop(c);
-        match claimed {
-            Err(q) => Ok(Err(q)),
-            Ok(None) => Ok(Ok(None)),
-            Ok(Some(id)) => Ok(Ok(self.get(&id).await?)),
-        }
+        Ok(claimed)
     }
 
     /// Moves a paused sandbox back to running if its org's quota allows it (atomically).
@@ -578,7 +619,7 @@ impl Store {
         &self,
         id: &str,
         org_id: &str,
-        limits: &Limits,
+        defaults: &Limits,
     ) -> Result<Result<bool, QuotaExceeded>, StoreError> {
         let mut c = self.conn().await?;
         tx!(c, {
@@ -598,8 +639,8 @@ impl Store {
                 memory_bytes: r.u64(1)?,
                 disk_bytes: 0,
             };
-            let u = Self::locked_usage(&mut c, org_id).await?;
-            if let Some(q) = check_quota(&u, limits, &ask) {
+            let (u, limits) = Self::locked_state(&mut c, org_id, defaults).await?;
+            if let Some(q) = check_quota(&u, &limits, &ask) {
                 return Ok(Err(q));
             }
             c.exec(
@@ -949,6 +990,34 @@ impl Store {
         )
         .await?;
         Ok(())
+    }
+
+    /// Appends several audit rows in one transaction.
+    pub async fn append_audit_batch(&self, rows: &[AuditRow]) -> Result<(), StoreError> {
+        let mut c = self.conn().await?;
+        tx!(c, {
+            for a in rows {
+                c.exec(
+                    &format!(
+                        "INSERT INTO audit ({AUDIT_COLS}) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10)"
+                    ),
+                    &vals![
+                        &a.id,
+                        a.time_ms,
+                        &a.org_id,
+                        &a.key_prefix,
+                        &a.action,
+                        &a.resource,
+                        &a.outcome,
+                        a.status as i64,
+                        &a.client,
+                        &a.request_id
+                    ],
+                )
+                .await?;
+            }
+            Ok::<_, StoreError>(())
+        })
     }
 
     /// Audit entries of an org, newest first, at most `limit`, optionally since a time.

@@ -83,6 +83,28 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         "ALTER TABLE sandboxes ADD COLUMN host TEXT NOT NULL DEFAULT '';
         CREATE INDEX sandboxes_host ON sandboxes(host, pooled);",
     ),
+    (
+        8,
+        "CREATE TABLE usage_events (
+            id TEXT PRIMARY KEY,
+            source TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            time_ms BIGINT NOT NULL,
+            org_id TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            sandbox_id TEXT NOT NULL,
+            template TEXT NOT NULL,
+            start_ms BIGINT NOT NULL,
+            end_ms BIGINT NOT NULL,
+            sandbox_seconds DOUBLE PRECISION NOT NULL,
+            cpu_seconds DOUBLE PRECISION NOT NULL,
+            memory_gib_seconds DOUBLE PRECISION NOT NULL,
+            disk_gib_seconds DOUBLE PRECISION NOT NULL,
+            cpu_total_ns BIGINT
+        );
+        CREATE INDEX usage_events_org_end ON usage_events(org_id, end_ms);
+        CREATE INDEX usage_events_sandbox_end ON usage_events(sandbox_id, end_ms);",
+    ),
 ];
 
 const PG_LOCK: i64 = 0x6b696c6e; // "kiln"

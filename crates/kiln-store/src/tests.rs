@@ -422,3 +422,103 @@ async fn migrations_are_idempotent_and_adopt_the_old_schema() {
     b.expect("b");
     schema.drop_schema().await;
 }
+
+fn usage_event(id: &str, sandbox: &str, key: &str, end_ms: u64, secs: f64) -> UsageEventRow {
+    UsageEventRow {
+        id: id.into(),
+        source: "kiln://host-a".into(),
+        kind: "dev.kiln.sandbox.usage".into(),
+        time_ms: end_ms,
+        org_id: "o1".into(),
+        key_id: key.into(),
+        sandbox_id: sandbox.into(),
+        template: "base".into(),
+        start_ms: end_ms - (secs * 1000.0) as u64,
+        end_ms,
+        sandbox_seconds: secs,
+        cpu_seconds: secs / 10.0,
+        memory_gib_seconds: secs / 4.0,
+        disk_gib_seconds: secs / 2.0,
+        cpu_total_ns: Some(end_ms * 1000),
+    }
+}
+
+#[tokio::test]
+async fn usage_events_are_idempotent_and_aggregate_by_bucket_and_group() {
+    on_both(|s| async move {
+        const H: u64 = 3_600_000;
+        let events = [
+            usage_event("e1", "sb-a", "k1", 10 * H + 30_000, 30.0),
+            usage_event("e2", "sb-a", "k1", 10 * H + 60_000, 30.0),
+            usage_event("e3", "sb-b", "k2", 11 * H + 5_000, 10.0),
+            usage_event("e4", "sb-b", "k2", 35 * H, 20.0),
+        ];
+        for e in &events {
+            assert!(s.append_usage(e).await.expect("append"));
+        }
+        // A replay (same id, even with different numbers) changes nothing.
+        let replay = usage_event("e2", "sb-a", "k1", 10 * H + 60_000, 999.0);
+        assert!(!s.append_usage(&replay).await.expect("replay"));
+
+        let last = s.last_usage("sb-a").await.expect("last").expect("some");
+        assert_eq!((last.id.as_str(), last.sandbox_seconds), ("e2", 30.0));
+        assert_eq!(s.last_usage("sb-none").await.expect("last"), None);
+
+        let fmt = |rows: Vec<UsageAgg>| {
+            rows.iter()
+                .map(|r| {
+                    format!(
+                        "{} {:<6} sb={} cpu={} mem={} disk={} n={}\n",
+                        r.bucket_start_ms / H,
+                        r.group,
+                        r.sandbox_seconds,
+                        r.cpu_seconds,
+                        r.memory_gib_seconds,
+                        r.disk_gib_seconds,
+                        r.events
+                    )
+                })
+                .collect::<String>()
+        };
+        let by_hour = s
+            .usage_report("o1", 0, 100 * H, H, UsageGroup::Key)
+            .await
+            .expect("report");
+        expect_test::expect![[r#"
+            10 k1     sb=60 cpu=6 mem=15 disk=30 n=2
+            11 k2     sb=10 cpu=1 mem=2.5 disk=5 n=1
+            35 k2     sb=20 cpu=2 mem=5 disk=10 n=1
+        "#]]
+        .assert_eq(&fmt(by_hour));
+        let by_day = s
+            .usage_report("o1", 0, 100 * H, 24 * H, UsageGroup::None)
+            .await
+            .expect("report");
+        expect_test::expect![[r#"
+            0        sb=70 cpu=7 mem=17.5 disk=35 n=3
+            24        sb=20 cpu=2 mem=5 disk=10 n=1
+        "#]]
+        .assert_eq(&fmt(by_day));
+        // The window is half-open on the window end; another org sees nothing.
+        let window = s
+            .usage_report("o1", 10 * H + 60_000, 12 * H, H, UsageGroup::Sandbox)
+            .await
+            .expect("report");
+        expect_test::expect![[r#"
+            10 sb-a   sb=30 cpu=3 mem=7.5 disk=15 n=1
+            11 sb-b   sb=10 cpu=1 mem=2.5 disk=5 n=1
+        "#]]
+        .assert_eq(&fmt(window));
+        assert!(s
+            .usage_report("o2", 0, 100 * H, H, UsageGroup::None)
+            .await
+            .expect("report")
+            .is_empty());
+        let evs = s.usage_events("o1", 0, 100 * H, 2).await.expect("events");
+        assert_eq!(
+            evs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["e1", "e2"]
+        );
+    })
+    .await;
+}

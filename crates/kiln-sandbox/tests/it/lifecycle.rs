@@ -50,6 +50,24 @@ async fn create_exec_pause_resume_remove() {
     );
     assert!(h.rt.memory_usage("life-1").await.expect("memory") > 0);
 
+    // Metering reads: CPU time grows with work done, disk counts the writable layer.
+    let before = h.rt.resource_usage("life-1").await.expect("usage");
+    let out = sh(
+        &h.rt,
+        "life-1",
+        "head -c 3000000 /dev/urandom > /root/blob && sync && i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done",
+    )
+    .await;
+    assert!(out.ok(), "{out:?}");
+    let after = h.rt.resource_usage("life-1").await.expect("usage");
+    let (b, a) = (before.cpu_ns.expect("cpu"), after.cpu_ns.expect("cpu"));
+    assert!(a > b, "cpu time must grow: {b} -> {a}");
+    assert!(after.memory_bytes > 0);
+    let disk = after
+        .disk_bytes
+        .expect("btrfs publishes quota-group counts in sysfs");
+    assert!(disk >= 3_000_000, "the 3 MB blob is counted: {disk}");
+
     h.rt.pause("life-1").await.expect("pause");
     assert_eq!(
         h.rt.status("life-1").await.expect("status"),
@@ -83,6 +101,10 @@ async fn create_exec_pause_resume_remove() {
     ));
     assert!(matches!(
         h.rt.memory_usage("life-1").await,
+        Err(SandboxError::NotFound(_))
+    ));
+    assert!(matches!(
+        h.rt.resource_usage("life-1").await,
         Err(SandboxError::NotFound(_))
     ));
     h.wipe().await;

@@ -8,6 +8,8 @@ mod errors;
 mod exec;
 mod files;
 mod lifecycle;
+mod openapi;
 mod pty;
 mod restart;
 mod tenancy;
+mod usage;

@@ -123,7 +123,9 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
             .replace(":op", "status")
             .replace("*path", "index.html");
         let path = match *route {
-            "/v1/keys" | "/v1/audit" => format!("{path}?org={org_a}"),
+            "/v1/keys" | "/v1/audit" | "/v1/usage" | "/v1/usage/events" => {
+                format!("{path}?org={org_a}")
+            }
             r if r.contains("/files") => format!("{path}?path=/etc/hostname"),
             r if r.ends_with("/lsp/ws") => format!("{path}?language=python"),
             _ => path,
@@ -178,6 +180,8 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         POST /v1/keys?org=<org-a> -> 404 org_not_found
         DELETE /v1/keys/<key-a> -> 404 key_not_found
         GET /v1/audit?org=<org-a> -> 404 org_not_found
+        GET /v1/usage?org=<org-a> -> 404 org_not_found
+        GET /v1/usage/events?org=<org-a> -> 404 org_not_found
     "#]]
     .assert_eq(&out);
     // Creating in another org and listing show nothing of A either.
