@@ -191,7 +191,13 @@ impl Kiln {
     /// Turns a failure to reach a sandbox's daemon into the right answer, marking the sandbox
     /// dead when its container is gone.
     pub async fn daemon_error(&self, id: &str, e: kilnd::client::ClientError) -> ApiError {
-        if matches!(e, kilnd::client::ClientError::Connect(_)) {
+        use kilnd::client::ClientError as E;
+        if matches!(e, E::Connect(_) | E::Io(_)) {
+            // The connection failed: the sandbox may have been removed meanwhile (a
+            // concurrent delete), or its init may have died.
+            if let Ok(None) = self.store.get(id).await {
+                return ApiError::sandbox_not_found(id);
+            }
             if let Ok(RuntimeStatus::Stopped | RuntimeStatus::Missing) =
                 self.runtime.status(id).await
             {

@@ -114,7 +114,7 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
                 "--max-time",
                 "150",
                 "--workers",
-                "2",
+                "1",
                 "--seed",
                 "7",
                 "--request-timeout",
