@@ -5,8 +5,10 @@
 //! the command that ran in the sandbox (124 if it timed out, 128+N if killed by signal N).
 
 mod admin;
+mod agent;
 mod api;
 mod bench;
+mod bench_agent;
 mod bench_template;
 mod devtools;
 mod sandbox;
@@ -80,6 +82,9 @@ enum Command {
     Key(admin::KeyCmd),
     /// Read the audit log (owner, admin, auditor)
     Audit(admin::AuditArgs),
+    /// Agent runs: run a task, list, show, logs, approve, stop, replay
+    #[command(subcommand)]
+    Agent(agent::AgentCmd),
     /// Measure the platform through the server's API
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -129,6 +134,7 @@ fn main() {
             Command::Org(c) => admin::org(&cli.global, c).await,
             Command::Key(c) => admin::key(&cli.global, c).await,
             Command::Audit(a) => admin::audit(&cli.global, a).await,
+            Command::Agent(c) => agent::run(&cli.global, c).await,
             Command::Bench(c) => bench::run(&cli.global, c).await,
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

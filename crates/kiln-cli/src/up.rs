@@ -77,9 +77,14 @@ pub struct UpArgs {
     /// How long audit entries are kept (e.g. 90d; 0 keeps them forever)
     #[arg(long, default_value = "90d")]
     pub audit_retention: String,
+    /// Agent configuration (TOML): providers, models with context windows and prices,
+    /// profiles; without it, `openai/`, `ollama/` and `anthropic/` models use OPENAI_BASE_URL +
+    /// OPENAI_API_KEY, OLLAMA_HOST, ANTHROPIC_BASE_URL + ANTHROPIC_API_KEY
+    #[arg(long = "agent-config", env = "KILN_AGENT_CONFIG")]
+    pub agent_config: Option<PathBuf>,
 }
 
-fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
+pub(crate) fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         if p.is_file() {
             return Ok(p);
@@ -165,6 +170,12 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
     let retention = kiln_server::units::parse_duration(&a.audit_retention)
         .map_err(|e| anyhow!("--audit-retention: {e}"))?;
     cfg.audit_retention = (!retention.is_zero()).then_some(retention);
+    if let Some(p) = &a.agent_config {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the agent config {}", p.display()))?;
+        cfg.agents = kiln_agent::config::AgentConfig::from_toml(&text)
+            .with_context(|| format!("in {}", p.display()))?;
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     if !a.no_build {

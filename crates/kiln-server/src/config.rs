@@ -61,6 +61,8 @@ pub struct ServerConfig {
     pub audit_retention: Option<std::time::Duration>,
     /// Per-key rate limits unless an org sets its own.
     pub rate_limits: kiln_protocol::api::RateLimits,
+    /// Agent providers, models, profiles (`kiln up --agent-config FILE`).
+    pub agents: kiln_agent::config::AgentConfig,
 }
 
 impl ServerConfig {
@@ -96,6 +98,7 @@ impl ServerConfig {
             },
             audit_retention: Some(std::time::Duration::from_secs(90 * 86400)),
             rate_limits: crate::ratelimit::default_limits(),
+            agents: kiln_agent::config::AgentConfig::default(),
         }
     }
 

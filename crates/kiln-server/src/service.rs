@@ -47,6 +47,8 @@ pub struct Kiln {
     >,
     pool_wake: Notify,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The agent runtime (created on first use; see `agents::agents`).
+    pub agents: std::sync::OnceLock<Arc<kiln_agent::runner::Runtime>>,
 }
 
 /// Shared handle used as axum state.
@@ -112,6 +114,7 @@ impl Kiln {
             rate_cache: Default::default(),
             pool_wake: Notify::new(),
             metrics,
+            agents: std::sync::OnceLock::new(),
         }
     }
 
