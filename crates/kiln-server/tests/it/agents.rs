@@ -554,3 +554,59 @@ async fn a_run_resumes_from_its_log_after_a_restart() {
     assert!(text.starts_with("id: 15\nevent: model_response\ndata: {"), "{text}");
     s.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_limit_stop_and_sub_agents_in_new_sandboxes() {
+    let lead = ScriptedServer::start(vec![
+        Turn::call("a1", "exec", json!({"cmd": "true"})),
+        Turn::call("n1", "spawn_agent", json!({"profile": "helper", "task": "own box", "sandbox": "new"})),
+        Turn::call("n2", "wait_agents", json!({})),
+        Turn::text("ok"),
+    ])
+    .await
+    .expect("model");
+    let child = ScriptedServer::start(vec![
+        Turn::call("h1", "exec", json!({"cmd": "hostname > /workspace/me"})),
+        Turn::text("child ok"),
+    ])
+    .await
+    .expect("model");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = agent_config(
+        &[("lead", "openai", &lead), ("kid", "openai", &child)],
+        "max_concurrent_runs_per_org = 1\n[profiles.helper]\nmodel = \"kid/m\"\n",
+    );
+    let s = server(dir.path(), cfg).await;
+    let a = start(&s, json!({"task": "wait", "model": "lead/m", "policy": {"default": "ask"}})).await;
+    let a_id = a["id"].as_str().expect("id").to_string();
+    wait_event(&s, &a_id, "approval_requested").await;
+    let r = s
+        .http
+        .post(s.url("/v1/agents"))
+        .json(&json!({"task": "second", "model": "lead/m"}))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 429);
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "agent_concurrency");
+    let r = s.http.post(s.url(&format!("/v1/agents/{a_id}/stop"))).send().await.expect("send");
+    assert_eq!(r.status(), 202);
+    let a = wait_done(&s, &a_id).await;
+    assert_eq!((a["state"].as_str(), a["reason"].as_str()), (Some("stopped"), Some("stopped")));
+    // The run's own sandbox went with it.
+    let sb = a["sandbox_id"].as_str().expect("sandbox");
+    let r = s.http.get(s.url(&format!("/v1/sandboxes/{sb}"))).send().await.expect("send");
+    assert_eq!(r.status(), 404);
+
+    let b = start(&s, json!({"task": "delegate", "model": "lead/m", "keep_sandbox": true})).await;
+    let b = wait_done(&s, b["id"].as_str().expect("id")).await;
+    assert_eq!(b["reason"], "done", "{b}");
+    let kid = &b["children"][0];
+    assert_eq!(kid["reason"], "done", "{kid}");
+    assert_ne!(kid["sandbox_id"], b["sandbox_id"]);
+    let ksb = kid["sandbox_id"].as_str().expect("kid sandbox");
+    let r = s.http.get(s.url(&format!("/v1/sandboxes/{ksb}"))).send().await.expect("send");
+    assert_eq!(r.status(), 404, "a child's new sandbox is removed when it finishes");
+    s.teardown().await;
+}
