@@ -531,6 +531,22 @@ impl Runtime {
             // Shutting down: a run cut short here is resumed, not finished.
             return Ok(());
         }
+        // Children still running stop with their parent.
+        for c in self.snapshot(ctx).await.children {
+            if let Some(l) = self.live(&c) {
+                let _ = l.cancel.send(true);
+                l.wake.notify_waiters();
+            }
+        }
+        // A sandbox the run created goes before the run is reported finished, so whoever
+        // sees the end sees it gone.
+        if ctx.spec.own_sandbox {
+            let _ = self
+                .sandboxes
+                .for_org(&ctx.org_id)
+                .remove(&ctx.sandbox_id)
+                .await;
+        }
         if self.snapshot(ctx).await.finished.is_none() {
             self.emit(
                 ctx,
@@ -551,20 +567,6 @@ impl Runtime {
         };
         self.save_stats(ctx, state, Some(reason), summary).await?;
         metrics::counter!("kiln_agent_runs_total", "outcome" => reason.to_string()).increment(1);
-        // Children still running stop with their parent.
-        for c in self.snapshot(ctx).await.children {
-            if let Some(l) = self.live(&c) {
-                let _ = l.cancel.send(true);
-                l.wake.notify_waiters();
-            }
-        }
-        if ctx.spec.own_sandbox {
-            let _ = self
-                .sandboxes
-                .for_org(&ctx.org_id)
-                .remove(&ctx.sandbox_id)
-                .await;
-        }
         if let Some(p) = ctx.spec.parent_id.as_deref().and_then(|p| self.live(p)) {
             p.wake.notify_waiters();
         }

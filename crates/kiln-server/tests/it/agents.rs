@@ -12,14 +12,14 @@ use serde_json::{json, Value};
 use crate::harness::{self, TestServer};
 
 fn agent_config(models: &[(&str, &str, &ScriptedServer)], extra: &str) -> kiln_agent::config::AgentConfig {
-    let mut toml = String::new();
+    // Top-level keys of `extra` must come before any table.
+    let mut toml = format!("{extra}\n");
     for (name, protocol, s) in models {
         let base = if *protocol == "openai" { format!("{}/v1", s.url()) } else { s.url() };
         toml.push_str(&format!(
             "[providers.{name}]\nprotocol = \"{protocol}\"\nbase_url = \"{base}\"\n\n"
         ));
     }
-    toml.push_str(extra);
     kiln_agent::config::AgentConfig::from_toml(&toml).expect("agent config")
 }
 
