@@ -233,11 +233,22 @@ pub struct AgentConfig {
 }
 
 const READ_TOOLS: &[&str] = &[
-    "read_file", "list", "glob", "grep", "git_status", "git_diff", "lsp_diagnostics",
-    "lsp_definition", "lsp_references",
+    "read_file",
+    "list",
+    "glob",
+    "grep",
+    "git_status",
+    "git_diff",
+    "lsp_diagnostics",
+    "lsp_definition",
+    "lsp_references",
 ];
 const AGENT_TOOLS: &[&str] = &[
-    "spawn_agent", "send_message", "wait_agents", "list_agents", "close_agent",
+    "spawn_agent",
+    "send_message",
+    "wait_agents",
+    "list_agents",
+    "close_agent",
 ];
 
 fn builtin(name: &str) -> Option<Profile> {
@@ -252,9 +263,10 @@ fn builtin(name: &str) -> Option<Profile> {
     };
     let p = match name {
         "coder" => Profile {
-            system_prompt: "You are a careful software engineer working in a sandbox at /workspace. \
+            system_prompt:
+                "You are a careful software engineer working in a sandbox at /workspace. \
                 Make the requested change, run the tests, and finish with a short summary."
-                .into(),
+                    .into(),
             ..Profile::default()
         },
         "planner" => Profile {
@@ -272,8 +284,7 @@ fn builtin(name: &str) -> Option<Profile> {
             ..Profile::default()
         },
         "tester" => Profile {
-            system_prompt: "You run and write tests, and report which pass and which fail."
-                .into(),
+            system_prompt: "You run and write tests, and report which pass and which fail.".into(),
             tools: tools(&["exec", "write_file", "edit", "send_message"]),
             ..Profile::default()
         },
@@ -395,7 +406,10 @@ mod tests {
                 (k == "OLLAMA_HOST").then(|| "box:11434".into())
             })
             .expect("ollama");
-        assert_eq!((o.endpoint.base_url.as_str(), m.as_str()), ("http://box:11434", "qwen2.5-coder:7b"));
+        assert_eq!(
+            (o.endpoint.base_url.as_str(), m.as_str()),
+            ("http://box:11434", "qwen2.5-coder:7b")
+        );
         assert!(c.provider("nope", &env).is_err());
         assert!(c.provider("mystery/x", &env).is_err());
         assert!(AgentConfig::from_toml("bogus = 1").is_err());

@@ -235,7 +235,10 @@ impl RunState {
                 self.tools = tools.clone();
                 self.parent_id = parent_id.clone();
                 self.started_ms = e.time_ms;
-                self.messages = vec![Message::system(system_prompt.clone()), Message::user(task.clone())];
+                self.messages = vec![
+                    Message::system(system_prompt.clone()),
+                    Message::user(task.clone()),
+                ];
             }
             EventKind::ModelRequest { .. } => {}
             EventKind::ModelResponse {
@@ -253,7 +256,8 @@ impl RunState {
                 self.stats.output_tokens += output_tokens;
                 self.stats.cost_usd += cost_usd;
                 self.stats.model_ms += latency_ms;
-                self.messages.push(Message::assistant(text.clone(), tool_calls.clone()));
+                self.messages
+                    .push(Message::assistant(text.clone(), tool_calls.clone()));
                 self.pending = tool_calls.clone();
                 self.begun.clear();
                 self.outputs.clear();
@@ -288,8 +292,10 @@ impl RunState {
                 }
                 if let Some(pos) = self.pending.iter().position(|c| &c.id == call_id) {
                     let call = self.pending.remove(pos);
-                    self.step_prints
-                        .push(format!("{}|{}|{}|{}", call.name, call.arguments, status, output));
+                    self.step_prints.push(format!(
+                        "{}|{}|{}|{}",
+                        call.name, call.arguments, status, output
+                    ));
                     let mut m = Message::tool(&call, wrap_untrusted(call_id, tool, &output));
                     if self.text_tools {
                         m.role = Role::User;

@@ -141,7 +141,10 @@ impl Provider {
                 format!("{}/chat/completions", self.endpoint.base_url),
                 openai_body(req),
             ),
-            Protocol::Ollama => (format!("{}/api/chat", self.endpoint.base_url), ollama_body(req)),
+            Protocol::Ollama => (
+                format!("{}/api/chat", self.endpoint.base_url),
+                ollama_body(req),
+            ),
             Protocol::Anthropic => (
                 format!("{}/v1/messages", self.endpoint.base_url),
                 anthropic_body(req),
@@ -321,8 +324,10 @@ fn openai_body(req: &ChatRequest) -> Value {
         body["tools"] = req
             .tools
             .iter()
-            .map(|t| json!({"type": "function", "function": {"name": t.name,
-                "description": t.description, "parameters": t.parameters}}))
+            .map(|t| {
+                json!({"type": "function", "function": {"name": t.name,
+                "description": t.description, "parameters": t.parameters}})
+            })
             .collect();
         body["parallel_tool_calls"] = Value::Bool(true);
     }
@@ -406,8 +411,10 @@ fn ollama_body(req: &ChatRequest) -> Value {
         body["tools"] = req
             .tools
             .iter()
-            .map(|t| json!({"type": "function", "function": {"name": t.name,
-                "description": t.description, "parameters": t.parameters}}))
+            .map(|t| {
+                json!({"type": "function", "function": {"name": t.name,
+                "description": t.description, "parameters": t.parameters}})
+            })
             .collect();
     }
     body
@@ -470,7 +477,9 @@ fn anthropic_body(req: &ChatRequest) -> Value {
             }
             Role::Tool => (
                 "user",
-                vec![json!({"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content})],
+                vec![
+                    json!({"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content}),
+                ],
             ),
         };
         // Consecutive messages of one role are merged (tool results of parallel calls).

@@ -34,7 +34,9 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("no model: the run names none, its profile names none and no default_model is configured")]
+    #[error(
+        "no model: the run names none, its profile names none and no default_model is configured"
+    )]
     NoModel,
     #[error("agent run `{0}` not found")]
     NotFound(String),
@@ -89,6 +91,9 @@ impl Bus for LocalBus {
             .unwrap_or_default()
     }
 }
+
+/// Reads the server's environment (provider endpoints and keys).
+pub type Env = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 /// Gives the sandboxes of an organisation (the server scopes them).
 pub trait SandboxFactory: Send + Sync {
@@ -145,7 +150,9 @@ pub fn new_run_id() -> String {
     use rand::Rng;
     const A: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut r = rand::thread_rng();
-    let s: String = (0..12).map(|_| A[r.gen_range(0..A.len())] as char).collect();
+    let s: String = (0..12)
+        .map(|_| A[r.gen_range(0..A.len())] as char)
+        .collect();
     format!("run-{s}")
 }
 
@@ -177,10 +184,22 @@ impl Meter {
     fn exhausted(&self, now: u64, frac: f64) -> Option<(&'static str, f64, f64)> {
         let b = &self.budget;
         let checks = [
-            ("budget_input_tokens", self.input.load(Ordering::Relaxed) as f64, b.max_input_tokens.map(|v| v as f64)),
-            ("budget_output_tokens", self.output.load(Ordering::Relaxed) as f64, b.max_output_tokens.map(|v| v as f64)),
+            (
+                "budget_input_tokens",
+                self.input.load(Ordering::Relaxed) as f64,
+                b.max_input_tokens.map(|v| v as f64),
+            ),
+            (
+                "budget_output_tokens",
+                self.output.load(Ordering::Relaxed) as f64,
+                b.max_output_tokens.map(|v| v as f64),
+            ),
             ("budget_cost", self.cost(), b.max_cost_usd),
-            ("budget_time", now.saturating_sub(self.started_ms) as f64 / 1000.0, b.max_wall_secs),
+            (
+                "budget_time",
+                now.saturating_sub(self.started_ms) as f64 / 1000.0,
+                b.max_wall_secs,
+            ),
         ];
         for (name, used, limit) in checks {
             if let Some(l) = limit {
@@ -236,7 +255,7 @@ impl RunCtx {
 pub struct Runtime {
     pub store: Store,
     pub config: Arc<AgentConfig>,
-    env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    env: Env,
     sandboxes: Arc<dyn SandboxFactory>,
     pub bus: Arc<dyn Bus>,
     plugins: StdMutex<Vec<Arc<dyn Tool>>>,
@@ -252,7 +271,7 @@ impl Runtime {
     pub fn new(
         store: Store,
         config: AgentConfig,
-        env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+        env: Env,
         sandboxes: Arc<dyn SandboxFactory>,
     ) -> Arc<Runtime> {
         Arc::new(Runtime {
@@ -270,12 +289,20 @@ impl Runtime {
 
     /// Adds a tool offered to every later run (knowledge search, MCP tools, ...).
     pub fn register_tool(&self, t: Arc<dyn Tool>) {
-        self.plugins.lock().unwrap_or_else(|e| e.into_inner()).push(t);
+        self.plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(t);
     }
 
     fn registry(&self, allowed: &[String]) -> Registry {
         let mut r = Registry::new(None);
-        for p in self.plugins.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for p in self
+            .plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             r.register(p.clone());
         }
         r.restrict(allowed);
@@ -284,7 +311,12 @@ impl Runtime {
 
     fn all_tool_names(&self) -> Vec<String> {
         let mut r = Registry::new(None);
-        for p in self.plugins.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for p in self
+            .plugins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             r.register(p.clone());
         }
         r.names()
@@ -330,7 +362,11 @@ impl Runtime {
     }
 
     /// Starts a top-level run for `org_id`.
-    pub async fn start(self: &Arc<Self>, org_id: &str, req: StartRun) -> Result<AgentRunRow, AgentError> {
+    pub async fn start(
+        self: &Arc<Self>,
+        org_id: &str,
+        req: StartRun,
+    ) -> Result<AgentRunRow, AgentError> {
         if req.task.trim().is_empty() {
             return Err(AgentError::Invalid("the task is empty".into()));
         }
@@ -416,7 +452,14 @@ impl Runtime {
             system.push_str("\n\n");
             system.push_str(&textcall::instructions(&registry.specs()));
         }
-        let ctx = self.ctx(&row, spec.clone(), sandbox_id, RunState::default(), parent, now);
+        let ctx = self.ctx(
+            &row,
+            spec.clone(),
+            sandbox_id,
+            RunState::default(),
+            parent,
+            now,
+        );
         let started = EventKind::TaskStarted {
             task: spec.task.clone(),
             profile: spec.profile.clone(),
@@ -478,7 +521,10 @@ impl Runtime {
                     .finish(&ctx, "error", false, &format!("internal error: {e}"))
                     .await;
             }
-            rt.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            rt.live
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
         });
     }
 
@@ -513,7 +559,13 @@ impl Runtime {
         ctx.st.lock().await.clone()
     }
 
-    async fn save_stats(&self, ctx: &RunCtx, state: &str, reason: Option<&str>, summary: &str) -> Result<(), AgentError> {
+    async fn save_stats(
+        &self,
+        ctx: &RunCtx,
+        state: &str,
+        reason: Option<&str>,
+        summary: &str,
+    ) -> Result<(), AgentError> {
         let st = self.snapshot(ctx).await;
         let mut stats = serde_json::to_value(&st.stats).unwrap_or(json!({}));
         stats["total_input_tokens"] = json!(st.total_input());
@@ -526,7 +578,13 @@ impl Runtime {
         Ok(())
     }
 
-    async fn finish(&self, ctx: &Arc<RunCtx>, reason: &str, success: bool, summary: &str) -> Result<(), AgentError> {
+    async fn finish(
+        &self,
+        ctx: &Arc<RunCtx>,
+        reason: &str,
+        success: bool,
+        summary: &str,
+    ) -> Result<(), AgentError> {
         if self.halted() {
             // Shutting down: a run cut short here is resumed, not finished.
             return Ok(());
@@ -597,7 +655,9 @@ impl Runtime {
                 return Ok(());
             }
             if ctx.cancelled() {
-                return self.finish(&ctx, "stopped", false, "stopped on request").await;
+                return self
+                    .finish(&ctx, "stopped", false, "stopped on request")
+                    .await;
             }
             if !st.pending.is_empty() {
                 self.run_calls(&ctx, &registry, &tctx, &st).await?;
@@ -608,22 +668,36 @@ impl Runtime {
                 self.save_stats(&ctx, "running", None, "").await?;
                 if st.malformed_streak >= 2 {
                     return self
-                        .finish(&ctx, "malformed_tool_calls", false, "the model's tool calls could not be read, even after a repair round")
+                        .finish(
+                            &ctx,
+                            "malformed_tool_calls",
+                            false,
+                            "the model's tool calls could not be read, even after a repair round",
+                        )
                         .await;
                 }
                 if st.repeats >= 1 {
                     if st.nudged {
                         return self
-                            .finish(&ctx, "stuck", false, "the same tool calls returned the same results again after a nudge")
+                            .finish(
+                                &ctx,
+                                "stuck",
+                                false,
+                                "the same tool calls returned the same results again after a nudge",
+                            )
                             .await;
                     }
-                    self.emit(&ctx, EventKind::Message {
-                        from: "kiln/nudge".into(),
-                        to: ctx.run_id.clone(),
-                        text: "You are repeating the same tool call and getting the same result. \
+                    self.emit(
+                        &ctx,
+                        EventKind::Message {
+                            from: "kiln/nudge".into(),
+                            to: ctx.run_id.clone(),
+                            text:
+                                "You are repeating the same tool call and getting the same result. \
                                Change your approach, or stop and report what blocks you."
-                            .into(),
-                    })
+                                    .into(),
+                        },
+                    )
                     .await?;
                 }
                 continue;
@@ -634,51 +708,80 @@ impl Runtime {
             if let Some(max) = ctx.spec.budget.max_steps {
                 if st.stats.steps >= max {
                     return self
-                        .finish(&ctx, "budget_steps", false, &format!("step budget of {max} used up"))
+                        .finish(
+                            &ctx,
+                            "budget_steps",
+                            false,
+                            &format!("step budget of {max} used up"),
+                        )
                         .await;
                 }
-                if st.stats.steps as f64 >= max as f64 * 0.8 && !st.warned.iter().any(|w| w == "budget_steps") {
-                    self.emit(&ctx, EventKind::BudgetWarning {
-                        budget: "budget_steps".into(),
-                        used: st.stats.steps as f64,
-                        limit: max as f64,
-                    })
+                if st.stats.steps as f64 >= max as f64 * 0.8
+                    && !st.warned.iter().any(|w| w == "budget_steps")
+                {
+                    self.emit(
+                        &ctx,
+                        EventKind::BudgetWarning {
+                            budget: "budget_steps".into(),
+                            used: st.stats.steps as f64,
+                            limit: max as f64,
+                        },
+                    )
                     .await?;
                 }
             }
             if let Some((reason, used, limit)) = ctx.meter.exhausted(now, 1.0) {
                 return self
-                    .finish(&ctx, reason, false, &format!("{reason}: used {used:.4} of {limit}"))
+                    .finish(
+                        &ctx,
+                        reason,
+                        false,
+                        &format!("{reason}: used {used:.4} of {limit}"),
+                    )
                     .await;
             }
             if let Some((reason, used, limit)) = ctx.meter.exhausted(now, 0.8) {
                 if !st.warned.iter().any(|w| w == reason) {
-                    self.emit(&ctx, EventKind::BudgetWarning {
-                        budget: reason.into(),
-                        used,
-                        limit,
-                    })
+                    self.emit(
+                        &ctx,
+                        EventKind::BudgetWarning {
+                            budget: reason.into(),
+                            used,
+                            limit,
+                        },
+                    )
                     .await?;
                 }
             }
             // Messages from other agents.
             for m in self.bus.drain(&ctx.run_id).await {
-                self.emit(&ctx, EventKind::Message {
-                    from: m.from,
-                    to: ctx.run_id.clone(),
-                    text: m.text,
-                })
+                self.emit(
+                    &ctx,
+                    EventKind::Message {
+                        from: m.from,
+                        to: ctx.run_id.clone(),
+                        text: m.text,
+                    },
+                )
                 .await?;
             }
-            self.maybe_condense(&ctx, &provider, &model_name, &info).await?;
+            self.maybe_condense(&ctx, &provider, &model_name, &info)
+                .await?;
             if self.snapshot(&ctx).await.finished.is_some() {
                 return Ok(());
             }
-            self.step(&ctx, &provider, &model_name, &info, &registry).await?;
+            self.step(&ctx, &provider, &model_name, &info, &registry)
+                .await?;
         }
     }
 
-    fn request(&self, st: &RunState, model: &str, info: &ModelInfo, registry: &Registry) -> ChatRequest {
+    fn request(
+        &self,
+        st: &RunState,
+        model: &str,
+        info: &ModelInfo,
+        registry: &Registry,
+    ) -> ChatRequest {
         let messages = st
             .messages
             .iter()
@@ -693,7 +796,11 @@ impl Runtime {
         ChatRequest {
             model: model.into(),
             messages,
-            tools: if st.text_tools { Vec::new() } else { registry.specs() },
+            tools: if st.text_tools {
+                Vec::new()
+            } else {
+                registry.specs()
+            },
             context_window: info.context_window,
             max_output_tokens: info.max_output_tokens,
         }
@@ -734,27 +841,50 @@ impl Runtime {
     ) -> Result<(), AgentError> {
         let st = self.snapshot(ctx).await;
         let req = self.request(&st, model, info, registry);
-        self.emit(ctx, EventKind::ModelRequest {
-            step: st.stats.steps + 1,
-            messages: req.messages.len(),
-            estimated_tokens: estimate(&req),
-        })
+        self.emit(
+            ctx,
+            EventKind::ModelRequest {
+                step: st.stats.steps + 1,
+                messages: req.messages.len(),
+                estimated_tokens: estimate(&req),
+            },
+        )
         .await?;
         let t0 = Instant::now();
         let resp = match self.call_model(ctx, provider, &req).await {
             Ok(Some(r)) => r,
-            Ok(None) if ctx.cancelled() => return self.finish(ctx, "stopped", false, "stopped on request").await,
-            Ok(None) => return self.finish(ctx, "budget_time", false, "wall-time budget ran out during a model call").await,
-            Err(e) => return self.finish(ctx, "error", false, &format!("model call failed: {e}")).await,
+            Ok(None) if ctx.cancelled() => {
+                return self
+                    .finish(ctx, "stopped", false, "stopped on request")
+                    .await
+            }
+            Ok(None) => {
+                return self
+                    .finish(
+                        ctx,
+                        "budget_time",
+                        false,
+                        "wall-time budget ran out during a model call",
+                    )
+                    .await
+            }
+            Err(e) => {
+                return self
+                    .finish(ctx, "error", false, &format!("model call failed: {e}"))
+                    .await
+            }
         };
         let latency = t0.elapsed();
         let cost = info.cost(resp.input_tokens, resp.output_tokens);
         ctx.meter.add(resp.input_tokens, resp.output_tokens, cost);
         let m = ctx.spec.model.clone();
         metrics::counter!("kiln_agent_steps_total", "model" => m.clone()).increment(1);
-        metrics::counter!("kiln_agent_tokens_total", "model" => m.clone(), "direction" => "input").increment(resp.input_tokens);
-        metrics::counter!("kiln_agent_tokens_total", "model" => m.clone(), "direction" => "output").increment(resp.output_tokens);
-        metrics::counter!("kiln_agent_cost_microusd_total", "model" => m.clone()).increment((cost * 1e6).round() as u64);
+        metrics::counter!("kiln_agent_tokens_total", "model" => m.clone(), "direction" => "input")
+            .increment(resp.input_tokens);
+        metrics::counter!("kiln_agent_tokens_total", "model" => m.clone(), "direction" => "output")
+            .increment(resp.output_tokens);
+        metrics::counter!("kiln_agent_cost_microusd_total", "model" => m.clone())
+            .increment((cost * 1e6).round() as u64);
         metrics::histogram!("kiln_agent_model_seconds", "model" => m).record(latency.as_secs_f64());
         let (calls, malformed) = if st.text_tools {
             match textcall::parse(&resp.text, st.stats.steps + 1) {
@@ -766,17 +896,20 @@ impl Runtime {
             (resp.tool_calls.clone(), None)
         };
         let done = calls.is_empty() && malformed.is_none();
-        self.emit(ctx, EventKind::ModelResponse {
-            step: st.stats.steps + 1,
-            text: resp.text.clone(),
-            tool_calls: calls,
-            input_tokens: resp.input_tokens,
-            output_tokens: resp.output_tokens,
-            cost_usd: cost,
-            latency_ms: latency.as_millis() as u64,
-            latency_us: latency.as_micros() as u64,
-            malformed: malformed.clone(),
-        })
+        self.emit(
+            ctx,
+            EventKind::ModelResponse {
+                step: st.stats.steps + 1,
+                text: resp.text.clone(),
+                tool_calls: calls,
+                input_tokens: resp.input_tokens,
+                output_tokens: resp.output_tokens,
+                cost_usd: cost,
+                latency_ms: latency.as_millis() as u64,
+                latency_us: latency.as_micros() as u64,
+                malformed: malformed.clone(),
+            },
+        )
         .await?;
         if done {
             return self.finish(ctx, "done", true, &resp.text).await;
@@ -784,7 +917,12 @@ impl Runtime {
         if let Some(m) = malformed {
             if self.snapshot(ctx).await.malformed_streak >= 2 {
                 return self
-                    .finish(ctx, "malformed_tool_calls", false, "the model's tool calls could not be read, even after a repair round")
+                    .finish(
+                        ctx,
+                        "malformed_tool_calls",
+                        false,
+                        "the model's tool calls could not be read, even after a repair round",
+                    )
                     .await;
             }
             self.emit(ctx, EventKind::Message {
@@ -800,24 +938,46 @@ impl Runtime {
         self.save_stats(ctx, "running", None, "").await
     }
 
-    async fn end_call(&self, ctx: &RunCtx, call_id: &str, tool: &str, output: String, ok: bool, status: &str, ms: u64) -> Result<(), AgentError> {
-        self.emit(ctx, EventKind::ToolCallOutput {
-            call_id: call_id.into(),
-            output,
-        })
+    #[allow(clippy::too_many_arguments)]
+    async fn end_call(
+        &self,
+        ctx: &RunCtx,
+        call_id: &str,
+        tool: &str,
+        output: String,
+        ok: bool,
+        status: &str,
+        ms: u64,
+    ) -> Result<(), AgentError> {
+        self.emit(
+            ctx,
+            EventKind::ToolCallOutput {
+                call_id: call_id.into(),
+                output,
+            },
+        )
         .await?;
-        self.emit(ctx, EventKind::ToolCallEnd {
-            call_id: call_id.into(),
-            tool: tool.into(),
-            ok,
-            status: status.into(),
-            duration_ms: ms,
-        })
+        self.emit(
+            ctx,
+            EventKind::ToolCallEnd {
+                call_id: call_id.into(),
+                tool: tool.into(),
+                ok,
+                status: status.into(),
+                duration_ms: ms,
+            },
+        )
         .await?;
         Ok(())
     }
 
-    async fn run_calls(&self, ctx: &Arc<RunCtx>, registry: &Registry, tctx: &ToolCtx, st: &RunState) -> Result<(), AgentError> {
+    async fn run_calls(
+        &self,
+        ctx: &Arc<RunCtx>,
+        registry: &Registry,
+        tctx: &ToolCtx,
+        st: &RunState,
+    ) -> Result<(), AgentError> {
         for call in st.pending.clone() {
             if ctx.cancelled() {
                 return Ok(());
@@ -826,15 +986,21 @@ impl Runtime {
                 Ok(a) => a,
                 Err(CallError::Malformed(m)) | Err(CallError::Failed(m)) => {
                     let msg = format!("malformed tool call, nothing was run: {m}. Repeat the call with valid JSON arguments matching the tool's schema.");
-                    self.end_call(ctx, &call.id, &call.name, msg, false, "malformed", 0).await?;
+                    self.end_call(ctx, &call.id, &call.name, msg, false, "malformed", 0)
+                        .await?;
                     continue;
                 }
             };
-            let command = (call.name == "exec").then(|| args["cmd"].as_str().unwrap_or_default().to_string());
+            let command =
+                (call.name == "exec").then(|| args["cmd"].as_str().unwrap_or_default().to_string());
             match ctx.spec.policy.decide(&call.name, command.as_deref()) {
                 Decision::Deny => {
-                    let msg = format!("denied by policy: `{}` is not allowed here; nothing was run", call.name);
-                    self.end_call(ctx, &call.id, &call.name, msg, false, "denied", 0).await?;
+                    let msg = format!(
+                        "denied by policy: `{}` is not allowed here; nothing was run",
+                        call.name
+                    );
+                    self.end_call(ctx, &call.id, &call.name, msg, false, "denied", 0)
+                        .await?;
                     continue;
                 }
                 Decision::Ask => {
@@ -842,30 +1008,43 @@ impl Runtime {
                     if !cur.approvals.contains_key(&call.id) {
                         if !cur.asked.contains(&call.id) {
                             self.store
-                                .request_approval(&ctx.run_id, &call.id, &call.name, &args.to_string(), now_ms())
+                                .request_approval(
+                                    &ctx.run_id,
+                                    &call.id,
+                                    &call.name,
+                                    &args.to_string(),
+                                    now_ms(),
+                                )
                                 .await?;
-                            self.emit(ctx, EventKind::ApprovalRequested {
-                                call_id: call.id.clone(),
-                                tool: call.name.clone(),
-                                args: args.clone(),
-                            })
+                            self.emit(
+                                ctx,
+                                EventKind::ApprovalRequested {
+                                    call_id: call.id.clone(),
+                                    tool: call.name.clone(),
+                                    args: args.clone(),
+                                },
+                            )
                             .await?;
                         }
                         self.save_stats(ctx, "waiting_approval", None, "").await?;
                         let Some((approved, by)) = self.wait_approval(ctx, &call.id).await? else {
                             return Ok(());
                         };
-                        self.emit(ctx, EventKind::ApprovalAnswered {
-                            call_id: call.id.clone(),
-                            approved,
-                            by,
-                        })
+                        self.emit(
+                            ctx,
+                            EventKind::ApprovalAnswered {
+                                call_id: call.id.clone(),
+                                approved,
+                                by,
+                            },
+                        )
                         .await?;
                         self.save_stats(ctx, "running", None, "").await?;
                     }
                     if self.snapshot(ctx).await.approvals.get(&call.id) == Some(&false) {
                         let msg = "a person denied this call; nothing was run".to_string();
-                        self.end_call(ctx, &call.id, &call.name, msg, false, "denied", 0).await?;
+                        self.end_call(ctx, &call.id, &call.name, msg, false, "denied", 0)
+                            .await?;
                         continue;
                     }
                 }
@@ -873,14 +1052,18 @@ impl Runtime {
             }
             if self.snapshot(ctx).await.begun.contains(&call.id) {
                 let msg = "this call was interrupted by a server restart and was not run again; check its effects before retrying".to_string();
-                self.end_call(ctx, &call.id, &call.name, msg, false, "interrupted", 0).await?;
+                self.end_call(ctx, &call.id, &call.name, msg, false, "interrupted", 0)
+                    .await?;
                 continue;
             }
-            self.emit(ctx, EventKind::ToolCallBegin {
-                call_id: call.id.clone(),
-                tool: call.name.clone(),
-                args: args.clone(),
-            })
+            self.emit(
+                ctx,
+                EventKind::ToolCallBegin {
+                    call_id: call.id.clone(),
+                    tool: call.name.clone(),
+                    args: args.clone(),
+                },
+            )
             .await?;
             let t0 = Instant::now();
             let left = ctx.meter.wall_left(now_ms());
@@ -888,23 +1071,37 @@ impl Runtime {
             let r = match left {
                 Some(s) => tokio::time::timeout(Duration::from_secs_f64(s.max(0.0)), fut)
                     .await
-                    .unwrap_or_else(|_| Err(CallError::Failed("stopped: the run's wall-time budget ran out".into()))),
+                    .unwrap_or_else(|_| {
+                        Err(CallError::Failed(
+                            "stopped: the run's wall-time budget ran out".into(),
+                        ))
+                    }),
                 None => fut.await,
             };
             let ms = t0.elapsed().as_millis() as u64;
-            metrics::histogram!("kiln_agent_tool_seconds", "tool" => call.name.clone()).record(t0.elapsed().as_secs_f64());
+            metrics::histogram!("kiln_agent_tool_seconds", "tool" => call.name.clone())
+                .record(t0.elapsed().as_secs_f64());
             match r {
-                Ok(out) => self.end_call(ctx, &call.id, &call.name, out, true, "ok", ms).await?,
+                Ok(out) => {
+                    self.end_call(ctx, &call.id, &call.name, out, true, "ok", ms)
+                        .await?
+                }
                 Err(CallError::Failed(m)) | Err(CallError::Malformed(m)) => {
-                    metrics::counter!("kiln_agent_tool_errors_total", "tool" => call.name.clone()).increment(1);
-                    self.end_call(ctx, &call.id, &call.name, m, false, "error", ms).await?
+                    metrics::counter!("kiln_agent_tool_errors_total", "tool" => call.name.clone())
+                        .increment(1);
+                    self.end_call(ctx, &call.id, &call.name, m, false, "error", ms)
+                        .await?
                 }
             }
         }
         Ok(())
     }
 
-    async fn wait_approval(&self, ctx: &RunCtx, call_id: &str) -> Result<Option<(bool, String)>, AgentError> {
+    async fn wait_approval(
+        &self,
+        ctx: &RunCtx,
+        call_id: &str,
+    ) -> Result<Option<(bool, String)>, AgentError> {
         let mut cancel = ctx.cancel.subscribe();
         loop {
             let notified = ctx.wake.notified();
@@ -924,9 +1121,19 @@ impl Runtime {
         }
     }
 
-    async fn maybe_condense(&self, ctx: &Arc<RunCtx>, provider: &Provider, model: &str, info: &ModelInfo) -> Result<(), AgentError> {
+    async fn maybe_condense(
+        &self,
+        ctx: &Arc<RunCtx>,
+        provider: &Provider,
+        model: &str,
+        info: &ModelInfo,
+    ) -> Result<(), AgentError> {
         let st = self.snapshot(ctx).await;
-        let est: u64 = st.messages.iter().map(|m| m.content.len() as u64 / 4 + 4).sum();
+        let est: u64 = st
+            .messages
+            .iter()
+            .map(|m| m.content.len() as u64 / 4 + 4)
+            .sum();
         if est * 4 < info.context_window * 3 || st.messages.len() <= 6 {
             return Ok(());
         }
@@ -963,29 +1170,47 @@ impl Runtime {
         let resp = match self.call_model(ctx, provider, &req).await {
             Ok(Some(r)) => r,
             Ok(None) => return Ok(()),
-            Err(e) => return self.finish(ctx, "error", false, &format!("condensation failed: {e}")).await,
+            Err(e) => {
+                return self
+                    .finish(ctx, "error", false, &format!("condensation failed: {e}"))
+                    .await
+            }
         };
         let cost = info.cost(resp.input_tokens, resp.output_tokens);
         ctx.meter.add(resp.input_tokens, resp.output_tokens, cost);
-        self.emit(ctx, EventKind::Condensation {
-            summary: resp.text,
-            kept,
-            dropped: middle.len(),
-            input_tokens: resp.input_tokens,
-            output_tokens: resp.output_tokens,
-            cost_usd: cost,
-        })
+        self.emit(
+            ctx,
+            EventKind::Condensation {
+                summary: resp.text,
+                kept,
+                dropped: middle.len(),
+                input_tokens: resp.input_tokens,
+                output_tokens: resp.output_tokens,
+                cost_usd: cost,
+            },
+        )
         .await?;
         Ok(())
     }
 
     /// Answers a pending approval of a run of `org_id`.
-    pub async fn approve(&self, org_id: &str, run_id: &str, call_id: &str, approved: bool, by: &str) -> Result<(), AgentError> {
+    pub async fn approve(
+        &self,
+        org_id: &str,
+        run_id: &str,
+        call_id: &str,
+        approved: bool,
+        by: &str,
+    ) -> Result<(), AgentError> {
         self.store
             .agent_run(org_id, run_id)
             .await?
             .ok_or_else(|| AgentError::NotFound(run_id.into()))?;
-        if !self.store.answer_approval(run_id, call_id, approved, by, now_ms()).await? {
+        if !self
+            .store
+            .answer_approval(run_id, call_id, approved, by, now_ms())
+            .await?
+        {
             return Err(AgentError::NoApproval {
                 run: run_id.into(),
                 call: call_id.into(),
@@ -1030,8 +1255,9 @@ impl Runtime {
             }
             for r in rows {
                 after = r.seq;
-                let e: Event = serde_json::from_str(&r.data)
-                    .map_err(|e| AgentError::Invalid(format!("corrupt event {} of {run_id}: {e}", r.seq)))?;
+                let e: Event = serde_json::from_str(&r.data).map_err(|e| {
+                    AgentError::Invalid(format!("corrupt event {} of {run_id}: {e}", r.seq))
+                })?;
                 out.push(e);
             }
         }
@@ -1039,7 +1265,10 @@ impl Runtime {
 
     /// Resumes this server's unfinished runs from their event logs (parents before children).
     pub async fn resume_all(self: &Arc<Self>) -> Result<usize, AgentError> {
-        let rows = self.store.agent_runs_in_state(&["running", "waiting_approval"]).await?;
+        let rows = self
+            .store
+            .agent_runs_in_state(&["running", "waiting_approval"])
+            .await?;
         let mut rows = rows;
         rows.sort_by_key(|r| (r.parent_id.is_some(), r.created_at_ms));
         let mut n = 0;
@@ -1059,7 +1288,14 @@ impl Runtime {
                 .and_then(|p| self.live(p))
                 .map(|p| p.meter.clone());
             let started = st.started_ms;
-            let ctx = self.ctx(&row, spec, row.sandbox_id.clone().unwrap_or_default(), st, parent, started);
+            let ctx = self.ctx(
+                &row,
+                spec,
+                row.sandbox_id.clone().unwrap_or_default(),
+                st,
+                parent,
+                started,
+            );
             tracing::info!(run = %row.id, "resuming agent run from its event log");
             self.spawn_drive(ctx);
             n += 1;
@@ -1070,7 +1306,11 @@ impl Runtime {
 
 fn estimate(req: &ChatRequest) -> u64 {
     let chars: usize = req.messages.iter().map(|m| m.content.len()).sum::<usize>()
-        + req.tools.iter().map(|t| t.parameters.to_string().len() + t.description.len()).sum::<usize>();
+        + req
+            .tools
+            .iter()
+            .map(|t| t.parameters.to_string().len() + t.description.len())
+            .sum::<usize>();
     chars as u64 / 4
 }
 
@@ -1084,7 +1324,9 @@ impl Agents {
     async fn child_row(&self, id: &str) -> Result<AgentRunRow, String> {
         let st = self.rt.snapshot(&self.ctx).await;
         if !st.children.iter().any(|c| c == id) {
-            return Err(format!("`{id}` is not a sub-agent of this agent; see list_agents"));
+            return Err(format!(
+                "`{id}` is not a sub-agent of this agent; see list_agents"
+            ));
         }
         self.rt
             .store
@@ -1117,7 +1359,11 @@ impl AgentOps for Agents {
         let model = rt
             .model_for(None, &profile.model)
             .unwrap_or_else(|_| parent.spec.model.clone());
-        let model = if profile.model.is_empty() { parent.spec.model.clone() } else { model };
+        let model = if profile.model.is_empty() {
+            parent.spec.model.clone()
+        } else {
+            model
+        };
         let choice = a.sandbox.unwrap_or(SandboxChoice::Shared);
         let (sandbox_id, own) = match choice {
             SandboxChoice::Shared => (parent.sandbox_id.clone(), false),
@@ -1145,16 +1391,24 @@ impl AgentOps for Agents {
         };
         let t0 = Instant::now();
         let row = rt
-            .launch(&parent.org_id, spec, sandbox_id.clone(), Some(parent.meter.clone()))
+            .launch(
+                &parent.org_id,
+                spec,
+                sandbox_id.clone(),
+                Some(parent.meter.clone()),
+            )
             .await
             .map_err(|e| e.to_string())?;
         metrics::histogram!("kiln_agent_spawn_seconds").record(t0.elapsed().as_secs_f64());
-        rt.emit(parent, EventKind::SubAgentSpawned {
-            agent: row.id.clone(),
-            profile: a.profile,
-            task: a.task,
-            sandbox: sandbox_id,
-        })
+        rt.emit(
+            parent,
+            EventKind::SubAgentSpawned {
+                agent: row.id.clone(),
+                profile: a.profile,
+                task: a.task,
+                sandbox: sandbox_id,
+            },
+        )
         .await
         .map_err(|e| e.to_string())?;
         Ok(json!({"agent": row.id}))
@@ -1169,17 +1423,23 @@ impl AgentOps for Agents {
         };
         self.rt
             .bus
-            .send(&to, BusMessage {
-                from: self.ctx.run_id.clone(),
-                text: a.text.clone(),
-            })
+            .send(
+                &to,
+                BusMessage {
+                    from: self.ctx.run_id.clone(),
+                    text: a.text.clone(),
+                },
+            )
             .await?;
         self.rt
-            .emit(&self.ctx, EventKind::Message {
-                from: self.ctx.run_id.clone(),
-                to: to.clone(),
-                text: a.text,
-            })
+            .emit(
+                &self.ctx,
+                EventKind::Message {
+                    from: self.ctx.run_id.clone(),
+                    to: to.clone(),
+                    text: a.text,
+                },
+            )
             .await
             .map_err(|e| e.to_string())?;
         if let Some(l) = self.rt.live(&to) {
@@ -1190,8 +1450,13 @@ impl AgentOps for Agents {
 
     async fn wait(&self, a: WaitAgents) -> Result<Value, String> {
         let st = self.rt.snapshot(&self.ctx).await;
-        let ids = if a.ids.is_empty() { st.children.clone() } else { a.ids.clone() };
-        let deadline = Instant::now() + Duration::from_secs_f64(a.timeout_secs.unwrap_or(600.0).clamp(0.0, 3600.0));
+        let ids = if a.ids.is_empty() {
+            st.children.clone()
+        } else {
+            a.ids.clone()
+        };
+        let deadline = Instant::now()
+            + Duration::from_secs_f64(a.timeout_secs.unwrap_or(600.0).clamp(0.0, 3600.0));
         let mut cancel = self.ctx.cancel.subscribe();
         loop {
             let notified = self.ctx.wake.notified();
@@ -1199,20 +1464,24 @@ impl AgentOps for Agents {
             for id in &ids {
                 rows.push(self.child_row(id).await?);
             }
-            let done = |r: &AgentRunRow| !matches!(r.state.as_str(), "running" | "waiting_approval");
+            let done =
+                |r: &AgentRunRow| !matches!(r.state.as_str(), "running" | "waiting_approval");
             // Report each finished child once in this run's log (its usage is counted here).
             let reported = self.rt.snapshot(&self.ctx).await.finished_children;
             for r in rows.iter().filter(|r| done(r) && !reported.contains(&r.id)) {
                 let s: Value = serde_json::from_str(&r.stats).unwrap_or(json!({}));
                 self.rt
-                    .emit(&self.ctx, EventKind::SubAgentFinished {
-                        agent: r.id.clone(),
-                        reason: r.reason.clone().unwrap_or_default(),
-                        summary: s["summary"].as_str().unwrap_or_default().into(),
-                        input_tokens: s["total_input_tokens"].as_u64().unwrap_or(0),
-                        output_tokens: s["total_output_tokens"].as_u64().unwrap_or(0),
-                        cost_usd: s["total_cost_usd"].as_f64().unwrap_or(0.0),
-                    })
+                    .emit(
+                        &self.ctx,
+                        EventKind::SubAgentFinished {
+                            agent: r.id.clone(),
+                            reason: r.reason.clone().unwrap_or_default(),
+                            summary: s["summary"].as_str().unwrap_or_default().into(),
+                            input_tokens: s["total_input_tokens"].as_u64().unwrap_or(0),
+                            output_tokens: s["total_output_tokens"].as_u64().unwrap_or(0),
+                            cost_usd: s["total_cost_usd"].as_f64().unwrap_or(0.0),
+                        },
+                    )
                     .await
                     .map_err(|e| e.to_string())?;
             }
@@ -1260,10 +1529,24 @@ pub fn render(e: &Event) -> Option<String> {
         }
     };
     Some(match &e.kind {
-        EventKind::TaskStarted { task, profile, model, .. } => format!("▶ {profile} on {model}: {}", short(task, 200)),
+        EventKind::TaskStarted {
+            task,
+            profile,
+            model,
+            ..
+        } => format!("▶ {profile} on {model}: {}", short(task, 200)),
         EventKind::ModelRequest { .. } => return None,
-        EventKind::ModelResponse { step, text, input_tokens, output_tokens, latency_ms, malformed, .. } => {
-            let mut s = format!("· step {step} ({input_tokens} in / {output_tokens} out, {latency_ms} ms)");
+        EventKind::ModelResponse {
+            step,
+            text,
+            input_tokens,
+            output_tokens,
+            latency_ms,
+            malformed,
+            ..
+        } => {
+            let mut s =
+                format!("· step {step} ({input_tokens} in / {output_tokens} out, {latency_ms} ms)");
             if !text.trim().is_empty() {
                 s.push_str(&format!("\n  {}", short(text, 400).replace('\n', "\n  ")));
             }
@@ -1272,30 +1555,76 @@ pub fn render(e: &Event) -> Option<String> {
             }
             s
         }
-        EventKind::ToolCallBegin { tool, args, .. } => format!("  $ {tool} {}", short(&args.to_string(), 200)),
-        EventKind::ToolCallOutput { output, .. } => format!("    {}", short(output, 600).replace('\n', "\n    ")),
-        EventKind::ToolCallEnd { tool, ok, status, duration_ms, .. } => {
+        EventKind::ToolCallBegin { tool, args, .. } => {
+            format!("  $ {tool} {}", short(&args.to_string(), 200))
+        }
+        EventKind::ToolCallOutput { output, .. } => {
+            format!("    {}", short(output, 600).replace('\n', "\n    "))
+        }
+        EventKind::ToolCallEnd {
+            tool,
+            ok,
+            status,
+            duration_ms,
+            ..
+        } => {
             if *ok {
                 return None;
             }
             format!("  ✗ {tool}: {status} ({duration_ms} ms)")
         }
-        EventKind::ApprovalRequested { call_id, tool, args } => format!(
+        EventKind::ApprovalRequested {
+            call_id,
+            tool,
+            args,
+        } => format!(
             "  ? approval needed for {tool} {} — kiln agent approve {} {call_id} [--deny]",
             short(&args.to_string(), 200),
             e.run_id
         ),
-        EventKind::ApprovalAnswered { call_id, approved, by } => {
-            format!("  {} {call_id} by {by}", if *approved { "✓ approved" } else { "✗ denied" })
+        EventKind::ApprovalAnswered {
+            call_id,
+            approved,
+            by,
+        } => {
+            format!(
+                "  {} {call_id} by {by}",
+                if *approved {
+                    "✓ approved"
+                } else {
+                    "✗ denied"
+                }
+            )
         }
         EventKind::Message { from, to, text } => format!("  ✉ {from} → {to}: {}", short(text, 300)),
-        EventKind::SubAgentSpawned { agent, profile, task, .. } => format!("  ⑂ spawned {profile} {agent}: {}", short(task, 200)),
-        EventKind::SubAgentFinished { agent, reason, .. } => format!("  ⑂ {agent} finished: {reason}"),
-        EventKind::BudgetWarning { budget, used, limit } => format!("  ! {budget} at {used:.3} of {limit}"),
-        EventKind::Condensation { dropped, kept, .. } => format!("  ≡ condensed {dropped} messages (kept {kept})"),
-        EventKind::Finished { reason, success, summary } => format!(
+        EventKind::SubAgentSpawned {
+            agent,
+            profile,
+            task,
+            ..
+        } => format!("  ⑂ spawned {profile} {agent}: {}", short(task, 200)),
+        EventKind::SubAgentFinished { agent, reason, .. } => {
+            format!("  ⑂ {agent} finished: {reason}")
+        }
+        EventKind::BudgetWarning {
+            budget,
+            used,
+            limit,
+        } => format!("  ! {budget} at {used:.3} of {limit}"),
+        EventKind::Condensation { dropped, kept, .. } => {
+            format!("  ≡ condensed {dropped} messages (kept {kept})")
+        }
+        EventKind::Finished {
+            reason,
+            success,
+            summary,
+        } => format!(
             "{} {reason}: {}",
-            if *success { "■ finished" } else { "■ stopped" },
+            if *success {
+                "■ finished"
+            } else {
+                "■ stopped"
+            },
             short(summary, 600)
         ),
     })

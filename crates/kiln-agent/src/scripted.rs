@@ -199,7 +199,7 @@ fn next_turn(
     path: &str,
     headers: &HeaderMap,
     body: Value,
-) -> Result<Turn, Response> {
+) -> Result<Turn, Box<Response>> {
     let credential = headers
         .get("x-api-key")
         .or_else(|| headers.get("authorization"))
@@ -213,11 +213,13 @@ fn next_turn(
     });
     match g.turns.pop_front().or_else(|| g.forever.clone()) {
         Some(t) => Ok(t),
-        None => Err((
-            StatusCode::INTERNAL_SERVER_ERROR,
+        None => Err(Box::new(
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
             Json(json!({"error": {"message": "scripted model: script exhausted", "type": "server_error"}})),
         )
-            .into_response()),
+            .into_response(),
+        )),
     }
 }
 
@@ -232,16 +234,14 @@ fn pieces(s: &str) -> Vec<String> {
 }
 
 fn stream_body(chunks: Vec<String>, delay_ms: u64) -> Body {
-    let s = futures_util::stream::unfold(
-        (chunks.into_iter(), delay_ms),
-        |(mut it, d)| async move {
+    let s =
+        futures_util::stream::unfold((chunks.into_iter(), delay_ms), |(mut it, d)| async move {
             if d > 0 {
                 tokio::time::sleep(Duration::from_millis(d)).await;
             }
             it.next()
                 .map(|c| (Ok::<Bytes, std::io::Error>(Bytes::from(c)), (it, 0)))
-        },
-    );
+        });
     Body::from_stream(s)
 }
 
@@ -252,7 +252,11 @@ fn sse(event: Option<&str>, data: &Value) -> String {
     }
 }
 
-async fn openai(State(inner): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn openai(
+    State(inner): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     let stream = body["stream"].as_bool().unwrap_or(false);
     let usage_wanted = body["stream_options"]["include_usage"]
         .as_bool()
@@ -260,41 +264,65 @@ async fn openai(State(inner): State<Shared>, headers: HeaderMap, Json(body): Jso
     let model = body["model"].as_str().unwrap_or("scripted").to_string();
     let turn = match next_turn(&inner, "/v1/chat/completions", &headers, body) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let usage = json!({"prompt_tokens": turn.input_tokens, "completion_tokens": turn.output_tokens,
         "total_tokens": turn.input_tokens + turn.output_tokens});
-    let finish = if turn.tool_calls.is_empty() { "stop" } else { "tool_calls" };
+    let finish = if turn.tool_calls.is_empty() {
+        "stop"
+    } else {
+        "tool_calls"
+    };
     if !stream {
-        let calls: Vec<Value> = turn.tool_calls.iter().map(|c| json!({"id": c.id, "type": "function",
-            "function": {"name": c.name, "arguments": c.arguments}})).collect();
+        let calls: Vec<Value> = turn
+            .tool_calls
+            .iter()
+            .map(|c| {
+                json!({"id": c.id, "type": "function",
+            "function": {"name": c.name, "arguments": c.arguments}})
+            })
+            .collect();
         let mut msg = json!({"role": "assistant", "content": turn.text});
         if !calls.is_empty() {
             msg["tool_calls"] = Value::Array(calls);
         }
-        return Json(json!({"id": "chatcmpl-scripted", "object": "chat.completion", "model": model,
-            "choices": [{"index": 0, "message": msg, "finish_reason": finish}], "usage": usage}))
+        return Json(
+            json!({"id": "chatcmpl-scripted", "object": "chat.completion", "model": model,
+            "choices": [{"index": 0, "message": msg, "finish_reason": finish}], "usage": usage}),
+        )
         .into_response();
     }
     let chunk = |delta: Value, finish: Option<&str>| {
-        sse(None, &json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}))
+        sse(
+            None,
+            &json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk", "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}),
+        )
     };
     let mut out = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
     for p in pieces(&turn.text) {
         out.push(chunk(json!({"content": p}), None));
     }
     for (i, c) in turn.tool_calls.iter().enumerate() {
-        out.push(chunk(json!({"tool_calls": [{"index": i, "id": c.id, "type": "function",
-            "function": {"name": c.name, "arguments": ""}}]}), None));
+        out.push(chunk(
+            json!({"tool_calls": [{"index": i, "id": c.id, "type": "function",
+            "function": {"name": c.name, "arguments": ""}}]}),
+            None,
+        ));
         for p in pieces(&c.arguments) {
-            out.push(chunk(json!({"tool_calls": [{"index": i, "function": {"arguments": p}}]}), None));
+            out.push(chunk(
+                json!({"tool_calls": [{"index": i, "function": {"arguments": p}}]}),
+                None,
+            ));
         }
     }
     out.push(chunk(json!({}), Some(finish)));
     if usage_wanted {
-        out.push(sse(None, &json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk",
-            "model": model, "choices": [], "usage": usage})));
+        out.push(sse(
+            None,
+            &json!({"id": "chatcmpl-scripted", "object": "chat.completion.chunk",
+            "model": model, "choices": [], "usage": usage}),
+        ));
     }
     out.push("data: [DONE]\n\n".into());
     Response::builder()
@@ -303,12 +331,16 @@ async fn openai(State(inner): State<Shared>, headers: HeaderMap, Json(body): Jso
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn ollama(State(inner): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn ollama(
+    State(inner): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     let stream = body["stream"].as_bool().unwrap_or(true);
     let model = body["model"].as_str().unwrap_or("scripted").to_string();
     let turn = match next_turn(&inner, "/api/chat", &headers, body) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let calls: Vec<Value> = turn
         .tool_calls
@@ -333,35 +365,54 @@ async fn ollama(State(inner): State<Shared>, headers: HeaderMap, Json(body): Jso
     }
     let mut out = Vec::new();
     for p in pieces(&turn.text) {
-        out.push(format!("{}\n", json!({"model": model, "created_at": "2026-01-01T00:00:00Z",
-            "message": {"role": "assistant", "content": p}, "done": false})));
+        out.push(format!(
+            "{}\n",
+            json!({"model": model, "created_at": "2026-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": p}, "done": false})
+        ));
     }
     if !calls.is_empty() {
-        out.push(format!("{}\n", json!({"model": model, "created_at": "2026-01-01T00:00:00Z",
-            "message": {"role": "assistant", "content": "", "tool_calls": calls}, "done": false})));
+        out.push(format!(
+            "{}\n",
+            json!({"model": model, "created_at": "2026-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": "", "tool_calls": calls}, "done": false})
+        ));
     }
-    out.push(format!("{}\n", done(json!({"role": "assistant", "content": ""}))));
+    out.push(format!(
+        "{}\n",
+        done(json!({"role": "assistant", "content": ""}))
+    ));
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(stream_body(out, turn.delay_ms))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
-async fn anthropic(State(inner): State<Shared>, headers: HeaderMap, Json(body): Json<Value>) -> Response {
+async fn anthropic(
+    State(inner): State<Shared>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Response {
     if headers.get("anthropic-version").is_none() {
         return (
             StatusCode::BAD_REQUEST,
-            Json(json!({"type": "error", "error": {"type": "invalid_request_error",
-                "message": "anthropic-version: header is required"}})),
+            Json(
+                json!({"type": "error", "error": {"type": "invalid_request_error",
+                "message": "anthropic-version: header is required"}}),
+            ),
         )
             .into_response();
     }
     let model = body["model"].as_str().unwrap_or("scripted").to_string();
     let turn = match next_turn(&inner, "/v1/messages", &headers, body) {
         Ok(t) => t,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
-    let stop = if turn.tool_calls.is_empty() { "end_turn" } else { "tool_use" };
+    let stop = if turn.tool_calls.is_empty() {
+        "end_turn"
+    } else {
+        "tool_use"
+    };
     let mut out = vec![sse(
         Some("message_start"),
         &json!({"type": "message_start", "message": {"id": "msg_scripted", "type": "message",
@@ -369,29 +420,48 @@ async fn anthropic(State(inner): State<Shared>, headers: HeaderMap, Json(body): 
             "usage": {"input_tokens": turn.input_tokens, "output_tokens": 1}}}),
     )];
     let mut index = 0;
-    if !turn.text.is_empty() {
-        out.push(sse(Some("content_block_start"), &json!({"type": "content_block_start", "index": index,
-            "content_block": {"type": "text", "text": ""}})));
-        for p in pieces(&turn.text) {
-            out.push(sse(Some("content_block_delta"), &json!({"type": "content_block_delta", "index": index,
-                "delta": {"type": "text_delta", "text": p}})));
+    // One content block: its start, its deltas, its stop.
+    let mut block = |start: Value, deltas: Vec<Value>| {
+        out.push(sse(
+            Some("content_block_start"),
+            &json!({"type": "content_block_start", "index": index, "content_block": start}),
+        ));
+        for d in deltas {
+            out.push(sse(
+                Some("content_block_delta"),
+                &json!({"type": "content_block_delta", "index": index, "delta": d}),
+            ));
         }
-        out.push(sse(Some("content_block_stop"), &json!({"type": "content_block_stop", "index": index})));
+        out.push(sse(
+            Some("content_block_stop"),
+            &json!({"type": "content_block_stop", "index": index}),
+        ));
         index += 1;
+    };
+    if !turn.text.is_empty() {
+        block(
+            json!({"type": "text", "text": ""}),
+            pieces(&turn.text)
+                .into_iter()
+                .map(|p| json!({"type": "text_delta", "text": p}))
+                .collect(),
+        );
     }
     for c in &turn.tool_calls {
-        out.push(sse(Some("content_block_start"), &json!({"type": "content_block_start", "index": index,
-            "content_block": {"type": "tool_use", "id": c.id, "name": c.name, "input": {}}})));
-        for p in pieces(&c.arguments) {
-            out.push(sse(Some("content_block_delta"), &json!({"type": "content_block_delta", "index": index,
-                "delta": {"type": "input_json_delta", "partial_json": p}})));
-        }
-        out.push(sse(Some("content_block_stop"), &json!({"type": "content_block_stop", "index": index})));
-        index += 1;
+        block(
+            json!({"type": "tool_use", "id": c.id, "name": c.name, "input": {}}),
+            pieces(&c.arguments)
+                .into_iter()
+                .map(|p| json!({"type": "input_json_delta", "partial_json": p}))
+                .collect(),
+        );
     }
-    out.push(sse(Some("message_delta"), &json!({"type": "message_delta",
+    out.push(sse(
+        Some("message_delta"),
+        &json!({"type": "message_delta",
         "delta": {"stop_reason": stop, "stop_sequence": null},
-        "usage": {"output_tokens": turn.output_tokens}})));
+        "usage": {"output_tokens": turn.output_tokens}}),
+    ));
     out.push(sse(Some("message_stop"), &json!({"type": "message_stop"})));
     Response::builder()
         .header("content-type", "text/event-stream")

@@ -18,7 +18,10 @@ pub fn instructions(tools: &[ToolSpec]) -> String {
          and no tool call.\nTools (name: description; JSON schema of arguments):\n",
     );
     for t in tools {
-        s.push_str(&format!("- {}: {}; {}\n", t.name, t.description, t.parameters));
+        s.push_str(&format!(
+            "- {}: {}; {}\n",
+            t.name, t.description, t.parameters
+        ));
     }
     s
 }
@@ -58,7 +61,9 @@ pub fn parse(text: &str, step: u64) -> Parsed {
         // A fenced or bare JSON object that names a tool counts as a call.
         let candidate = strip_fences(text);
         if let Some(obj) = first_object(candidate) {
-            if obj.contains("\"name\"") && (obj.contains("\"arguments\"") || obj.contains("\"parameters\"")) {
+            if obj.contains("\"name\"")
+                && (obj.contains("\"arguments\"") || obj.contains("\"parameters\""))
+            {
                 bodies.push(obj.to_string());
             }
         }
@@ -74,7 +79,9 @@ pub fn parse(text: &str, step: u64) -> Parsed {
                 name,
                 arguments: args.to_string(),
             }),
-            Err(e) => return Parsed::Malformed(format!("tool call {} could not be read: {e}", i + 1)),
+            Err(e) => {
+                return Parsed::Malformed(format!("tool call {} could not be read: {e}", i + 1))
+            }
         }
     }
     Parsed::Calls(calls)
@@ -172,7 +179,8 @@ fn close_open(s: &str) -> Option<String> {
             _ => {}
         }
     }
-    (depth > 0 && !in_str).then(|| format!("{}{}", s[start..].trim_end(), "}".repeat(depth as usize)))
+    (depth > 0 && !in_str)
+        .then(|| format!("{}{}", s[start..].trim_end(), "}".repeat(depth as usize)))
 }
 
 fn parse_one(body: &str) -> Result<(String, Value), String> {

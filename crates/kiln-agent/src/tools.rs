@@ -313,7 +313,10 @@ impl Registry {
     pub fn new(allowed: Option<&[String]>) -> Registry {
         let builtins = builtin_specs()
             .into_iter()
-            .filter(|s| allowed.map_or(true, |a| a.iter().any(|n| n == &s.name)))
+            .filter(|s| match allowed {
+                None => true,
+                Some(a) => a.iter().any(|n| n == &s.name),
+            })
             .collect();
         Registry {
             builtins,
@@ -327,7 +330,8 @@ impl Registry {
 
     /// Keeps only tools that `allowed` names (a child never gets more than its parent).
     pub fn restrict(&mut self, allowed: &[String]) {
-        self.builtins.retain(|s| allowed.iter().any(|n| n == &s.name));
+        self.builtins
+            .retain(|s| allowed.iter().any(|n| n == &s.name));
         self.plugins.retain(|n, _| allowed.iter().any(|a| a == n));
     }
 
@@ -360,7 +364,9 @@ impl Registry {
             )));
         }
         let v: Value = serde_json::from_str(if raw.trim().is_empty() { "{}" } else { raw })
-            .map_err(|e| CallError::Malformed(format!("arguments of `{name}` are not valid JSON: {e}")))?;
+            .map_err(|e| {
+                CallError::Malformed(format!("arguments of `{name}` are not valid JSON: {e}"))
+            })?;
         if !v.is_object() {
             return Err(CallError::Malformed(format!(
                 "arguments of `{name}` must be a JSON object"
@@ -449,13 +455,20 @@ async fn run_builtin(ctx: &ToolCtx, name: &str, v: Value) -> Result<String, Call
         "exec" => {
             let a: Exec = typed(name, v)?;
             let secs = a.timeout_secs.unwrap_or(120).clamp(1, 3600);
-            let cwd = a.cwd.as_deref().map(abs).unwrap_or_else(|| "/workspace".into());
+            let cwd = a
+                .cwd
+                .as_deref()
+                .map(abs)
+                .unwrap_or_else(|| "/workspace".into());
             let o = sh(ctx, &a.cmd, &cwd, secs).await?;
             let mut out = String::new();
             if o.timed_out {
                 out.push_str(&format!("[timed out after {secs} s and was killed]\n"));
             } else {
-                out.push_str(&format!("[exit code {}]\n", o.exit_code.map_or("none".into(), |c| c.to_string())));
+                out.push_str(&format!(
+                    "[exit code {}]\n",
+                    o.exit_code.map_or("none".into(), |c| c.to_string())
+                ));
             }
             out.push_str(&o.stdout);
             if !o.stderr.is_empty() {
@@ -491,17 +504,24 @@ async fn run_builtin(ctx: &ToolCtx, name: &str, v: Value) -> Result<String, Call
             sb.write_file(&abs(&a.path), a.content.as_bytes())
                 .await
                 .map_err(fail)?;
-            Ok(format!("wrote {} bytes to {}", a.content.len(), abs(&a.path)))
+            Ok(format!(
+                "wrote {} bytes to {}",
+                a.content.len(),
+                abs(&a.path)
+            ))
         }
         "edit" => {
             let a: Edit = typed(name, v)?;
             if a.old.is_empty() {
-                return Err(CallError::Failed("`old` must not be empty; nothing was changed".into()));
+                return Err(CallError::Failed(
+                    "`old` must not be empty; nothing was changed".into(),
+                ));
             }
             let path = abs(&a.path);
             let bytes = sb.read_file(&path).await.map_err(fail)?;
-            let text = String::from_utf8(bytes)
-                .map_err(|_| CallError::Failed(format!("{path} is not UTF-8 text; nothing was changed")))?;
+            let text = String::from_utf8(bytes).map_err(|_| {
+                CallError::Failed(format!("{path} is not UTF-8 text; nothing was changed"))
+            })?;
             let n = text.matches(&a.old).count();
             let all = a.replace_all.unwrap_or(false);
             if n == 0 {
@@ -520,7 +540,10 @@ async fn run_builtin(ctx: &ToolCtx, name: &str, v: Value) -> Result<String, Call
                 text.replacen(&a.old, &a.new, 1)
             };
             sb.write_file(&path, new.as_bytes()).await.map_err(fail)?;
-            Ok(format!("replaced {} occurrence(s) in {path}", if all { n } else { 1 }))
+            Ok(format!(
+                "replaced {} occurrence(s) in {path}",
+                if all { n } else { 1 }
+            ))
         }
         "list" => {
             let a: List = typed(name, v)?;
@@ -594,7 +617,10 @@ async fn run_builtin(ctx: &ToolCtx, name: &str, v: Value) -> Result<String, Call
         "git_status" => {
             let a: GitStatus = typed(name, v)?;
             let r = sb
-                .git("status", json!({"repo": a.repo.unwrap_or_else(|| "/workspace".into())}))
+                .git(
+                    "status",
+                    json!({"repo": a.repo.unwrap_or_else(|| "/workspace".into())}),
+                )
                 .await
                 .map_err(fail)?;
             Ok(truncate(&r.to_string(), budget))
@@ -633,16 +659,18 @@ async fn run_builtin(ctx: &ToolCtx, name: &str, v: Value) -> Result<String, Call
             let a: LspPosition = typed(name, v)?;
             let op = name.trim_start_matches("lsp_");
             let r = sb
-                .lsp(op, json!({"path": abs(&a.path), "line": a.line, "column": a.column}))
+                .lsp(
+                    op,
+                    json!({"path": abs(&a.path), "line": a.line, "column": a.column}),
+                )
                 .await
                 .map_err(fail)?;
             Ok(truncate(&r.to_string(), budget))
         }
         "spawn_agent" | "send_message" | "wait_agents" | "list_agents" | "close_agent" => {
-            let ops = ctx
-                .agents
-                .as_ref()
-                .ok_or_else(|| CallError::Failed("multi-agent tools are not available here".into()))?;
+            let ops = ctx.agents.as_ref().ok_or_else(|| {
+                CallError::Failed("multi-agent tools are not available here".into())
+            })?;
             let r = match name {
                 "spawn_agent" => ops.spawn(typed(name, v)?).await,
                 "send_message" => ops.send(typed(name, v)?).await,
@@ -684,8 +712,14 @@ mod tests {
             .assert_eq(&edit.parameters["required"].to_string());
         assert!(specs.iter().all(|s| s.parameters["type"] == "object"));
         let r = Registry::new(None);
-        assert!(matches!(r.parse_args("exec", "{not json"), Err(CallError::Malformed(_))));
-        assert!(matches!(r.parse_args("nope", "{}"), Err(CallError::Malformed(_))));
+        assert!(matches!(
+            r.parse_args("exec", "{not json"),
+            Err(CallError::Malformed(_))
+        ));
+        assert!(matches!(
+            r.parse_args("nope", "{}"),
+            Err(CallError::Malformed(_))
+        ));
         assert!(r.parse_args("exec", r#"{"cmd":"ls"}"#).is_ok());
         let bad = typed::<Exec>("exec", json!({"command": "ls"}));
         assert!(matches!(bad, Err(CallError::Failed(m)) if m.contains("nothing was run")));

@@ -107,15 +107,22 @@ pub async fn run(g: &Global, cmd: AgentCmd) -> Result<i32> {
         }
         AgentCmd::Approve { run, call_id, deny } => {
             api.send(
-                api.request(Method::POST, &format!("/v1/agents/{run}/approvals/{call_id}"))
-                    .json(&json!({"approve": !deny})),
+                api.request(
+                    Method::POST,
+                    &format!("/v1/agents/{run}/approvals/{call_id}"),
+                )
+                .json(&json!({"approve": !deny})),
             )
             .await?;
-            println!("{} {call_id} of {run}", if deny { "denied" } else { "approved" });
+            println!(
+                "{} {call_id} of {run}",
+                if deny { "denied" } else { "approved" }
+            );
             Ok(0)
         }
         AgentCmd::Stop { run } => {
-            api.empty(Method::POST, &format!("/v1/agents/{run}/stop")).await?;
+            api.empty(Method::POST, &format!("/v1/agents/{run}/stop"))
+                .await?;
             println!("stopping {run}");
             Ok(0)
         }
@@ -226,8 +233,11 @@ fn tar_dir(dir: &Path) -> Result<Vec<u8>> {
 
 async fn upload(api: &Api, sb: &str, path: &str, data: Vec<u8>) -> Result<()> {
     api.send(
-        api.request(Method::PUT, &format!("/v1/sandboxes/{sb}/files?path={path}&parents=true"))
-            .body(data),
+        api.request(
+            Method::PUT,
+            &format!("/v1/sandboxes/{sb}/files?path={path}&parents=true"),
+        )
+        .body(data),
     )
     .await?;
     Ok(())
@@ -246,7 +256,11 @@ async fn prepare(api: &Api, sb: &str, a: &RunArgs) -> Result<()> {
         )
         .await?;
         if code != 0 {
-            bail!("copying {} into the sandbox failed: {}", dir.display(), out.trim());
+            bail!(
+                "copying {} into the sandbox failed: {}",
+                dir.display(),
+                out.trim()
+            );
         }
     }
     if let Some(url) = &a.git {
@@ -262,14 +276,22 @@ async fn prepare(api: &Api, sb: &str, a: &RunArgs) -> Result<()> {
 
 /// Shows the agent's changes under --path and, with --apply, writes them back.
 async fn diff_back(api: &Api, sb: &str, dir: &Path, apply: bool) -> Result<()> {
-    let (_, diff) = sh(api, sb, "cd / && diff -ruN --exclude=.git tmp/kiln-base workspace").await?;
+    let (_, diff) = sh(
+        api,
+        sb,
+        "cd / && diff -ruN --exclude=.git tmp/kiln-base workspace",
+    )
+    .await?;
     if diff.trim().is_empty() {
         println!("no changes");
         return Ok(());
     }
     println!("{diff}");
     if !apply {
-        println!("(not applied: rerun with --apply to write these changes to {})", dir.display());
+        println!(
+            "(not applied: rerun with --apply to write these changes to {})",
+            dir.display()
+        );
         return Ok(());
     }
     let (code, out) = sh(api, sb, "cd /workspace && tar --exclude=./.git -cf /tmp/kiln-out.tar . && cd / && diff -rq --exclude=.git tmp/kiln-base workspace | sed -n 's|^Only in tmp/kiln-base\\(.*\\): \\(.*\\)$|\\1/\\2|p'").await?;
@@ -277,9 +299,15 @@ async fn diff_back(api: &Api, sb: &str, dir: &Path, apply: bool) -> Result<()> {
         bail!("packing the changes failed: {}", out.trim());
     }
     let resp = api
-        .send(api.request(Method::GET, &format!("/v1/sandboxes/{sb}/files?path=/tmp/kiln-out.tar")))
+        .send(api.request(
+            Method::GET,
+            &format!("/v1/sandboxes/{sb}/files?path=/tmp/kiln-out.tar"),
+        ))
         .await?;
-    let bytes = resp.bytes().await.map_err(|e| anyhow!("download failed: {e}"))?;
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| anyhow!("download failed: {e}"))?;
     let mut child = std::process::Command::new("tar")
         .arg("-C")
         .arg(dir)
@@ -353,7 +381,9 @@ async fn run_agent(api: &Api, a: RunArgs) -> Result<i32> {
             Ok(1)
         }
         None => {
-            eprintln!("the event stream ended before the run finished (hint: `kiln agent logs RUN -f`)");
+            eprintln!(
+                "the event stream ended before the run finished (hint: `kiln agent logs RUN -f`)"
+            );
             Ok(1)
         }
     }
@@ -371,8 +401,14 @@ async fn ls(api: &Api, json: bool) -> Result<i32> {
     );
     for r in v["runs"].as_array().into_iter().flatten() {
         let s = &r["stats"];
-        let tokens = s["total_input_tokens"].as_u64().unwrap_or(0) + s["total_output_tokens"].as_u64().unwrap_or(0);
-        let task: String = r["task"].as_str().unwrap_or_default().chars().take(40).collect();
+        let tokens = s["total_input_tokens"].as_u64().unwrap_or(0)
+            + s["total_output_tokens"].as_u64().unwrap_or(0);
+        let task: String = r["task"]
+            .as_str()
+            .unwrap_or_default()
+            .chars()
+            .take(40)
+            .collect();
         println!(
             "{:<17} {:<17} {:<22} {:<9} {:<24} {:>5} {:>9} {:>9.4}  {}",
             r["id"].as_str().unwrap_or_default(),
@@ -390,14 +426,20 @@ async fn ls(api: &Api, json: bool) -> Result<i32> {
 }
 
 async fn show(api: &Api, run: &str, json: bool) -> Result<i32> {
-    let v: Value = api.json(Method::GET, &format!("/v1/agents/{run}"), None::<&()>).await?;
+    let v: Value = api
+        .json(Method::GET, &format!("/v1/agents/{run}"), None::<&()>)
+        .await?;
     if json {
         println!("{v}");
         return Ok(0);
     }
     let s = &v["stats"];
     println!("run       {}", v["id"].as_str().unwrap_or_default());
-    println!("state     {} ({})", v["state"].as_str().unwrap_or_default(), v["reason"].as_str().unwrap_or("-"));
+    println!(
+        "state     {} ({})",
+        v["state"].as_str().unwrap_or_default(),
+        v["reason"].as_str().unwrap_or("-")
+    );
     println!("profile   {}", v["profile"].as_str().unwrap_or_default());
     println!("model     {}", v["model"].as_str().unwrap_or_default());
     println!("sandbox   {}", v["sandbox_id"].as_str().unwrap_or("-"));
@@ -410,9 +452,20 @@ async fn show(api: &Api, run: &str, json: bool) -> Result<i32> {
         s["total_input_tokens"].as_u64().unwrap_or(0),
         s["total_output_tokens"].as_u64().unwrap_or(0)
     );
-    println!("cost      ${:.4} (with sub-agents ${:.4})", s["cost_usd"].as_f64().unwrap_or(0.0), s["total_cost_usd"].as_f64().unwrap_or(0.0));
-    println!("model     {} ms in model calls", s["model_ms"].as_u64().unwrap_or(0));
-    println!("tools     {} calls, {} errors", s["tool_calls"].as_u64().unwrap_or(0), s["tool_errors"].as_u64().unwrap_or(0));
+    println!(
+        "cost      ${:.4} (with sub-agents ${:.4})",
+        s["cost_usd"].as_f64().unwrap_or(0.0),
+        s["total_cost_usd"].as_f64().unwrap_or(0.0)
+    );
+    println!(
+        "model     {} ms in model calls",
+        s["model_ms"].as_u64().unwrap_or(0)
+    );
+    println!(
+        "tools     {} calls, {} errors",
+        s["tool_calls"].as_u64().unwrap_or(0),
+        s["tool_errors"].as_u64().unwrap_or(0)
+    );
     if let Some(summary) = s["summary"].as_str().filter(|x| !x.is_empty()) {
         println!("summary   {summary}");
     }

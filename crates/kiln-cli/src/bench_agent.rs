@@ -41,7 +41,10 @@ pub struct AgentBench {
     pub json: bool,
 }
 
-async fn wait_finished(rx: &mut tokio::sync::broadcast::Receiver<Event>, seen: &mut Vec<(Instant, Event)>) -> Result<()> {
+async fn wait_finished(
+    rx: &mut tokio::sync::broadcast::Receiver<Event>,
+    seen: &mut Vec<(Instant, Event)>,
+) -> Result<()> {
     loop {
         match tokio::time::timeout(Duration::from_secs(120), rx.recv()).await {
             Ok(Ok(e)) => {
@@ -51,7 +54,9 @@ async fn wait_finished(rx: &mut tokio::sync::broadcast::Receiver<Event>, seen: &
                     return Ok(());
                 }
             }
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => bail!("lagged {n} events"),
+            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
+                bail!("lagged {n} events")
+            }
             Ok(Err(_)) => return Ok(()),
             Err(_) => bail!("the run did not finish within 120 s"),
         }
@@ -60,11 +65,14 @@ async fn wait_finished(rx: &mut tokio::sync::broadcast::Receiver<Event>, seen: &
 
 pub async fn run(g: &Global, b: AgentBench) -> Result<i32> {
     let data = tempfile_dir()?;
-    let kilnd = crate::up::find_kilnd(b.kilnd.clone()).context("no kilnd (hint: pass --kilnd or set KILN_KILND)")?;
-    let images = b
-        .images_dir
-        .clone()
-        .unwrap_or_else(|| g.data_dir.clone().unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_DATA_DIR)).join("images"));
+    let kilnd = crate::up::find_kilnd(b.kilnd.clone())
+        .context("no kilnd (hint: pass --kilnd or set KILN_KILND)")?;
+    let images = b.images_dir.clone().unwrap_or_else(|| {
+        g.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_DATA_DIR))
+            .join("images")
+    });
     let model = ScriptedServer::start(Vec::new()).await?;
     let kid = ScriptedServer::start(Vec::new()).await?;
     kid.repeat_forever(Turn::text("child done"));
@@ -78,7 +86,9 @@ pub async fn run(g: &Global, b: AgentBench) -> Result<i32> {
         model.url(),
         kid.url()
     ))?;
-    let kiln = kiln_server::start(cfg).await.map_err(|e| anyhow!("starting a throwaway server: {e}"))?;
+    let kiln = kiln_server::start(cfg)
+        .await
+        .map_err(|e| anyhow!("starting a throwaway server: {e}"))?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let (k, sd) = (kiln.clone(), shutdown.clone());
@@ -88,7 +98,9 @@ pub async fn run(g: &Global, b: AgentBench) -> Result<i32> {
         })
         .await;
     });
-    let addr = rx.await.map_err(|_| anyhow!("the throwaway server did not start"))?;
+    let addr = rx
+        .await
+        .map_err(|_| anyhow!("the throwaway server did not start"))?;
     let result = measure(&kiln, &model, &b, &format!("http://{addr}")).await;
     shutdown.cancel();
     let _ = serving.await;
@@ -105,15 +117,39 @@ pub async fn run(g: &Global, b: AgentBench) -> Result<i32> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         let p = |name: &str, v: &serde_json::Value| {
-            println!("{name:<58} p50 {:>8.3} ms   p99 {:>8.3} ms", v["p50"].as_f64().unwrap_or(f64::NAN), v["p99"].as_f64().unwrap_or(f64::NAN));
+            println!(
+                "{name:<58} p50 {:>8.3} ms   p99 {:>8.3} ms",
+                v["p50"].as_f64().unwrap_or(f64::NAN),
+                v["p99"].as_f64().unwrap_or(f64::NAN)
+            );
         };
-        p("step with one exec call, excluding model time", &report["step_overhead_ms"]);
-        p("  baseline: exec `true` through the same sandbox", &report["exec_baseline_ms"]);
-        p("  Kiln's loop alone (step overhead minus exec p50)", &report["loop_only_ms"]);
+        p(
+            "step with one exec call, excluding model time",
+            &report["step_overhead_ms"],
+        );
+        p(
+            "  baseline: exec `true` through the same sandbox",
+            &report["exec_baseline_ms"],
+        );
+        p(
+            "  Kiln's loop alone (step overhead minus exec p50)",
+            &report["loop_only_ms"],
+        );
         p("sub-agent spawn, shared sandbox", &report["spawn_ms"]);
-        println!("{:<58} {:>10.0} events/s", "event append (store)", report["append_events_per_sec"].as_f64().unwrap_or(0.0));
-        println!("{:<58} {:>10.0} events/s", "event stream (GET /v1/agents/ID/events)", report["stream_events_per_sec"].as_f64().unwrap_or(0.0));
-        println!("step overhead p50 / exec baseline p50: {:.2}x", report["overhead_vs_exec_ratio"].as_f64().unwrap_or(0.0));
+        println!(
+            "{:<58} {:>10.0} events/s",
+            "event append (store)",
+            report["append_events_per_sec"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "{:<58} {:>10.0} events/s",
+            "event stream (GET /v1/agents/ID/events)",
+            report["stream_events_per_sec"].as_f64().unwrap_or(0.0)
+        );
+        println!(
+            "step overhead p50 / exec baseline p50: {:.2}x",
+            report["overhead_vs_exec_ratio"].as_f64().unwrap_or(0.0)
+        );
     }
     Ok(0)
 }
@@ -124,20 +160,34 @@ fn tempfile_dir() -> Result<PathBuf> {
     Ok(d)
 }
 
-async fn measure(kiln: &Arc<kiln_server::Kiln>, model: &ScriptedServer, b: &AgentBench, url: &str) -> Result<serde_json::Value> {
+async fn measure(
+    kiln: &Arc<kiln_server::Kiln>,
+    model: &ScriptedServer,
+    b: &AgentBench,
+    url: &str,
+) -> Result<serde_json::Value> {
     let rt = kiln_server::agents::agents(kiln);
     let org = kiln.system_org.clone();
     // 1. Steps with one exec call each (distinct commands, so stuck detection stays quiet).
-    model.push((0..b.steps).map(|i| Turn::call(&format!("s{i}"), "exec", json!({"cmd": format!("true {i}")}))));
+    model.push((0..b.steps).map(|i| {
+        Turn::call(
+            &format!("s{i}"),
+            "exec",
+            json!({"cmd": format!("true {i}")}),
+        )
+    }));
     model.push([Turn::text("done")]);
     let row = rt
-        .start(&org, StartRun {
-            task: "bench".into(),
-            profile: Some("parent".into()),
-            template: Some("base".into()),
-            keep_sandbox: true,
-            ..StartRun::default()
-        })
+        .start(
+            &org,
+            StartRun {
+                task: "bench".into(),
+                profile: Some("parent".into()),
+                template: Some("base".into()),
+                keep_sandbox: true,
+                ..StartRun::default()
+            },
+        )
         .await?;
     let live = rt.live(&row.id).ok_or_else(|| anyhow!("run not live"))?;
     let mut rx = live.subscribe();
@@ -210,30 +260,47 @@ async fn measure(kiln: &Arc<kiln_server::Kiln>, model: &ScriptedServer, b: &Agen
         streamed += text.lines().count();
     }
     let stream_rate = streamed as f64 / t0.elapsed().as_secs_f64();
-    let data = serde_json::to_string(&json!({"type": "message", "from": "bench", "to": "bench", "text": "x".repeat(200)}))?;
+    let data = serde_json::to_string(
+        &json!({"type": "message", "from": "bench", "to": "bench", "text": "x".repeat(200)}),
+    )?;
     let t0 = Instant::now();
     for i in 0..b.events {
         kiln.store
-            .append_agent_event("run-bench-append", &AgentEventRow {
-                seq: i as u64 + 1,
-                time_ms: 0,
-                kind: "message".into(),
-                data: data.clone(),
-            })
+            .append_agent_event(
+                "run-bench-append",
+                &AgentEventRow {
+                    seq: i as u64 + 1,
+                    time_ms: 0,
+                    kind: "message".into(),
+                    data: data.clone(),
+                },
+            )
             .await?;
     }
     let append_rate = b.events as f64 / t0.elapsed().as_secs_f64();
 
     // 3. Sub-agent spawns sharing the parent's sandbox.
-    model.push((0..b.spawns).map(|i| Turn::call(&format!("p{i}"), "spawn_agent", json!({"profile": "child", "task": format!("task {i}")}))));
-    model.push([Turn::call("w", "wait_agents", json!({})), Turn::text("done")]);
+    model.push((0..b.spawns).map(|i| {
+        Turn::call(
+            &format!("p{i}"),
+            "spawn_agent",
+            json!({"profile": "child", "task": format!("task {i}")}),
+        )
+    }));
+    model.push([
+        Turn::call("w", "wait_agents", json!({})),
+        Turn::text("done"),
+    ]);
     let row = rt
-        .start(&org, StartRun {
-            task: "spawn".into(),
-            profile: Some("parent".into()),
-            sandbox: Some(sb_id.clone()),
-            ..StartRun::default()
-        })
+        .start(
+            &org,
+            StartRun {
+                task: "spawn".into(),
+                profile: Some("parent".into()),
+                sandbox: Some(sb_id.clone()),
+                ..StartRun::default()
+            },
+        )
         .await?;
     let live = rt.live(&row.id).ok_or_else(|| anyhow!("run not live"))?;
     let mut rx = live.subscribe();

@@ -47,8 +47,7 @@ pub fn routes() -> Router<AppState> {
 
 /// Creates the agent runtime of a server (its sandboxes are this server's).
 pub fn runtime(kiln: &Arc<Kiln>) -> Arc<Runtime> {
-    let env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync> =
-        Arc::new(|k: &str| std::env::var(k).ok());
+    let env: kiln_agent::runner::Env = Arc::new(|k: &str| std::env::var(k).ok());
     Runtime::new(
         kiln.store.clone(),
         kiln.cfg.agents.clone(),
@@ -157,7 +156,9 @@ pub struct ServerSandbox {
 
 fn cerr(e: kilnd::client::ClientError) -> SandboxError {
     match e.code() {
-        Some(kiln_protocol::kilnd::DaemonErrorCode::NotFound) => SandboxError::NotFound(e.to_string()),
+        Some(kiln_protocol::kilnd::DaemonErrorCode::NotFound) => {
+            SandboxError::NotFound(e.to_string())
+        }
         _ => SandboxError::Failed(e.to_string()),
     }
 }
@@ -168,7 +169,12 @@ impl Sandbox for ServerSandbox {
         &self.id
     }
 
-    async fn exec(&self, cmd: &[String], cwd: &str, timeout: Duration) -> Result<ExecOutput, SandboxError> {
+    async fn exec(
+        &self,
+        cmd: &[String],
+        cwd: &str,
+        timeout: Duration,
+    ) -> Result<ExecOutput, SandboxError> {
         let mut s = self
             .client
             .exec(ExecSpec {
@@ -186,7 +192,11 @@ impl Sandbox for ServerSandbox {
         while let Some(r) = s.next().await {
             match r.map_err(cerr)? {
                 Reply::Output { stream, data, .. } => {
-                    let buf = if stream == StreamKind::Stdout { &mut o } else { &mut e };
+                    let buf = if stream == StreamKind::Stdout {
+                        &mut o
+                    } else {
+                        &mut e
+                    };
                     if buf.len() < CAP {
                         buf.extend_from_slice(&data[..data.len().min(CAP - buf.len())]);
                     }
@@ -239,7 +249,8 @@ impl Sandbox for ServerSandbox {
 
     async fn git(&self, op: &str, args: Value) -> Result<Value, SandboxError> {
         let repo = args["repo"].as_str().unwrap_or("/workspace").to_string();
-        let gerr = |e: kiln_devtools::GitError| SandboxError::Failed(format!("{} ({})", e, e.code()));
+        let gerr =
+            |e: kiln_devtools::GitError| SandboxError::Failed(format!("{} ({})", e, e.code()));
         let v = match op {
             "status" => serde_json::to_value(self.git.status(&repo).await.map_err(gerr)?),
             "diff" => serde_json::to_value(
@@ -250,7 +261,10 @@ impl Sandbox for ServerSandbox {
             ),
             "commit" => {
                 if args["all"].as_bool().unwrap_or(true) {
-                    self.git.add(&repo, &[".".to_string()]).await.map_err(gerr)?;
+                    self.git
+                        .add(&repo, &[".".to_string()])
+                        .await
+                        .map_err(gerr)?;
                 }
                 let who = Identity {
                     name: "Kiln agent".into(),
@@ -258,12 +272,21 @@ impl Sandbox for ServerSandbox {
                 };
                 serde_json::to_value(
                     self.git
-                        .commit(&repo, args["message"].as_str().unwrap_or_default(), &who, false)
+                        .commit(
+                            &repo,
+                            args["message"].as_str().unwrap_or_default(),
+                            &who,
+                            false,
+                        )
                         .await
                         .map_err(gerr)?,
                 )
             }
-            other => return Err(SandboxError::Failed(format!("unknown git operation `{other}`"))),
+            other => {
+                return Err(SandboxError::Failed(format!(
+                    "unknown git operation `{other}`"
+                )))
+            }
         };
         v.map_err(|e| SandboxError::Failed(e.to_string()))
     }
@@ -282,10 +305,20 @@ impl Sandbox for ServerSandbox {
             args["column"].as_u64().unwrap_or(1) as u32,
         );
         Ok(match op {
-            "diagnostics" => json!({"diagnostics": s.diagnostics(&path, Duration::from_secs(10)).await.map_err(lerr)?}),
-            "definition" => json!({"locations": s.definition(&path, line, col).await.map_err(lerr)?}),
-            "references" => json!({"locations": s.references(&path, line, col).await.map_err(lerr)?}),
-            other => return Err(SandboxError::Failed(format!("unknown lsp operation `{other}`"))),
+            "diagnostics" => {
+                json!({"diagnostics": s.diagnostics(&path, Duration::from_secs(10)).await.map_err(lerr)?})
+            }
+            "definition" => {
+                json!({"locations": s.definition(&path, line, col).await.map_err(lerr)?})
+            }
+            "references" => {
+                json!({"locations": s.references(&path, line, col).await.map_err(lerr)?})
+            }
+            other => {
+                return Err(SandboxError::Failed(format!(
+                    "unknown lsp operation `{other}`"
+                )))
+            }
         })
     }
 }
@@ -345,8 +378,12 @@ fn agent_error(e: AgentError) -> ApiError {
 }
 
 fn not_found(id: &str) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, "agent_run_not_found", format!("no agent run `{id}`"))
-        .hint("list runs with `kiln agent ls`")
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "agent_run_not_found",
+        format!("no agent run `{id}`"),
+    )
+    .hint("list runs with `kiln agent ls`")
 }
 
 async fn row(k: &AppState, c: &Caller, id: &str) -> ApiResult<AgentRunRow> {
@@ -443,7 +480,11 @@ async fn events(
     let mut last = q.after.unwrap_or(0);
     let store = k.store.clone();
     tokio::spawn(async move {
-        let mut sub = if follow { rt.live(&id).map(|l| l.subscribe()) } else { None };
+        let mut sub = if follow {
+            rt.live(&id).map(|l| l.subscribe())
+        } else {
+            None
+        };
         loop {
             // The store is the source of truth; live events only wake us up early.
             let stored = match rt.events(&id, last).await {
@@ -474,7 +515,11 @@ async fn events(
                     // A run that is neither live here nor running is over (stopped elsewhere).
                     if let Ok(Some(r)) = store.agent_run(&c.org_id, &id).await {
                         if !matches!(r.state.as_str(), "running" | "waiting_approval")
-                            && rt.events(&id, last).await.map(|v| v.is_empty()).unwrap_or(true)
+                            && rt
+                                .events(&id, last)
+                                .await
+                                .map(|v| v.is_empty())
+                                .unwrap_or(true)
                         {
                             return;
                         }
@@ -491,7 +536,9 @@ async fn events(
                         return;
                     }
                 }
-                Ok(Ok(_)) | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) | Err(_) => {}
+                Ok(Ok(_))
+                | Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_)))
+                | Err(_) => {}
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => sub = None,
             }
         }
@@ -502,7 +549,11 @@ async fn events(
     Ok(Response::builder()
         .header(
             header::CONTENT_TYPE,
-            if sse { "text/event-stream" } else { "application/x-ndjson" },
+            if sse {
+                "text/event-stream"
+            } else {
+                "application/x-ndjson"
+            },
         )
         .body(Body::from_stream(body))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))

@@ -93,7 +93,11 @@ impl Store {
     }
 
     /// A run of `org_id` (`None` for another org's or a missing run).
-    pub async fn agent_run(&self, org_id: &str, id: &str) -> Result<Option<AgentRunRow>, StoreError> {
+    pub async fn agent_run(
+        &self,
+        org_id: &str,
+        id: &str,
+    ) -> Result<Option<AgentRunRow>, StoreError> {
         self.query(
             &format!("SELECT {RUN_COLS} FROM agent_runs WHERE id = $1 AND org_id = $2"),
             &vals![id, org_id],
@@ -105,7 +109,11 @@ impl Store {
     }
 
     /// An org's runs, newest first.
-    pub async fn list_agent_runs(&self, org_id: &str, limit: u64) -> Result<Vec<AgentRunRow>, StoreError> {
+    pub async fn list_agent_runs(
+        &self,
+        org_id: &str,
+        limit: u64,
+    ) -> Result<Vec<AgentRunRow>, StoreError> {
         self.query(
             &format!("SELECT {RUN_COLS} FROM agent_runs WHERE org_id = $1 ORDER BY created_at_ms DESC, id LIMIT $2"),
             &vals![org_id, limit],
@@ -117,7 +125,10 @@ impl Store {
     }
 
     /// Runs of this server in one of `states` (to resume them after a restart).
-    pub async fn agent_runs_in_state(&self, states: &[&str]) -> Result<Vec<AgentRunRow>, StoreError> {
+    pub async fn agent_runs_in_state(
+        &self,
+        states: &[&str],
+    ) -> Result<Vec<AgentRunRow>, StoreError> {
         let mut out = Vec::new();
         for s in states {
             let rows = self
@@ -160,7 +171,11 @@ impl Store {
         Ok(())
     }
 
-    pub async fn set_agent_run_sandbox(&self, id: &str, sandbox_id: &str) -> Result<(), StoreError> {
+    pub async fn set_agent_run_sandbox(
+        &self,
+        id: &str,
+        sandbox_id: &str,
+    ) -> Result<(), StoreError> {
         self.exec(
             "UPDATE agent_runs SET sandbox_id = $2 WHERE id = $1",
             &vals![id, sandbox_id],
@@ -170,7 +185,11 @@ impl Store {
     }
 
     /// Appends one event; `Conflict` if `seq` is already taken (events are never replaced).
-    pub async fn append_agent_event(&self, run_id: &str, e: &AgentEventRow) -> Result<(), StoreError> {
+    pub async fn append_agent_event(
+        &self,
+        run_id: &str,
+        e: &AgentEventRow,
+    ) -> Result<(), StoreError> {
         match self
             .exec(
                 "INSERT INTO agent_events (run_id, seq, time_ms, kind, data) VALUES ($1,$2,$3,$4,$5)",
@@ -188,7 +207,12 @@ impl Store {
     }
 
     /// Events of a run with `seq > after`, in order, at most `limit`.
-    pub async fn agent_events(&self, run_id: &str, after: u64, limit: u64) -> Result<Vec<AgentEventRow>, StoreError> {
+    pub async fn agent_events(
+        &self,
+        run_id: &str,
+        after: u64,
+        limit: u64,
+    ) -> Result<Vec<AgentEventRow>, StoreError> {
         self.query(
             "SELECT seq, time_ms, kind, data FROM agent_events WHERE run_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
             &vals![run_id, after, limit],
@@ -246,7 +270,11 @@ impl Store {
     }
 
     /// The state of an approval: `pending`, `approved`, `denied`, or `None`.
-    pub async fn approval_state(&self, run_id: &str, call_id: &str) -> Result<Option<(String, Option<String>)>, StoreError> {
+    pub async fn approval_state(
+        &self,
+        run_id: &str,
+        call_id: &str,
+    ) -> Result<Option<(String, Option<String>)>, StoreError> {
         let r = self
             .query(
                 "SELECT state, answered_by FROM agent_approvals WHERE run_id = $1 AND call_id = $2",

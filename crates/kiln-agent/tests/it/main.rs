@@ -76,7 +76,12 @@ async fn every_protocol_streams_text_and_parallel_tool_calls() {
         let calls: Vec<(String, serde_json::Value)> = r
             .tool_calls
             .iter()
-            .map(|c| (c.name.clone(), serde_json::from_str(&c.arguments).expect("json args")))
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    serde_json::from_str(&c.arguments).expect("json args"),
+                )
+            })
             .collect();
         assert_eq!(
             calls,
@@ -108,7 +113,10 @@ async fn every_protocol_streams_text_and_parallel_tool_calls() {
                 assert_eq!(reqs[0].path, "/api/chat");
                 // Never left to Ollama's small default, which truncates silently.
                 assert_eq!(body["options"]["num_ctx"], 12_345);
-                assert_eq!(body["messages"][2]["tool_calls"][0]["function"]["arguments"], json!({}));
+                assert_eq!(
+                    body["messages"][2]["tool_calls"][0]["function"]["arguments"],
+                    json!({})
+                );
                 assert_eq!(body["messages"][3]["tool_name"], "list");
             }
             Protocol::Anthropic => {
@@ -133,7 +141,10 @@ async fn errors_name_the_provider_and_status() {
     let p = provider(Protocol::Openai, &s, None);
     let e = p.chat(&req()).await.expect_err("exhausted script");
     let m = e.to_string();
-    assert!(m.contains("openai answered 500") && m.contains("script exhausted"), "{m}");
+    assert!(
+        m.contains("openai answered 500") && m.contains("script exhausted"),
+        "{m}"
+    );
     let dead = Provider::new(Endpoint {
         name: "ollama".into(),
         protocol: Protocol::Ollama,
@@ -141,12 +152,17 @@ async fn errors_name_the_provider_and_status() {
         api_key: None,
     });
     let m = dead.chat(&req()).await.expect_err("refused").to_string();
-    assert!(m.starts_with("cannot reach ollama at http://127.0.0.1:9/api/chat"), "{m}");
+    assert!(
+        m.starts_with("cannot reach ollama at http://127.0.0.1:9/api/chat"),
+        "{m}"
+    );
 }
 
 #[tokio::test]
 async fn providers_resolve_from_the_ecosystem_variables() {
-    let s = ScriptedServer::start(vec![Turn::text("hi")]).await.expect("server");
+    let s = ScriptedServer::start(vec![Turn::text("hi")])
+        .await
+        .expect("server");
     let url = s.url();
     let env = move |k: &str| match k {
         "ANTHROPIC_BASE_URL" => Some(url.clone()),
