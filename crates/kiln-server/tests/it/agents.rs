@@ -840,3 +840,41 @@ async fn concurrency_limit_stop_and_sub_agents_in_new_sandboxes() {
     );
     s.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn language_server_tools_in_the_python_template() {
+    let m = ScriptedServer::start(vec![
+        Turn::call(
+            "l1",
+            "write_file",
+            json!({"path": "m.py", "content": "def helper():\n    return 1\n\n\nprint(helper(), undefined_name)\n"}),
+        ),
+        Turn::calls(&[
+            ("l2", "lsp_diagnostics", json!({"path": "m.py"})),
+            ("l3", "lsp_definition", json!({"path": "m.py", "line": 5, "column": 7})),
+            ("l4", "lsp_references", json!({"path": "m.py", "line": 1, "column": 5})),
+        ]),
+        Turn::text("checked"),
+    ])
+    .await
+    .expect("model");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = server(dir.path(), agent_config(&[("scripted", "openai", &m)], "")).await;
+    let r = start(
+        &s,
+        json!({"task": "check", "model": "scripted/m", "template": "python"}),
+    )
+    .await;
+    let done = wait_done(&s, r["id"].as_str().expect("id")).await;
+    assert_eq!(done["reason"], "done", "{done}");
+    let out = outputs(&events(&s, r["id"].as_str().expect("id")).await);
+    assert!(out[1].contains("undefined_name"), "{}", out[1]);
+    let def: Value = serde_json::from_str(&out[2]).expect("json");
+    assert_eq!(def["locations"][0]["line"], 1, "{def}");
+    let refs: Value = serde_json::from_str(&out[3]).expect("json");
+    assert!(
+        refs["locations"].as_array().map_or(0, |a| a.len()) >= 2,
+        "{refs}"
+    );
+    s.teardown().await;
+}
