@@ -1006,6 +1006,9 @@ impl Runtime {
                 Decision::Ask => {
                     let cur = self.snapshot(ctx).await;
                     if !cur.approvals.contains_key(&call.id) {
+                        // The row says so before the event does: whoever sees the request
+                        // sees the run waiting.
+                        self.save_stats(ctx, "waiting_approval", None, "").await?;
                         if !cur.asked.contains(&call.id) {
                             self.store
                                 .request_approval(
@@ -1026,7 +1029,6 @@ impl Runtime {
                             )
                             .await?;
                         }
-                        self.save_stats(ctx, "waiting_approval", None, "").await?;
                         let Some((approved, by)) = self.wait_approval(ctx, &call.id).await? else {
                             return Ok(());
                         };
