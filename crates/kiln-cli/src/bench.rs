@@ -27,6 +27,9 @@ pub enum BenchCmd {
     /// exec of `true` through the API. Needs a key of the system organisation: it runs in a
     /// throwaway org with rate limits lifted, and revokes that org's key at the end.
     Api(ApiBench),
+    /// Agent runtime overhead (in-process, throwaway server, scripted model; needs root):
+    /// per step excluding model time, event append/stream throughput, sub-agent spawn time
+    Agent(crate::bench_agent::AgentBench),
 }
 
 #[derive(Args, Debug)]
@@ -284,6 +287,7 @@ pub async fn run(g: &Global, cmd: BenchCmd) -> Result<i32> {
         BenchCmd::Sandbox(b) => sandbox(&g.api(), b).await,
         BenchCmd::Template(b) => crate::bench_template::run(g, b).await,
         BenchCmd::Api(b) => api_bench(&g.api(), g.data_dir.clone(), b).await,
+        BenchCmd::Agent(b) => crate::bench_agent::run(g, b).await,
     }
 }
 

@@ -5,8 +5,10 @@
 //! the command that ran in the sandbox (124 if it timed out, 128+N if killed by signal N).
 
 mod admin;
+mod agent;
 mod api;
 mod bench;
+mod bench_agent;
 mod bench_template;
 mod devtools;
 mod sandbox;
@@ -83,6 +85,9 @@ enum Command {
     /// Metered usage (sandbox-, CPU-, memory- and disk-seconds) by hour or day, or the raw
     /// usage events (owner, admin, auditor)
     Usage(admin::UsageArgs),
+    /// Agent runs: run a task, list, show, logs, approve, stop, replay
+    #[command(subcommand)]
+    Agent(agent::AgentCmd),
     /// Measure the platform through the server's API
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -133,6 +138,7 @@ fn main() {
             Command::Key(c) => admin::key(&cli.global, c).await,
             Command::Audit(a) => admin::audit(&cli.global, a).await,
             Command::Usage(a) => admin::usage(&cli.global, a).await,
+            Command::Agent(c) => agent::run(&cli.global, c).await,
             Command::Bench(c) => bench::run(&cli.global, c).await,
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

@@ -81,9 +81,14 @@ pub struct UpArgs {
     /// (a crash loses at most one interval of memory and disk accounting)
     #[arg(long, default_value = "15s")]
     pub meter_interval: String,
+    /// Agent configuration (TOML): providers, models with context windows and prices,
+    /// profiles; without it, `openai/`, `ollama/` and `anthropic/` models use OPENAI_BASE_URL +
+    /// OPENAI_API_KEY, OLLAMA_HOST, ANTHROPIC_BASE_URL + ANTHROPIC_API_KEY
+    #[arg(long = "agent-config", env = "KILN_AGENT_CONFIG")]
+    pub agent_config: Option<PathBuf>,
 }
 
-fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
+pub(crate) fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         if p.is_file() {
             return Ok(p);
@@ -173,6 +178,12 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
         .ok()
         .filter(|d| !d.is_zero())
         .ok_or_else(|| anyhow!("--meter-interval: expected a duration such as 15s or 1m (hint: it must be above zero)"))?;
+    if let Some(p) = &a.agent_config {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the agent config {}", p.display()))?;
+        cfg.agents = kiln_agent::config::AgentConfig::from_toml(&text)
+            .with_context(|| format!("in {}", p.display()))?;
+    }
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create {}", cfg.data_dir.display()))?;
     if !a.no_build {

@@ -64,6 +64,8 @@ pub struct ServerConfig {
     /// How often the resource use of every sandbox is sampled into usage events (a crash
     /// loses at most this much of memory and disk accounting; CPU time is cumulative).
     pub meter_interval: std::time::Duration,
+    /// Agent providers, models, profiles (`kiln up --agent-config FILE`).
+    pub agents: kiln_agent::config::AgentConfig,
 }
 
 impl ServerConfig {
@@ -100,6 +102,7 @@ impl ServerConfig {
             audit_retention: Some(std::time::Duration::from_secs(90 * 86400)),
             rate_limits: crate::ratelimit::default_limits(),
             meter_interval: std::time::Duration::from_secs(15),
+            agents: kiln_agent::config::AgentConfig::default(),
         }
     }
 

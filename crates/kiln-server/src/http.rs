@@ -51,6 +51,7 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/:id/pty", get(pty))
         .merge(crate::templates::routes())
         .merge(crate::devtools::routes())
+        .merge(crate::agents::routes())
         .route("/me", get(crate::admin::me))
         .route(
             "/orgs",
@@ -139,6 +140,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/audit"),
     ("GET", "/v1/usage"),
     ("GET", "/v1/usage/events"),
+    ("POST", "/v1/agents"),
+    ("GET", "/v1/agents"),
+    ("GET", "/v1/agents/:id"),
+    ("GET", "/v1/agents/:id/events"),
+    ("POST", "/v1/agents/:id/approvals/:call"),
+    ("POST", "/v1/agents/:id/stop"),
 ];
 
 /// The request id of a request (`x-request-id`), set by [`track`].

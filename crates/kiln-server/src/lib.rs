@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auditlog;
+pub mod agents;
 pub mod config;
 pub mod devtools;
 pub mod error;
@@ -184,6 +185,12 @@ pub async fn start(cfg: ServerConfig) -> Result<Arc<Kiln>, ServerError> {
     kiln.reconcile()
         .await
         .map_err(|e| ServerError::Reconcile(e.to_string()))?;
+    // Unfinished agent runs of this server continue from their event logs.
+    match agents::agents(&kiln).resume_all().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(runs = n, "resumed agent runs"),
+        Err(e) => tracing::warn!(error = %e, "resuming agent runs"),
+    }
     Ok(kiln)
 }
 
@@ -205,13 +212,20 @@ pub async fn serve(
     kiln.spawn_background(shutdown.clone());
     on_listen(bound);
     let sd = shutdown.clone();
+    let k2 = kiln.clone();
     // Streams are many small writes; without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.
     let result = axum::serve(
         listener,
         app(kiln.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .tcp_nodelay(true)
-    .with_graceful_shutdown(async move { sd.cancelled().await })
+    .with_graceful_shutdown(async move {
+        sd.cancelled().await;
+        // Agent runs pause (they resume on the next start) and their event streams end.
+        if let Some(a) = k2.agents.get() {
+            a.shutdown();
+        }
+    })
     .await;
     shutdown.cancel();
     // Close every open usage window and store every queued audit entry, so a clean stop

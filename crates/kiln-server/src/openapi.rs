@@ -154,6 +154,7 @@ fn path_param(name: &str) -> Value {
         "pid" => (json!({"type": "string"}), "process id given by Kiln"),
         "org" => (json!({"type": "string"}), "organisation id or name"),
         "name" => (json!({"type": "string"}), "template name"),
+        "call" => (json!({"type": "string"}), "the tool call awaiting approval"),
         _ => (json!({"type": "string"}), ""),
     };
     json!({"name": name, "in": "path", "required": true, "description": description, "schema": schema})
@@ -703,6 +704,19 @@ fn operations(b: &mut Builder) {
         200,
         Json(v),
     );
+    // Agents
+    let run = b.s::<crate::agents::Run>();
+    let v = b.s::<kiln_agent::runner::StartRun>();
+    b.op("POST", "/v1/agents", "agents", "Start an agent run", vec![], Json(v), 201, Json(run.clone()));
+    let q = b.q::<crate::agents::ListQuery>();
+    let list = json!({"type": "object", "properties": {"runs": {"type": "array", "items": run}}, "required": ["runs"]});
+    b.op("GET", "/v1/agents", "agents", "List agent runs", q, None, 200, Json(list));
+    b.op("GET", "/v1/agents/:id", "agents", "A run with its sub-agents (`children`)", vec![], None, 200, Json(run));
+    let q = b.q::<crate::agents::EventsQuery>();
+    b.op("GET", "/v1/agents/:id/events", "agents", "A run's events as NDJSON (or SSE with Accept: text/event-stream); with follow=true, live until it ends", q, None, 200, Lines(json!({"type": "object"})));
+    let v = b.s::<crate::agents::ApproveBody>();
+    b.op("POST", "/v1/agents/:id/approvals/:call", "agents", "Answer a pending approval", vec![], Json(v), 204, None);
+    b.op("POST", "/v1/agents/:id/stop", "agents", "Stop a run", vec![], None, 202, None);
     // Unauthenticated
     let v = b.s::<Health>();
     b.op(

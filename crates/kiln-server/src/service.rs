@@ -51,6 +51,8 @@ pub struct Kiln {
     /// Open usage windows (see [`crate::metering`]).
     pub(crate) meter: crate::metering::Meter,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The agent runtime (created on first use; see `agents::agents`).
+    pub agents: std::sync::OnceLock<Arc<kiln_agent::runner::Runtime>>,
 }
 
 /// Shared handle used as axum state.
@@ -118,6 +120,7 @@ impl Kiln {
             pool_wake: Notify::new(),
             meter: Default::default(),
             metrics,
+            agents: std::sync::OnceLock::new(),
         }
     }
 

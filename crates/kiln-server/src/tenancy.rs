@@ -268,6 +268,12 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
         "/orgs" | "/orgs/:org" | "/orgs/:org/quota" | "/orgs/:org/rate-limits" => rw(Orgs),
         "/audit" => Some(Need::Perm(Perm::read(Audit))),
         "/usage" | "/usage/events" => Some(Need::Perm(Perm::read(Usage))),
+        // Agents run commands in sandboxes: reading runs is reading exec, acting is writing it.
+        "/agents"
+        | "/agents/:id"
+        | "/agents/:id/events"
+        | "/agents/:id/approvals/:call"
+        | "/agents/:id/stop" => rw(Exec),
         _ => None,
     }
 }

@@ -11,6 +11,7 @@
 //! warm-pool member cannot both win, and two admissions racing for an org's last quota slot
 //! cannot both pass.
 
+pub mod agents;
 pub mod db;
 mod migrations;
 mod usage;
@@ -131,10 +132,10 @@ pub struct AuditRow {
 /// The store: SQLite or PostgreSQL behind the same methods. `host` names the server using
 /// it: sandboxes are inserted with it, and the runtime-facing queries (reconcile listing,
 /// warm pool, TTL) see only its own sandboxes, so several servers can share one database.
-/// Clones share the same database handle.
+/// Cloning is cheap: clones share the connection (pool).
 #[derive(Clone)]
 pub struct Store {
-    db: Db,
+    db: std::sync::Arc<Db>,
     host: String,
 }
 
@@ -385,7 +386,7 @@ impl Store {
         match url {
             Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
                 let s = Self {
-                    db: Db::postgres(u).await?,
+                    db: std::sync::Arc::new(Db::postgres(u).await?),
                     host: String::new(),
                 };
                 migrations::run(&s.db).await?;
@@ -409,7 +410,7 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "busy_timeout", 5000)?;
         let s = Self {
-            db: Db::sqlite(conn),
+            db: std::sync::Arc::new(Db::sqlite(conn)),
             host: String::new(),
         };
         migrations::run(&s.db).await?;

@@ -105,6 +105,46 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         CREATE INDEX usage_events_org_end ON usage_events(org_id, end_ms);
         CREATE INDEX usage_events_sandbox_end ON usage_events(sandbox_id, end_ms);",
     ),
+    (
+        6,
+        "CREATE TABLE agent_runs (
+            id TEXT PRIMARY KEY,
+            org_id TEXT NOT NULL,
+            parent_id TEXT,
+            profile TEXT NOT NULL,
+            model TEXT NOT NULL,
+            task TEXT NOT NULL,
+            state TEXT NOT NULL,
+            reason TEXT,
+            sandbox_id TEXT,
+            spec TEXT NOT NULL,
+            stats TEXT NOT NULL DEFAULT '{}',
+            host TEXT NOT NULL DEFAULT '',
+            created_at_ms BIGINT NOT NULL,
+            updated_at_ms BIGINT NOT NULL
+        );
+        CREATE INDEX agent_runs_org ON agent_runs(org_id, created_at_ms);
+        CREATE INDEX agent_runs_state ON agent_runs(host, state);
+        CREATE TABLE agent_events (
+            run_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            time_ms BIGINT NOT NULL,
+            kind TEXT NOT NULL,
+            data TEXT NOT NULL,
+            PRIMARY KEY (run_id, seq)
+        );
+        CREATE TABLE agent_approvals (
+            run_id TEXT NOT NULL,
+            call_id TEXT NOT NULL,
+            tool TEXT NOT NULL,
+            args TEXT NOT NULL,
+            state TEXT NOT NULL,
+            requested_at_ms BIGINT NOT NULL,
+            answered_at_ms BIGINT,
+            answered_by TEXT,
+            PRIMARY KEY (run_id, call_id)
+        );",
+    ),
 ];
 
 const PG_LOCK: i64 = 0x6b696c6e; // "kiln"

@@ -518,6 +518,84 @@ async fn usage_events_are_idempotent_and_aggregate_by_bucket_and_group() {
         assert_eq!(
             evs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
             ["e1", "e2"]
+#[tokio::test]
+async fn agent_events_are_append_only_and_approvals_answer_once() {
+    on_both(|s| async move {
+        let run = agents::AgentRunRow {
+            id: "run-1".into(),
+            org_id: "o1".into(),
+            parent_id: None,
+            profile: "coder".into(),
+            model: "ollama/m".into(),
+            task: "t".into(),
+            state: "running".into(),
+            reason: None,
+            sandbox_id: Some("sb-1".into()),
+            spec: "{}".into(),
+            stats: "{}".into(),
+            host: String::new(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        };
+        s.insert_agent_run(&run).await.expect("insert");
+        assert!(s.agent_run("o2", "run-1").await.expect("get").is_none());
+        let ev = |seq: u64, data: &str| agents::AgentEventRow {
+            seq,
+            time_ms: seq,
+            kind: "message".into(),
+            data: data.into(),
+        };
+        s.append_agent_event("run-1", &ev(1, "a")).await.expect("1");
+        s.append_agent_event("run-1", &ev(2, "b")).await.expect("2");
+        // A second writer of the same sequence number fails; the first event stays.
+        assert!(matches!(
+            s.append_agent_event("run-1", &ev(2, "x")).await,
+            Err(StoreError::Conflict(_))
+        ));
+        let got: Vec<String> = s
+            .agent_events("run-1", 0, 10)
+            .await
+            .expect("events")
+            .into_iter()
+            .map(|e| e.data)
+            .collect();
+        assert_eq!(got, ["a", "b"]);
+        assert_eq!(
+            s.agent_events("run-1", 1, 10).await.expect("after").len(),
+            1
+        );
+        assert_eq!(s.active_agent_runs("o1").await.expect("active"), 1);
+        s.request_approval("run-1", "c1", "exec", "{}", 5)
+            .await
+            .expect("ask");
+        s.request_approval("run-1", "c1", "exec", "{}", 6)
+            .await
+            .expect("ask again is a no-op");
+        assert!(s
+            .answer_approval("run-1", "c1", false, "kiln_ab", 7)
+            .await
+            .expect("answer"));
+        assert!(!s
+            .answer_approval("run-1", "c1", true, "kiln_cd", 8)
+            .await
+            .expect("again"));
+        assert_eq!(
+            s.approval_state("run-1", "c1").await.expect("state"),
+            Some(("denied".to_string(), Some("kiln_ab".to_string())))
+        );
+        s.update_agent_run("run-1", "finished", Some("done"), "{\"steps\":1}", 9)
+            .await
+            .expect("update");
+        assert!(s
+            .agent_runs_in_state(&["running"])
+            .await
+            .expect("list")
+            .is_empty());
+        assert_eq!(
+            s.list_agent_runs("o1", 10).await.expect("list")[0]
+                .reason
+                .as_deref(),
+            Some("done")
         );
     })
     .await;

@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod agents;
 mod devtools;
 mod errors;
 mod exec;

@@ -130,7 +130,7 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
             // (files, ports) are not request/answer exchanges.
             .args([
                 "--exclude-path-regex",
-                r"^/v1/templates/|/pty$|/lsp/ws$|/ports|/files/watch$",
+                r"^/v1/templates/|/pty$|/lsp/ws$|/ports|/files/watch$|/events$",
             ])
             .arg("--report-dir")
             .arg(&report)

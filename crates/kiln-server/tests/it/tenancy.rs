@@ -10,7 +10,7 @@ use serde_json::json;
 use crate::harness::{self, TestServer};
 
 /// One call with an explicit key: `STATUS code` (or `STATUS` for successes).
-async fn call(
+pub async fn call(
     s: &TestServer,
     key: &str,
     method: &str,
@@ -52,7 +52,7 @@ async fn call_full(
     (status, r.text().await.unwrap_or_default())
 }
 
-async fn new_org(s: &TestServer, name: &str) -> OrgCreated {
+pub async fn new_org(s: &TestServer, name: &str) -> OrgCreated {
     let (st, body) = call_full(
         s,
         &s.kiln.token,
@@ -85,6 +85,7 @@ fn body_for(method: &str, route: &str) -> Option<serde_json::Value> {
         ("PUT", r) if r.ends_with("/egress") => Some(json!({"allow": null})),
         ("POST", r) if r.ends_with("/git/:op") => Some(json!({"repo": "/workspace"})),
         ("POST", r) if r.ends_with("/lsp/:op") => Some(json!({"path": "/workspace/a.py"})),
+        ("POST", r) if r.ends_with("/approvals/:call") => Some(json!({"approve": true})),
         ("POST", "/v1/sandboxes") => Some(json!({})),
         ("POST", "/v1/orgs") => Some(json!({"name": "x"})),
         ("POST", "/v1/keys") => Some(json!({"org": "{org}"})),
@@ -182,6 +183,10 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         GET /v1/audit?org=<org-a> -> 404 org_not_found
         GET /v1/usage?org=<org-a> -> 404 org_not_found
         GET /v1/usage/events?org=<org-a> -> 404 org_not_found
+        GET /v1/agents/<sb-a> -> 404 agent_run_not_found
+        GET /v1/agents/<sb-a>/events -> 404 agent_run_not_found
+        POST /v1/agents/<sb-a>/approvals/:call -> 404 agent_run_not_found
+        POST /v1/agents/<sb-a>/stop -> 404 agent_run_not_found
     "#]]
     .assert_eq(&out);
     // Creating in another org and listing show nothing of A either.

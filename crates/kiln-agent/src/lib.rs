@@ -1,0 +1,17 @@
+//! Kiln's agent runtime: providers for OpenAI-compatible servers, Ollama and Anthropic
+//! ([`provider`]), a text tool-call format for models without native tools ([`textcall`]),
+//! typed tools over a sandbox ([`tools`]), the agent loop with its append-only event log,
+//! budgets, approvals, stuck detection, condensation and sub-agents ([`runner`]), and the
+//! scripted model server used by tests and benchmarks ([`scripted`]).
+//!
+//! What it does not do: HTTP routing, tenancy or sandbox lifecycle. The server implements
+//! [`tools::Sandbox`] and [`tools::Sandboxes`] over its sandbox service and hands them in.
+
+pub mod config;
+pub mod events;
+pub mod model;
+pub mod provider;
+pub mod runner;
+pub mod scripted;
+pub mod textcall;
+pub mod tools;
