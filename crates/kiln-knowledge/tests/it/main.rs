@@ -1,0 +1,10 @@
+//! Integration tests of kiln-knowledge: chunk boundaries per language (snapshots), redaction,
+//! the embedding model against its reference, HTTP embedding providers, sync, search, caches,
+//! isolation and erasure.
+
+mod chunking;
+mod embedding;
+mod engine;
+mod eval;
+mod redaction;
+mod util;
