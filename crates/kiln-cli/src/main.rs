@@ -9,6 +9,8 @@ mod api;
 mod bench;
 mod bench_template;
 mod devtools;
+mod knowledge;
+mod bench_knowledge;
 mod sandbox;
 mod shell;
 mod template;
@@ -80,6 +82,13 @@ enum Command {
     Key(admin::KeyCmd),
     /// Read the audit log (owner, admin, auditor)
     Audit(admin::AuditArgs),
+    /// Knowledge indexes: create, sync (--watch), ls, stats, rm
+    #[command(subcommand)]
+    Index(knowledge::IndexCmd),
+    /// Hybrid (BM25 + vector) search of an index
+    Search(knowledge::SearchArgs),
+    /// The best context for an LLM from an index, within a token budget
+    Context(knowledge::ContextArgs),
     /// Measure the platform through the server's API
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -129,6 +138,9 @@ fn main() {
             Command::Org(c) => admin::org(&cli.global, c).await,
             Command::Key(c) => admin::key(&cli.global, c).await,
             Command::Audit(a) => admin::audit(&cli.global, a).await,
+            Command::Index(c) => knowledge::index(&cli.global, c).await,
+            Command::Search(a) => knowledge::search(&cli.global, a).await,
+            Command::Context(a) => knowledge::context(&cli.global, a).await,
             Command::Bench(c) => bench::run(&cli.global, c).await,
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

@@ -40,6 +40,13 @@ pub fn code_terms(text: &str) -> Vec<(usize, usize, String)> {
     out
 }
 
+/// The words of identifiers in `s`, lowercase, without the whole identifiers.
+pub fn identifier_words(s: &str) -> Vec<String> {
+    s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .flat_map(|w| split_identifier(w).into_iter().map(move |(a, b)| w[a..b].to_ascii_lowercase()))
+        .collect()
+}
+
 fn split_identifier(w: &str) -> Vec<(usize, usize)> {
     let b = w.as_bytes();
     let mut out = Vec::new();

@@ -22,7 +22,7 @@ use crate::lang::Language;
 use crate::merkle;
 use crate::redact::{redact, Redaction};
 use crate::search::{fuse, Fusion, Hit, Mode, QueryCache, SearchParams};
-use crate::store::{ChunkStore, EmbeddingCache, FileRecord, SqliteStore};
+use crate::store::{ChunkStore, EmbeddingCache, FileRecord, Pending, SqliteStore};
 use crate::vector::VectorIndex;
 use crate::walk::{classify, walk, FileContent, Skipped, WalkOptions};
 use crate::Error;
@@ -177,6 +177,20 @@ fn valid_name(kind: &str, s: &str) -> Result<(), Error> {
 
 fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Version of what is embedded for a chunk (part of the embedding cache key).
+const EMBED_INPUT_FORMAT: &str = "sym1";
+
+/// What is embedded for a chunk: its symbol's words first (`parse_http_request` ->
+/// `parse http request`: the model reads words, and names carry intent), then its text.
+pub fn embedding_input(symbol: Option<&str>, text: &str) -> String {
+    match symbol {
+        Some(s) if !s.is_empty() => {
+            format!("{}\n{text}", crate::bm25::identifier_words(s).join(" "))
+        }
+        _ => text.to_string(),
+    }
 }
 
 /// Embedding batches: this many chunks per call to the embedder.
@@ -541,7 +555,8 @@ impl Engine {
     /// The worker's job: vectors for every chunk without one, from the L2 cache or the model.
     fn embed_pending(&self, h: &Arc<Handle>) -> Result<(), Error> {
         let embedder = self.embedder(h)?;
-        let model = embedder.model_id().to_string();
+        // The cache key names the input format too (see `embedding_input`).
+        let model = format!("{}#{EMBED_INPUT_FORMAT}", embedder.model_id());
         let cache = self.l2(&h.org)?;
         *h.embed_error.lock() = None;
         loop {
@@ -553,12 +568,12 @@ impl Engine {
                 break;
             }
             let mut ready: Vec<(i64, Vec<f32>)> = Vec::with_capacity(pending.len());
-            let mut misses: Vec<&(i64, String, String)> = Vec::new();
+            let mut misses: Vec<&Pending> = Vec::new();
             {
                 let c = cache.lock();
                 for p in &pending {
-                    match c.get(&model, &p.1)? {
-                        Some(v) => ready.push((p.0, v)),
+                    match c.get(&model, &p.id)? {
+                        Some(v) => ready.push((p.rowid, v)),
                         None => misses.push(p),
                     }
                 }
@@ -570,12 +585,13 @@ impl Engine {
             metrics::counter!("kiln_knowledge_embedding_cache_misses_total").increment(misses.len() as u64);
             for batch in misses.chunks(EMBED_BATCH) {
                 // Identical texts in one batch are embedded once.
-                let texts: Vec<&str> = batch.iter().map(|p| p.2.as_str()).collect();
+                let inputs: Vec<String> = batch.iter().map(|p| embedding_input(p.symbol.as_deref(), &p.text)).collect();
+                let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
                 let vecs = embedder.embed(&texts)?;
-                let rows: Vec<(String, Vec<f32>)> = batch.iter().zip(&vecs).map(|(p, v)| (p.1.clone(), v.clone())).collect();
+                let rows: Vec<(String, Vec<f32>)> = batch.iter().zip(&vecs).map(|(p, v)| (p.id.clone(), v.clone())).collect();
                 cache.lock().put(&model, &rows)?;
                 metrics::counter!("kiln_knowledge_chunks_embedded_total").increment(batch.len() as u64);
-                ready.extend(batch.iter().zip(vecs).map(|(p, v)| (p.0, v)));
+                ready.extend(batch.iter().zip(vecs).map(|(p, v)| (p.rowid, v)));
             }
             // A chunk may have been replaced meanwhile: only rows still present get vectors.
             let live: Vec<(i64, Vec<f32>)> = {

@@ -201,6 +201,8 @@ pub fn evaluate(
         for &w in weights {
             let f = Fusion::Weighted { vector_weight: w };
             out.push(metrics(&set.name, &format!("hybrid w={w:.2}"), &rank_of(&|c| fuse(&c.bm25, &c.vector, f))));
+            let f = Fusion::MinMax { vector_weight: w };
+            out.push(metrics(&set.name, &format!("minmax w={w:.2}"), &rank_of(&|c| fuse(&c.bm25, &c.vector, f))));
         }
     }
     Ok(out)

@@ -22,6 +22,9 @@ pub enum Mode {
 pub enum Fusion {
     /// `w * cosine + (1 - w) * bm25 / max bm25` over the union of both candidate lists.
     Weighted { vector_weight: f32 },
+    /// `w * minmax(cosine) + (1 - w) * minmax(bm25)`, each min-max normalised over its own
+    /// candidate list (a row missing from a list scores 0 there).
+    MinMax { vector_weight: f32 },
     /// Reciprocal rank fusion, `1 / (k + rank)` summed (unweighted; kept as the baseline).
     Rrf { k: f32 },
 }
@@ -98,6 +101,20 @@ pub fn fuse(bm25: &[(i64, f32)], vec: &[(i64, f32)], fusion: Fusion) -> Vec<(i64
             }
             for &(id, s) in vec {
                 *score.entry(id).or_default() += vector_weight * s.max(0.0);
+            }
+        }
+        Fusion::MinMax { vector_weight } => {
+            let norm = |xs: &[(i64, f32)]| -> Vec<(i64, f32)> {
+                let hi = xs.iter().map(|x| x.1).fold(f32::NEG_INFINITY, f32::max);
+                let lo = xs.iter().map(|x| x.1).fold(f32::INFINITY, f32::min);
+                let span = (hi - lo).max(1e-6);
+                xs.iter().map(|&(id, s)| (id, (s - lo) / span)).collect()
+            };
+            for (id, s) in norm(bm25) {
+                *score.entry(id).or_default() += (1.0 - vector_weight) * s;
+            }
+            for (id, s) in norm(vec) {
+                *score.entry(id).or_default() += vector_weight * s;
             }
         }
         Fusion::Rrf { k } => {

@@ -28,6 +28,15 @@ pub struct StoredChunk {
     pub chunk: Chunk,
 }
 
+/// A chunk waiting for its vector.
+#[derive(Debug, Clone)]
+pub struct Pending {
+    pub rowid: i64,
+    pub id: String,
+    pub text: String,
+    pub symbol: Option<String>,
+}
+
 /// Counts for stats.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Counts {
@@ -55,8 +64,8 @@ pub trait ChunkStore: Send {
     fn remove_file(&mut self, path: &str) -> Result<Vec<i64>, Error>;
     fn chunks(&self, rowids: &[i64]) -> Result<Vec<StoredChunk>, Error>;
     fn all_chunks(&self) -> Result<Vec<StoredChunk>, Error>;
-    /// Chunks without a vector: (rowid, chunk id, text).
-    fn pending_vectors(&self, limit: usize) -> Result<Vec<(i64, String, String)>, Error>;
+    /// Chunks without a vector: (rowid, chunk id, text, symbol).
+    fn pending_vectors(&self, limit: usize) -> Result<Vec<Pending>, Error>;
     fn set_vectors(&mut self, rows: &[(i64, Vec<f32>)]) -> Result<(), Error>;
     fn vectors(&self) -> Result<Vec<(i64, Vec<f32>)>, Error>;
     fn counts(&self) -> Result<Counts, Error>;
@@ -208,10 +217,13 @@ impl ChunkStore for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn pending_vectors(&self, limit: usize) -> Result<Vec<(i64, String, String)>, Error> {
-        let mut st =
-            self.conn.prepare_cached("SELECT rowid, id, text FROM chunks WHERE vector IS NULL ORDER BY rowid LIMIT ?1")?;
-        let rows = st.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    fn pending_vectors(&self, limit: usize) -> Result<Vec<Pending>, Error> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT rowid, id, text, symbol FROM chunks WHERE vector IS NULL ORDER BY rowid LIMIT ?1")?;
+        let rows = st.query_map([limit as i64], |r| {
+            Ok(Pending { rowid: r.get(0)?, id: r.get(1)?, text: r.get(2)?, symbol: r.get(3)? })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 

@@ -51,6 +51,7 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/:id/pty", get(pty))
         .merge(crate::templates::routes())
         .merge(crate::devtools::routes())
+        .merge(crate::knowledge::routes())
         .route("/me", get(crate::admin::me))
         .route(
             "/orgs",
@@ -130,6 +131,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/keys"),
     ("DELETE", "/v1/keys/:id"),
     ("GET", "/v1/audit"),
+    ("POST", "/v1/indexes"),
+    ("GET", "/v1/indexes"),
+    ("GET", "/v1/indexes/:name"),
+    ("DELETE", "/v1/indexes/:name"),
+    ("POST", "/v1/indexes/:name/sync"),
+    ("POST", "/v1/indexes/:name/search"),
+    ("POST", "/v1/indexes/:name/context"),
 ];
 
 /// The request id of a request (`x-request-id`), set by [`track`].

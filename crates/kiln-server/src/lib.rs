@@ -10,6 +10,7 @@ pub mod config;
 pub mod devtools;
 pub mod error;
 pub mod http;
+pub mod knowledge;
 pub mod ratelimit;
 pub mod service;
 pub mod templates;
