@@ -63,7 +63,9 @@ impl Embedder for Hashing {
             .map(|t| {
                 let mut v = vec![0f32; 384];
                 for (_, _, w) in kiln_knowledge::bm25::code_terms(t) {
-                    let h = w.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3));
+                    let h = w.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+                        (h ^ b as u64).wrapping_mul(0x100000001b3)
+                    });
                     v[(h % 384) as usize] += if h & (1 << 40) == 0 { 1.0 } else { -1.0 };
                 }
                 v[0] += 1e-3;
@@ -104,7 +106,9 @@ fn gen_file(rng: &mut impl Rng, n: usize) -> String {
 
 fn capitalise(w: &str) -> String {
     let mut c = w.chars();
-    c.next().map(|f| f.to_uppercase().collect::<String>() + c.as_str()).unwrap_or_default()
+    c.next()
+        .map(|f| f.to_uppercase().collect::<String>() + c.as_str())
+        .unwrap_or_default()
 }
 
 fn gen_tree(root: &Path, files: usize) -> Result<()> {
@@ -130,9 +134,15 @@ fn say(json: bool, line: String) {
 }
 
 pub async fn run(g: &Global, b: KnowledgeBench) -> Result<i32> {
-    let data_dir = g.data_dir.clone().unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_DATA_DIR));
+    let data_dir = g
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(crate::api::DEFAULT_DATA_DIR));
     let models = kiln_knowledge::embed::model_dir(&data_dir);
-    let datasets = b.datasets.clone().unwrap_or_else(|| data_dir.join("datasets"));
+    let datasets = b
+        .datasets
+        .clone()
+        .unwrap_or_else(|| data_dir.join("datasets"));
     tokio::task::spawn_blocking(move || bench(b, &models, &datasets))
         .await
         .map_err(|e| anyhow!("benchmark task failed: {e}"))?
@@ -140,7 +150,9 @@ pub async fn run(g: &Global, b: KnowledgeBench) -> Result<i32> {
 
 fn bench(b: KnowledgeBench, models: &Path, datasets: &Path) -> Result<i32> {
     let files = b.files.unwrap_or(if b.quick { 1_000 } else { 10_000 });
-    let nvec = b.vectors.unwrap_or(if b.quick { 100_000 } else { 1_000_000 });
+    let nvec = b
+        .vectors
+        .unwrap_or(if b.quick { 100_000 } else { 1_000_000 });
     let json_out = b.json;
     let model = Arc::new(MiniLm::load(models).context("loading all-MiniLM-L6-v2")?);
     let mut report = serde_json::Map::new();
@@ -161,10 +173,14 @@ fn bench(b: KnowledgeBench, models: &Path, datasets: &Path) -> Result<i32> {
     }
     let per_sec = texts.len() as f64 / t.elapsed().as_secs_f64();
     let mut qlat: Vec<f64> = Vec::new();
-    for q in ["sum the prices of the cart", "parse a request and return the token", "retry a job after a timeout"]
-        .iter()
-        .cycle()
-        .take(60)
+    for q in [
+        "sum the prices of the cart",
+        "parse a request and return the token",
+        "retry a job after a timeout",
+    ]
+    .iter()
+    .cycle()
+    .take(60)
     {
         let t = Instant::now();
         model.embed(&[q])?;
@@ -172,30 +188,57 @@ fn bench(b: KnowledgeBench, models: &Path, datasets: &Path) -> Result<i32> {
     }
     let qp = percentiles(&mut qlat);
     say(json_out, format!("embedding (all-MiniLM-L6-v2, candle, CPU)  {per_sec:>8.1} chunks/s   query embedding p50 {:.2} ms  p99 {:.2} ms", qp.p50, qp.p99));
-    report.insert("embedding".into(), json!({"chunks_per_sec": per_sec, "chunks": texts.len(), "query_embedding_ms": qp}));
+    report.insert(
+        "embedding".into(),
+        json!({"chunks_per_sec": per_sec, "chunks": texts.len(), "query_embedding_ms": qp}),
+    );
 
     // 2. Walk-to-searchable (BM25) on a generated tree.
     let work = tempfile::tempdir()?;
     let src = work.path().join("src");
     gen_tree(&src, files)?;
     let engine = Engine::new(&work.path().join("data"), models)?;
-    engine.create("bench", "tree", Source::Path { path: src.display().to_string() }, EmbedConfig::Local)?;
+    engine.create(
+        "bench",
+        "tree",
+        Source::Path {
+            path: src.display().to_string(),
+        },
+        EmbedConfig::Local,
+    )?;
     engine.set_embedder("bench", "tree", Arc::new(Hashing))?;
     let t = Instant::now();
     let first = engine.sync("bench", "tree", &|_| {})?;
     let walk_to_searchable = t.elapsed();
-    let hits = engine.search("bench", "tree", &SearchParams { mode: Mode::Bm25, ..SearchParams::new("order total", 5) })?;
+    let hits = engine.search(
+        "bench",
+        "tree",
+        &SearchParams {
+            mode: Mode::Bm25,
+            ..SearchParams::new("order total", 5)
+        },
+    )?;
     if hits.is_empty() {
         return Err(anyhow!("the fresh index found nothing"));
     }
-    say(json_out, format!(
-        "walk-to-searchable (BM25)  {files} files, {} chunks: {:.2} s",
-        first.chunks_added,
-        walk_to_searchable.as_secs_f64()
-    ));
+    say(
+        json_out,
+        format!(
+            "walk-to-searchable (BM25)  {files} files, {} chunks: {:.2} s",
+            first.chunks_added,
+            walk_to_searchable.as_secs_f64()
+        ),
+    );
     let t = Instant::now();
     let info = engine.wait_embedded("bench", "tree", Duration::from_secs(3600))?;
-    say(json_out, format!("synthetic vectors for {} chunks: {:.2} s", info.embedded, t.elapsed().as_secs_f64()));
+    say(
+        json_out,
+        format!(
+            "synthetic vectors for {} chunks: {:.2} s",
+            info.embedded,
+            t.elapsed().as_secs_f64()
+        ),
+    );
     report.insert(
         "walk_to_searchable".into(),
         json!({"files": files, "chunks": first.chunks_added, "seconds": walk_to_searchable.as_secs_f64()}),
@@ -230,7 +273,15 @@ fn bench(b: KnowledgeBench, models: &Path, datasets: &Path) -> Result<i32> {
     engine.set_query_cache("bench", "tree", false)?;
     let stats = engine.stats("bench", "tree")?;
     let queries: Vec<String> = (0..200)
-        .map(|_| format!("{} the {} of each {} by {}", word(&mut rng), word(&mut rng), word(&mut rng), word(&mut rng)))
+        .map(|_| {
+            format!(
+                "{} the {} of each {} by {}",
+                word(&mut rng),
+                word(&mut rng),
+                word(&mut rng),
+                word(&mut rng)
+            )
+        })
         .collect();
     let mut lat = Vec::new();
     let mut bm_lat = Vec::new();
@@ -243,7 +294,14 @@ fn bench(b: KnowledgeBench, models: &Path, datasets: &Path) -> Result<i32> {
             return Err(anyhow!("hybrid search found nothing for {q}"));
         }
         let t = Instant::now();
-        engine.search("bench", "tree", &SearchParams { mode: Mode::Bm25, ..SearchParams::new(q, 10) })?;
+        engine.search(
+            "bench",
+            "tree",
+            &SearchParams {
+                mode: Mode::Bm25,
+                ..SearchParams::new(q, 10)
+            },
+        )?;
         bm_lat.push(ms(t.elapsed()));
     }
     let hp = percentiles(&mut lat);
@@ -279,7 +337,11 @@ fn bench(b: KnowledgeBench, models: &Path, datasets: &Path) -> Result<i32> {
         .take(50)
         .map(|q| {
             let t = Instant::now();
-            let r = index.search_exact(q, 10, &|_| true).into_iter().map(|x| x.0).collect();
+            let r = index
+                .search_exact(q, 10, &|_| true)
+                .into_iter()
+                .map(|x| x.0)
+                .collect();
             exact_lat.push(ms(t.elapsed()));
             r
         })
@@ -310,7 +372,10 @@ fn bench(b: KnowledgeBench, models: &Path, datasets: &Path) -> Result<i32> {
         json!({"vectors": nvec, "dim": dim, "generate_s": gen_s, "build_s": build_s, "exact_ms": ep, "ivf": sweep,
                "targets": {"p99_ms": 10, "recall_at_10": 0.95}}),
     );
-    say(json_out, format!("(IVF build {build_s:.1} s over {nvec} vectors)"));
+    say(
+        json_out,
+        format!("(IVF build {build_s:.1} s over {nvec} vectors)"),
+    );
     drop(index);
 
     // 6. HumanEval.
@@ -318,15 +383,35 @@ fn bench(b: KnowledgeBench, models: &Path, datasets: &Path) -> Result<i32> {
         let corpus = tempfile::tempdir()?;
         let sets = eval::prepare(datasets, corpus.path())?;
         let e = Engine::new(&corpus.path().join("data"), models)?;
-        e.create("eval", "humaneval", Source::Path { path: corpus.path().display().to_string() }, EmbedConfig::Local)?;
+        e.create(
+            "eval",
+            "humaneval",
+            Source::Path {
+                path: corpus.path().display().to_string(),
+            },
+            EmbedConfig::Local,
+        )?;
         let t = Instant::now();
         e.sync("eval", "humaneval", &|_| {})?;
         let info = e.wait_embedded("eval", "humaneval", Duration::from_secs(3600))?;
-        say(json_out, format!("HumanEval corpus: {} chunks indexed and embedded in {:.1} s", info.chunks, t.elapsed().as_secs_f64()));
+        say(
+            json_out,
+            format!(
+                "HumanEval corpus: {} chunks indexed and embedded in {:.1} s",
+                info.chunks,
+                t.elapsed().as_secs_f64()
+            ),
+        );
         let weights: Vec<f32> = (0..=10).map(|i| i as f32 / 10.0).collect();
         let rows = eval::evaluate(&e, "eval", "humaneval", &sets, &weights)?;
         for r in &rows {
-            say(json_out, format!("{:<18} {:<14} R@1 {:.3}  R@5 {:.3}  MRR@10 {:.3}  ({} queries)", r.set, r.method, r.r1, r.r5, r.mrr10, r.queries));
+            say(
+                json_out,
+                format!(
+                    "{:<18} {:<14} R@1 {:.3}  R@5 {:.3}  MRR@10 {:.3}  ({} queries)",
+                    r.set, r.method, r.r1, r.r5, r.mrr10, r.queries
+                ),
+            );
         }
         report.insert("humaneval".into(), serde_json::to_value(&rows)?);
     }
@@ -363,7 +448,10 @@ fn clustered(n: usize, dim: usize, q: usize) -> (Vec<f32>, Vec<Vec<f32>>) {
     let queries = (0..q)
         .map(|_| {
             let i = rng.gen_range(0..n);
-            let mut v: Vec<f32> = data[i * dim..(i + 1) * dim].iter().map(|x| x + 0.03 * gauss(&mut rng)).collect();
+            let mut v: Vec<f32> = data[i * dim..(i + 1) * dim]
+                .iter()
+                .map(|x| x + 0.03 * gauss(&mut rng))
+                .collect();
             l2_normalise(&mut v);
             v
         })

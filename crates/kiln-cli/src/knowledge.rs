@@ -132,8 +132,12 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
             let mut body = json!({ "name": a.name });
             match (&a.path, &a.git, &a.sandbox) {
                 (Some(p), _, _) => {
-                    let abs = std::fs::canonicalize(p)
-                        .with_context(|| format!("source path {} (hint: give an existing directory)", p.display()))?;
+                    let abs = std::fs::canonicalize(p).with_context(|| {
+                        format!(
+                            "source path {} (hint: give an existing directory)",
+                            p.display()
+                        )
+                    })?;
                     body["path"] = json!(abs.display().to_string());
                 }
                 (_, Some(u), _) => body["git"] = json!(u),
@@ -187,7 +191,10 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
                 println!("{v}");
                 return Ok(0);
             }
-            println!("{:<24} {:>8} {:>8} {:>9}  SOURCE", "NAME", "FILES", "CHUNKS", "EMBEDDED");
+            println!(
+                "{:<24} {:>8} {:>8} {:>9}  SOURCE",
+                "NAME", "FILES", "CHUNKS", "EMBEDDED"
+            );
             for i in v["indexes"].as_array().into_iter().flatten() {
                 println!(
                     "{:<24} {:>8} {:>8} {:>9}  {}",
@@ -201,21 +208,45 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
             Ok(0)
         }
         IndexCmd::Stats { name, json } => {
-            let v: Value = api.json(Method::GET, &format!("/v1/indexes/{name}"), None::<&()>).await?;
+            let v: Value = api
+                .json(Method::GET, &format!("/v1/indexes/{name}"), None::<&()>)
+                .await?;
             if json {
                 println!("{v}");
                 return Ok(0);
             }
             let i = &v["info"];
             println!("index          {}", i["name"].as_str().unwrap_or_default());
-            println!("source         {}", i["source"]["path"].as_str().unwrap_or_default());
-            println!("embeddings     {}", i["embed"]["provider"].as_str().unwrap_or_default());
+            println!(
+                "source         {}",
+                i["source"]["path"].as_str().unwrap_or_default()
+            );
+            println!(
+                "embeddings     {}",
+                i["embed"]["provider"].as_str().unwrap_or_default()
+            );
             println!("files          {}", i["files"]);
-            println!("chunks         {} ({} embedded)", i["chunks"], i["embedded"]);
+            println!(
+                "chunks         {} ({} embedded)",
+                i["chunks"], i["embedded"]
+            );
             println!("generation     {}", v["generation"]);
-            println!("merkle root    {}", v["merkle_root"].as_str().unwrap_or("-"));
-            println!("vector search  {}", if v["ann"].as_bool() == Some(true) { "IVF (ANN)" } else { "exact" });
-            for (label, key) in [("query cache", "query_cache"), ("embed cache", "embedding_cache")] {
+            println!(
+                "merkle root    {}",
+                v["merkle_root"].as_str().unwrap_or("-")
+            );
+            println!(
+                "vector search  {}",
+                if v["ann"].as_bool() == Some(true) {
+                    "IVF (ANN)"
+                } else {
+                    "exact"
+                }
+            );
+            for (label, key) in [
+                ("query cache", "query_cache"),
+                ("embed cache", "embedding_cache"),
+            ] {
                 let c = &v[key];
                 println!(
                     "{label:<14} {:.1} % hits ({} hits, {} misses)",
@@ -240,7 +271,8 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
             Ok(0)
         }
         IndexCmd::Rm { name } => {
-            api.empty(Method::DELETE, &format!("/v1/indexes/{name}")).await?;
+            api.empty(Method::DELETE, &format!("/v1/indexes/{name}"))
+                .await?;
             Ok(0)
         }
     }
@@ -257,7 +289,9 @@ fn summary(r: &Value) -> String {
 /// One sync: a bar on a TTY, the NDJSON lines with `--json`, a summary line otherwise.
 async fn sync_once(api: &crate::api::Api, name: &str, json: bool, print: bool) -> Result<Value> {
     use futures_util::StreamExt;
-    let resp = api.send(api.request(Method::POST, &format!("/v1/indexes/{name}/sync"))).await?;
+    let resp = api
+        .send(api.request(Method::POST, &format!("/v1/indexes/{name}/sync")))
+        .await?;
     let bar = (print && !json && std::io::stderr().is_terminal()).then(|| {
         let pb = indicatif::ProgressBar::new(0);
         pb.set_style(
@@ -272,7 +306,8 @@ async fn sync_once(api: &crate::api::Api, name: &str, json: bool, print: bool) -
         buf.extend_from_slice(&chunk.map_err(|e| anyhow!("the sync stream broke: {e}"))?);
         while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=nl).collect();
-            let v: Value = serde_json::from_slice(&line).map_err(|e| anyhow!("malformed sync event: {e}"))?;
+            let v: Value =
+                serde_json::from_slice(&line).map_err(|e| anyhow!("malformed sync event: {e}"))?;
             if json && print {
                 println!("{v}");
             }
@@ -294,7 +329,10 @@ async fn sync_once(api: &crate::api::Api, name: &str, json: bool, print: bool) -
                 }
                 Some("error") => {
                     let e = &v["error"];
-                    let hint = e["hint"].as_str().map(|h| format!(" (hint: {h})")).unwrap_or_default();
+                    let hint = e["hint"]
+                        .as_str()
+                        .map(|h| format!(" (hint: {h})"))
+                        .unwrap_or_default();
                     bail!("{}{hint}", e["message"].as_str().unwrap_or("sync failed"));
                 }
                 _ => {}
@@ -308,7 +346,14 @@ pub async fn search(g: &Global, a: SearchArgs) -> Result<i32> {
     let body = json!({
         "query": a.query, "k": a.k, "lang": a.lang, "path": a.path, "kind": a.kind, "mode": a.mode,
     });
-    let v: Value = g.api().json(Method::POST, &format!("/v1/indexes/{}/search", a.name), Some(&body)).await?;
+    let v: Value = g
+        .api()
+        .json(
+            Method::POST,
+            &format!("/v1/indexes/{}/search", a.name),
+            Some(&body),
+        )
+        .await?;
     if a.json {
         println!("{v}");
         return Ok(0);
@@ -329,7 +374,14 @@ pub async fn search(g: &Global, a: SearchArgs) -> Result<i32> {
 
 pub async fn context(g: &Global, a: ContextArgs) -> Result<i32> {
     let body = json!({ "query": a.query, "tokens": a.tokens, "symbols": a.symbols });
-    let v: Value = g.api().json(Method::POST, &format!("/v1/indexes/{}/context", a.name), Some(&body)).await?;
+    let v: Value = g
+        .api()
+        .json(
+            Method::POST,
+            &format!("/v1/indexes/{}/context", a.name),
+            Some(&body),
+        )
+        .await?;
     if a.json {
         println!("{v}");
     } else {

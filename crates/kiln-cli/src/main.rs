@@ -7,10 +7,10 @@
 mod admin;
 mod api;
 mod bench;
+mod bench_knowledge;
 mod bench_template;
 mod devtools;
 mod knowledge;
-mod bench_knowledge;
 mod sandbox;
 mod shell;
 mod template;

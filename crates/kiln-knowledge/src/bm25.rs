@@ -6,7 +6,9 @@ use std::path::Path;
 use tantivy::collector::TopDocs;
 use tantivy::directory::MmapDirectory;
 use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
-use tantivy::schema::{Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING};
+use tantivy::schema::{
+    Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING,
+};
 use tantivy::tokenizer::{TextAnalyzer, Token, TokenStream, Tokenizer};
 use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, Term};
 
@@ -43,7 +45,11 @@ pub fn code_terms(text: &str) -> Vec<(usize, usize, String)> {
 /// The words of identifiers in `s`, lowercase, without the whole identifiers.
 pub fn identifier_words(s: &str) -> Vec<String> {
     s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-        .flat_map(|w| split_identifier(w).into_iter().map(move |(a, b)| w[a..b].to_ascii_lowercase()))
+        .flat_map(|w| {
+            split_identifier(w)
+                .into_iter()
+                .map(move |(a, b)| w[a..b].to_ascii_lowercase())
+        })
         .collect()
 }
 
@@ -108,7 +114,13 @@ impl Tokenizer for CodeTokenizer {
             .into_iter()
             .filter(|t| t.2.len() <= 64)
             .enumerate()
-            .map(|(n, (s, e, t))| Token { offset_from: s, offset_to: e, position: n, text: t, position_length: 1 })
+            .map(|(n, (s, e, t))| Token {
+                offset_from: s,
+                offset_to: e,
+                position: n,
+                text: t,
+                position_length: 1,
+            })
             .collect();
         VecStream { tokens, at: 0 }
     }
@@ -131,17 +143,31 @@ impl Bm25 {
         let rowid = sb.add_i64_field("rowid", INDEXED | FAST);
         let _path = sb.add_text_field("path", STRING);
         let opts = TextOptions::default().set_indexing_options(
-            TextFieldIndexing::default().set_tokenizer("code").set_index_option(IndexRecordOption::WithFreqs),
+            TextFieldIndexing::default()
+                .set_tokenizer("code")
+                .set_index_option(IndexRecordOption::WithFreqs),
         );
         let text = sb.add_text_field("text", opts.clone());
         let symbol = sb.add_text_field("symbol", opts);
         let schema = sb.build();
         let mdir = MmapDirectory::open(dir).map_err(|e| Error::Search(e.to_string()))?;
         let index = Index::open_or_create(mdir, schema)?;
-        index.tokenizers().register("code", TextAnalyzer::from(CodeTokenizer));
+        index
+            .tokenizers()
+            .register("code", TextAnalyzer::from(CodeTokenizer));
         let writer = index.writer_with_num_threads(1, 32_000_000)?;
-        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
-        Ok(Bm25 { index, writer, reader, rowid, text, symbol })
+        let reader = index
+            .reader_builder()
+            .reload_policy(ReloadPolicy::Manual)
+            .try_into()?;
+        Ok(Bm25 {
+            index,
+            writer,
+            reader,
+            rowid,
+            text,
+            symbol,
+        })
     }
 
     pub fn add(&mut self, rowid: i64, text: &str, symbol: Option<&str>) -> Result<(), Error> {
@@ -154,7 +180,8 @@ impl Bm25 {
     }
 
     pub fn delete(&mut self, rowid: i64) {
-        self.writer.delete_term(Term::from_field_i64(self.rowid, rowid));
+        self.writer
+            .delete_term(Term::from_field_i64(self.rowid, rowid));
     }
 
     /// Makes what was added and deleted searchable.
@@ -176,12 +203,18 @@ impl Bm25 {
         for t in &terms {
             clauses.push((
                 Occur::Should,
-                Box::new(TermQuery::new(Term::from_field_text(self.text, t), IndexRecordOption::WithFreqs)),
+                Box::new(TermQuery::new(
+                    Term::from_field_text(self.text, t),
+                    IndexRecordOption::WithFreqs,
+                )),
             ));
             clauses.push((
                 Occur::Should,
                 Box::new(BoostQuery::new(
-                    Box::new(TermQuery::new(Term::from_field_text(self.symbol, t), IndexRecordOption::WithFreqs)),
+                    Box::new(TermQuery::new(
+                        Term::from_field_text(self.symbol, t),
+                        IndexRecordOption::WithFreqs,
+                    )),
                     2.0,
                 )),
             ));

@@ -92,7 +92,13 @@ pub struct ChunkLimits {
 
 impl Default for ChunkLimits {
     fn default() -> Self {
-        ChunkLimits { max_chars: 1500, max_lines: 60, min_chars: 250, window: 40, overlap: 8 }
+        ChunkLimits {
+            max_chars: 1500,
+            max_lines: 60,
+            min_chars: 250,
+            window: 40,
+            overlap: 8,
+        }
     }
 }
 
@@ -129,16 +135,18 @@ pub fn chunk_file(path: &str, language: Language, text: &str, limits: &ChunkLimi
         return Vec::new();
     }
     let pieces = match language {
-        Language::Python | Language::Rust | Language::TypeScript | Language::Tsx | Language::JavaScript => {
-            match parse_units(language, text) {
-                Some(units) => {
-                    let mut out = Vec::new();
-                    emit_region(&units, 0, nrows - 1, None, &lines, limits, &mut out);
-                    out
-                }
-                None => windows(0, nrows - 1, None, None, SymbolKind::Lines, limits),
+        Language::Python
+        | Language::Rust
+        | Language::TypeScript
+        | Language::Tsx
+        | Language::JavaScript => match parse_units(language, text) {
+            Some(units) => {
+                let mut out = Vec::new();
+                emit_region(&units, 0, nrows - 1, None, &lines, limits, &mut out);
+                out
             }
-        }
+            None => windows(0, nrows - 1, None, None, SymbolKind::Lines, limits),
+        },
         Language::Markdown => markdown(&lines[..nrows], limits),
         Language::Text => windows(0, nrows - 1, None, None, SymbolKind::Lines, limits),
     };
@@ -199,14 +207,20 @@ fn classify<'t>(
     language: Language,
     in_container: bool,
 ) -> Option<(SymbolKind, Option<String>, Option<tree_sitter::Node<'t>>)> {
-    let fn_kind = if in_container { SymbolKind::Method } else { SymbolKind::Function };
+    let fn_kind = if in_container {
+        SymbolKind::Method
+    } else {
+        SymbolKind::Function
+    };
     let k = node.kind();
     match language {
         Language::Python => match k {
             "function_definition" => Some((fn_kind, node_name(node, text), None)),
-            "class_definition" => {
-                Some((SymbolKind::Class, node_name(node, text), node.child_by_field_name("body")))
-            }
+            "class_definition" => Some((
+                SymbolKind::Class,
+                node_name(node, text),
+                node.child_by_field_name("body"),
+            )),
             "decorated_definition" => {
                 let def = node.child_by_field_name("definition")?;
                 let (kind, name, body) = classify(def, text, language, in_container)?;
@@ -215,10 +229,16 @@ fn classify<'t>(
             _ => None,
         },
         Language::Rust => match k {
-            "function_item" | "function_signature_item" => Some((fn_kind, node_name(node, text), None)),
+            "function_item" | "function_signature_item" => {
+                Some((fn_kind, node_name(node, text), None))
+            }
             "impl_item" => {
-                let ty = node.child_by_field_name("type").and_then(|t| t.utf8_text(text.as_bytes()).ok());
-                let tr = node.child_by_field_name("trait").and_then(|t| t.utf8_text(text.as_bytes()).ok());
+                let ty = node
+                    .child_by_field_name("type")
+                    .and_then(|t| t.utf8_text(text.as_bytes()).ok());
+                let tr = node
+                    .child_by_field_name("trait")
+                    .and_then(|t| t.utf8_text(text.as_bytes()).ok());
                 let name = match (tr, ty) {
                     (Some(tr), Some(ty)) => Some(format!("{tr} for {ty}")),
                     (None, Some(ty)) => Some(ty.to_string()),
@@ -226,7 +246,11 @@ fn classify<'t>(
                 };
                 Some((SymbolKind::Impl, name, node.child_by_field_name("body")))
             }
-            "trait_item" => Some((SymbolKind::Trait, node_name(node, text), node.child_by_field_name("body"))),
+            "trait_item" => Some((
+                SymbolKind::Trait,
+                node_name(node, text),
+                node.child_by_field_name("body"),
+            )),
             "struct_item" | "enum_item" | "union_item" | "type_item" => {
                 Some((SymbolKind::Type, node_name(node, text), None))
             }
@@ -244,16 +268,24 @@ fn classify<'t>(
             "method_definition" | "abstract_method_signature" | "method_signature" => {
                 Some((SymbolKind::Method, node_name(node, text), None))
             }
-            "class_declaration" | "abstract_class_declaration" | "class" => {
-                Some((SymbolKind::Class, node_name(node, text), node.child_by_field_name("body")))
+            "class_declaration" | "abstract_class_declaration" | "class" => Some((
+                SymbolKind::Class,
+                node_name(node, text),
+                node.child_by_field_name("body"),
+            )),
+            "interface_declaration" => Some((
+                SymbolKind::Trait,
+                node_name(node, text),
+                node.child_by_field_name("body"),
+            )),
+            "type_alias_declaration" | "enum_declaration" => {
+                Some((SymbolKind::Type, node_name(node, text), None))
             }
-            "interface_declaration" => {
-                Some((SymbolKind::Trait, node_name(node, text), node.child_by_field_name("body")))
-            }
-            "type_alias_declaration" | "enum_declaration" => Some((SymbolKind::Type, node_name(node, text), None)),
-            "internal_module" | "module" => {
-                Some((SymbolKind::Module, node_name(node, text), node.child_by_field_name("body")))
-            }
+            "internal_module" | "module" => Some((
+                SymbolKind::Module,
+                node_name(node, text),
+                node.child_by_field_name("body"),
+            )),
             "export_statement" => {
                 let decl = node.child_by_field_name("declaration")?;
                 classify(decl, text, language, in_container)
@@ -261,12 +293,21 @@ fn classify<'t>(
             "lexical_declaration" | "variable_declaration" => {
                 // `const f = (..) => ..` / `= function ..`: a function named by its variable.
                 let mut cur = node.walk();
-                let decl = node.named_children(&mut cur).find(|c| c.kind() == "variable_declarator")?;
+                let decl = node
+                    .named_children(&mut cur)
+                    .find(|c| c.kind() == "variable_declarator")?;
                 let value = decl.child_by_field_name("value")?;
-                if matches!(value.kind(), "arrow_function" | "function_expression" | "function") {
+                if matches!(
+                    value.kind(),
+                    "arrow_function" | "function_expression" | "function"
+                ) {
                     Some((SymbolKind::Function, node_name(decl, text), None))
                 } else if value.kind() == "class" {
-                    Some((SymbolKind::Class, node_name(decl, text), value.child_by_field_name("body")))
+                    Some((
+                        SymbolKind::Class,
+                        node_name(decl, text),
+                        value.child_by_field_name("body"),
+                    ))
                 } else {
                     None
                 }
@@ -276,12 +317,20 @@ fn classify<'t>(
     }
 }
 
-fn collect_units(node: tree_sitter::Node, text: &str, language: Language, container: Option<&str>, out: &mut Vec<Unit>) {
+fn collect_units(
+    node: tree_sitter::Node,
+    text: &str,
+    language: Language,
+    container: Option<&str>,
+    out: &mut Vec<Unit>,
+) {
     let mut cur = node.walk();
     for child in node.named_children(&mut cur) {
         if let Some((kind, name, body)) = classify(child, text, language, container.is_some()) {
             let symbol = match (container, name) {
-                (Some(c), Some(n)) if matches!(kind, SymbolKind::Method) => Some(format!("{c}.{n}")),
+                (Some(c), Some(n)) if matches!(kind, SymbolKind::Method) => {
+                    Some(format!("{c}.{n}"))
+                }
                 (_, n) => n,
             };
             let mut children = Vec::new();
@@ -291,7 +340,9 @@ fn collect_units(node: tree_sitter::Node, text: &str, language: Language, contai
                 let cname = symbol.clone().unwrap_or_default();
                 collect_units(body, text, language, Some(&cname), &mut children);
                 if let Some(first) = children.first() {
-                    header_end = header_end.min(first.start.saturating_sub(1)).max(child.start_position().row);
+                    header_end = header_end
+                        .min(first.start.saturating_sub(1))
+                        .max(child.start_position().row);
                 }
             }
             out.push(Unit {
@@ -343,7 +394,14 @@ fn emit_region(
     }
 }
 
-fn gap(start: usize, end: usize, header: Option<(usize, usize)>, lines: &[&str], limits: &ChunkLimits, out: &mut Vec<Piece>) {
+fn gap(
+    start: usize,
+    end: usize,
+    header: Option<(usize, usize)>,
+    lines: &[&str],
+    limits: &ChunkLimits,
+    out: &mut Vec<Piece>,
+) {
     // Trim blank rows at both ends; an all-blank gap yields nothing.
     let mut s = start;
     let mut e = end;
@@ -369,7 +427,13 @@ fn emit_unit(
     out: &mut Vec<Piece>,
 ) {
     if !too_big(lines, start, end, limits) {
-        out.push(Piece { start, end, header, symbol: u.symbol.clone(), kind: u.kind });
+        out.push(Piece {
+            start,
+            end,
+            header,
+            symbol: u.symbol.clone(),
+            kind: u.kind,
+        });
         return;
     }
     // The header of this unit: from its first row to where its body starts (at most 4 rows).
@@ -378,7 +442,13 @@ fn emit_unit(
     if !u.children.is_empty() {
         // The header rows form the first piece's start; the rest is split by children.
         let body_start = he + 1;
-        out.push(Piece { start, end: he, header, symbol: u.symbol.clone(), kind: u.kind });
+        out.push(Piece {
+            start,
+            end: he,
+            header,
+            symbol: u.symbol.clone(),
+            kind: u.kind,
+        });
         if body_start <= end {
             emit_region(&u.children, body_start, end, own_header, lines, limits, out);
         }
@@ -407,15 +477,29 @@ fn windows(
     limits: &ChunkLimits,
 ) -> Vec<Piece> {
     let mut out = Vec::new();
-    let win = if kind == SymbolKind::Lines { limits.window } else { limits.max_lines };
+    let win = if kind == SymbolKind::Lines {
+        limits.window
+    } else {
+        limits.max_lines
+    };
     let mut s = start;
     loop {
         let e = (s + win - 1).min(end);
-        out.push(Piece { start: s, end: e, header, symbol: symbol.clone(), kind });
+        out.push(Piece {
+            start: s,
+            end: e,
+            header,
+            symbol: symbol.clone(),
+            kind,
+        });
         if e >= end {
             break;
         }
-        let overlap = if kind == SymbolKind::Lines { limits.overlap } else { 0 };
+        let overlap = if kind == SymbolKind::Lines {
+            limits.overlap
+        } else {
+            0
+        };
         s = (e + 1).saturating_sub(overlap).max(s + 1);
     }
     out
@@ -448,7 +532,14 @@ fn markdown(lines: &[&str], limits: &ChunkLimits) -> Vec<Piece> {
     }
     for (n, (row, title)) in heads.iter().enumerate() {
         let e = heads.get(n + 1).map(|h| h.0 - 1).unwrap_or(end);
-        let mut ps = windows(*row, e, None, Some(title.clone()), SymbolKind::Section, limits);
+        let mut ps = windows(
+            *row,
+            e,
+            None,
+            Some(title.clone()),
+            SymbolKind::Section,
+            limits,
+        );
         for p in ps.iter_mut().skip(1) {
             p.header = Some((*row, *row));
         }
@@ -458,7 +549,12 @@ fn markdown(lines: &[&str], limits: &ChunkLimits) -> Vec<Piece> {
 }
 
 /// Merges runs of adjacent small pieces that share a header, up to the size limit.
-fn merge_small(pieces: Vec<Piece>, lines: &[&str], limits: &ChunkLimits, language: Language) -> Vec<Piece> {
+fn merge_small(
+    pieces: Vec<Piece>,
+    lines: &[&str],
+    limits: &ChunkLimits,
+    language: Language,
+) -> Vec<Piece> {
     let mut out: Vec<Piece> = Vec::new();
     for p in pieces {
         if let Some(last) = out.last_mut() {

@@ -44,7 +44,10 @@ impl Context {
             out.push('\n');
         }
         for p in &self.pieces {
-            out.push_str(&format!("--- {}:{}-{}\n{}\n", p.path, p.start_line, p.end_line, p.text));
+            out.push_str(&format!(
+                "--- {}:{}-{}\n{}\n",
+                p.path, p.start_line, p.end_line, p.text
+            ));
         }
         out
     }
@@ -62,7 +65,10 @@ fn body_lines(h: &Hit) -> Vec<&str> {
 pub fn assemble(hits: &[Hit], budget: usize, with_symbols: bool) -> Context {
     // Drop repeated texts (the same chunk in two files).
     let mut seen = HashSet::new();
-    let hits: Vec<&Hit> = hits.iter().filter(|h| seen.insert(h.chunk_id.clone())).collect();
+    let hits: Vec<&Hit> = hits
+        .iter()
+        .filter(|h| seen.insert(h.chunk_id.clone()))
+        .collect();
     // Merge ranges per file: line -> text, and the best score of each merged range.
     let mut by_file: BTreeMap<&str, Vec<&Hit>> = BTreeMap::new();
     for h in &hits {
@@ -76,7 +82,8 @@ pub fn assemble(hits: &[Hit], budget: usize, with_symbols: bool) -> Context {
             let lines = body_lines(h);
             let take = |m: &mut BTreeMap<u32, String>| {
                 for (i, l) in lines.iter().enumerate() {
-                    m.entry(h.start_line + i as u32).or_insert_with(|| l.to_string());
+                    m.entry(h.start_line + i as u32)
+                        .or_insert_with(|| l.to_string());
                 }
             };
             match &mut cur {
@@ -106,7 +113,13 @@ pub fn assemble(hits: &[Hit], budget: usize, with_symbols: bool) -> Context {
         for h in &hits {
             if let Some(s) = &h.symbol {
                 if seen.insert((h.path.clone(), s.clone())) {
-                    lines.push(format!("  {}:{} {} {}", h.path, h.start_line, h.kind.as_str(), s));
+                    lines.push(format!(
+                        "  {}:{} {} {}",
+                        h.path,
+                        h.start_line,
+                        h.kind.as_str(),
+                        s
+                    ));
                 }
             }
         }
@@ -138,12 +151,27 @@ pub fn assemble(hits: &[Hit], budget: usize, with_symbols: bool) -> Context {
         }
     }
     chosen.sort_by(|a, b| b.score.total_cmp(&a.score));
-    Context { symbol_map, pieces: chosen, tokens: used, budget }
+    Context {
+        symbol_map,
+        pieces: chosen,
+        tokens: used,
+        budget,
+    }
 }
 
 fn make_piece(path: &str, (s, e, score, m): (u32, u32, f32, BTreeMap<u32, String>)) -> Piece {
-    let text = (s..=e).map(|l| m.get(&l).map(String::as_str).unwrap_or("")).collect::<Vec<_>>().join("\n");
+    let text = (s..=e)
+        .map(|l| m.get(&l).map(String::as_str).unwrap_or(""))
+        .collect::<Vec<_>>()
+        .join("\n");
     // The header line `--- path:s-e` counts too.
     let tokens = estimate_tokens(&text) + estimate_tokens(path) + 4;
-    Piece { path: path.to_string(), start_line: s, end_line: e, score, tokens, text }
+    Piece {
+        path: path.to_string(),
+        start_line: s,
+        end_line: e,
+        score,
+        tokens,
+        text,
+    }
 }

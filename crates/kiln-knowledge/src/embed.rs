@@ -37,7 +37,11 @@ pub enum EmbedConfig {
     Ollama { url: String, model: String },
     /// OpenAI-compatible: `POST {url}/v1/embeddings` (with `Authorization: Bearer` when a key is
     /// given through the environment variable named by `api_key_env`).
-    Openai { url: String, model: String, api_key_env: Option<String> },
+    Openai {
+        url: String,
+        model: String,
+        api_key_env: Option<String>,
+    },
 }
 
 /// Where the local model lives: `$KILN_MODEL_DIR`, else `<data dir>/models`.
@@ -72,19 +76,33 @@ impl MiniLm {
     pub fn load(models_dir: &Path) -> Result<MiniLm, Error> {
         let dir = models_dir.join(MINILM_DIR);
         let missing = |f: &str| Error::ModelMissing(dir.join(f).display().to_string());
-        let config = std::fs::read_to_string(dir.join("config.json")).map_err(|_| missing("config.json"))?;
-        let config: Config =
-            serde_json::from_str(&config).map_err(|e| Error::Embedding(format!("config.json: {e}")))?;
-        let weights = std::fs::read(dir.join("model.safetensors")).map_err(|_| missing("model.safetensors"))?;
+        let config =
+            std::fs::read_to_string(dir.join("config.json")).map_err(|_| missing("config.json"))?;
+        let config: Config = serde_json::from_str(&config)
+            .map_err(|e| Error::Embedding(format!("config.json: {e}")))?;
+        let weights = std::fs::read(dir.join("model.safetensors"))
+            .map_err(|_| missing("model.safetensors"))?;
         let device = Device::Cpu;
-        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device).map_err(cerr)?;
+        let vb =
+            VarBuilder::from_buffered_safetensors(weights, DType::F32, &device).map_err(cerr)?;
         let model = BertModel::load(vb, &config).map_err(cerr)?;
-        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|_| missing("tokenizer.json"))?;
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|_| missing("tokenizer.json"))?;
         tokenizer
-            .with_truncation(Some(TruncationParams { max_length: MINILM_MAX_TOKENS, ..Default::default() }))
+            .with_truncation(Some(TruncationParams {
+                max_length: MINILM_MAX_TOKENS,
+                ..Default::default()
+            }))
             .map_err(|e| Error::Embedding(format!("tokenizer: {e}")))?;
-        tokenizer.with_padding(Some(PaddingParams { strategy: PaddingStrategy::BatchLongest, ..Default::default() }));
-        Ok(MiniLm { model, tokenizer, device })
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::BatchLongest,
+            ..Default::default()
+        }));
+        Ok(MiniLm {
+            model,
+            tokenizer,
+            device,
+        })
     }
 
     fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
@@ -103,9 +121,20 @@ impl MiniLm {
         let ids = Tensor::from_vec(ids, (b, len), &self.device).map_err(cerr)?;
         let mask = Tensor::from_vec(mask, (b, len), &self.device).map_err(cerr)?;
         let types = ids.zeros_like().map_err(cerr)?;
-        let out = self.model.forward(&ids, &types, Some(&mask)).map_err(cerr)?;
-        let maskf = mask.to_dtype(DType::F32).map_err(cerr)?.unsqueeze(2).map_err(cerr)?;
-        let summed = out.broadcast_mul(&maskf).map_err(cerr)?.sum(1).map_err(cerr)?;
+        let out = self
+            .model
+            .forward(&ids, &types, Some(&mask))
+            .map_err(cerr)?;
+        let maskf = mask
+            .to_dtype(DType::F32)
+            .map_err(cerr)?
+            .unsqueeze(2)
+            .map_err(cerr)?;
+        let summed = out
+            .broadcast_mul(&maskf)
+            .map_err(cerr)?
+            .sum(1)
+            .map_err(cerr)?;
         let counts = maskf.sum(1).map_err(cerr)?;
         let mean = summed.broadcast_div(&counts).map_err(cerr)?;
         let mut rows: Vec<Vec<f32>> = mean.to_vec2().map_err(cerr)?;
@@ -149,13 +178,22 @@ impl HttpEmbedder {
         let id = match &config {
             EmbedConfig::Ollama { url, model } => format!("ollama/{model}@{url}"),
             EmbedConfig::Openai { url, model, .. } => format!("openai/{model}@{url}"),
-            EmbedConfig::Local => return Err(Error::Invalid("the local model is not an HTTP provider".into())),
+            EmbedConfig::Local => {
+                return Err(Error::Invalid(
+                    "the local model is not an HTTP provider".into(),
+                ))
+            }
         };
         let client = reqwest::blocking::Client::builder()
             .timeout(std::time::Duration::from_secs(120))
             .build()
             .map_err(|e| Error::Embedding(e.to_string()))?;
-        Ok(HttpEmbedder { config, id, dim: std::sync::OnceLock::new(), client })
+        Ok(HttpEmbedder {
+            config,
+            id,
+            dim: std::sync::OnceLock::new(),
+            client,
+        })
     }
 }
 
@@ -196,9 +234,15 @@ impl Embedder for HttpEmbedder {
                 if !resp.status().is_success() {
                     return Err(fail(format!("HTTP {}", resp.status())));
                 }
-                resp.json::<OllamaResp>().map_err(|e| fail(e.to_string()))?.embeddings
+                resp.json::<OllamaResp>()
+                    .map_err(|e| fail(e.to_string()))?
+                    .embeddings
             }
-            EmbedConfig::Openai { url, model, api_key_env } => {
+            EmbedConfig::Openai {
+                url,
+                model,
+                api_key_env,
+            } => {
                 let mut req = self
                     .client
                     .post(format!("{}/v1/embeddings", url.trim_end_matches('/')))
@@ -210,14 +254,21 @@ impl Embedder for HttpEmbedder {
                 if !resp.status().is_success() {
                     return Err(fail(format!("HTTP {}", resp.status())));
                 }
-                let mut data = resp.json::<OpenaiResp>().map_err(|e| fail(e.to_string()))?.data;
+                let mut data = resp
+                    .json::<OpenaiResp>()
+                    .map_err(|e| fail(e.to_string()))?
+                    .data;
                 data.sort_by_key(|d| d.index);
                 data.into_iter().map(|d| d.embedding).collect()
             }
             EmbedConfig::Local => unreachable!("checked in new"),
         };
         if rows.len() != texts.len() {
-            return Err(fail(format!("{} vectors for {} inputs", rows.len(), texts.len())));
+            return Err(fail(format!(
+                "{} vectors for {} inputs",
+                rows.len(),
+                texts.len()
+            )));
         }
         let dim = rows[0].len();
         if dim == 0 || rows.iter().any(|r| r.len() != dim) || *self.dim.get_or_init(|| dim) != dim {

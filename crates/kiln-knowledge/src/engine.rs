@@ -66,7 +66,15 @@ pub struct CacheStats {
 
 fn rate(hits: u64, misses: u64) -> CacheStats {
     let total = hits + misses;
-    CacheStats { hits, misses, hit_rate: if total == 0 { 0.0 } else { hits as f64 / total as f64 } }
+    CacheStats {
+        hits,
+        misses,
+        hit_rate: if total == 0 {
+            0.0
+        } else {
+            hits as f64 / total as f64
+        },
+    }
 }
 
 /// What `stats` shows.
@@ -164,7 +172,8 @@ pub struct Engine {
 fn valid_name(kind: &str, s: &str) -> Result<(), Error> {
     let ok = !s.is_empty()
         && s.len() <= 64
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         && !s.starts_with('.');
     if ok {
         Ok(())
@@ -176,7 +185,10 @@ fn valid_name(kind: &str, s: &str) -> Result<(), Error> {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Version of what is embedded for a chunk (part of the embedding cache key).
@@ -243,20 +255,30 @@ impl Engine {
     }
 
     /// Creates an index (it is empty until the first sync).
-    pub fn create(&self, org: &str, name: &str, source: Source, embed: EmbedConfig) -> Result<IndexInfo, Error> {
+    pub fn create(
+        &self,
+        org: &str,
+        name: &str,
+        source: Source,
+        embed: EmbedConfig,
+    ) -> Result<IndexInfo, Error> {
         valid_name("organisation", org)?;
         valid_name("index name", name)?;
         match &source {
             Source::Path { path } => {
                 let p = Path::new(path);
                 if !p.is_absolute() || !p.is_dir() {
-                    return Err(Error::Invalid(format!("source path `{path}` is not an absolute path to a directory")));
+                    return Err(Error::Invalid(format!(
+                        "source path `{path}` is not an absolute path to a directory"
+                    )));
                 }
             }
         }
         if let EmbedConfig::Ollama { url, .. } | EmbedConfig::Openai { url, .. } = &embed {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(Error::Invalid(format!("embedding url `{url}` must start with http:// or https://")));
+                return Err(Error::Invalid(format!(
+                    "embedding url `{url}` must start with http:// or https://"
+                )));
             }
         }
         let dir = self.index_dir(org, name);
@@ -264,9 +286,17 @@ impl Engine {
             return Err(Error::Exists(name.to_string()));
         }
         std::fs::create_dir_all(&dir)?;
-        let config = IndexConfig { name: name.to_string(), source, embed, created_at: now() };
+        let config = IndexConfig {
+            name: name.to_string(),
+            source,
+            embed,
+            created_at: now(),
+        };
         let tmp = dir.join("config.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&config).map_err(|e| Error::Storage(e.to_string()))?)?;
+        std::fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&config).map_err(|e| Error::Storage(e.to_string()))?,
+        )?;
         std::fs::rename(&tmp, dir.join("config.json"))?;
         self.info(org, name)
     }
@@ -282,23 +312,37 @@ impl Engine {
         }
         let dir = self.index_dir(org, name);
         let config: IndexConfig = match std::fs::read(dir.join("config.json")) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::Storage(format!("config.json: {e}")))?,
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| Error::Storage(format!("config.json: {e}")))?,
             Err(_) => return Err(Error::NotFound(name.to_string())),
         };
         let store = SqliteStore::open(&dir.join("index.sqlite"))?;
         let bm25 = Bm25::open(&dir.join("bm25"))?;
         let mut meta = HashMap::new();
         for c in store.all_chunks()? {
-            meta.insert(c.rowid, ChunkMeta { path: c.chunk.path, language: c.chunk.language, kind: c.chunk.kind });
+            meta.insert(
+                c.rowid,
+                ChunkMeta {
+                    path: c.chunk.path,
+                    language: c.chunk.language,
+                    kind: c.chunk.kind,
+                },
+            );
         }
         let stored = store.vectors()?;
-        let dim = stored.first().map(|v| v.1.len()).unwrap_or(crate::embed::MINILM_DIM);
+        let dim = stored
+            .first()
+            .map(|v| v.1.len())
+            .unwrap_or(crate::embed::MINILM_DIM);
         let mut vectors = VectorIndex::new(dim);
         for (id, v) in &stored {
             vectors.upsert(*id, v);
         }
         vectors.maintain();
-        let generation = store.meta("generation")?.and_then(|g| g.parse().ok()).unwrap_or(0);
+        let generation = store
+            .meta("generation")?
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(0);
         let h = Arc::new(Handle {
             org: org.to_string(),
             config,
@@ -384,16 +428,26 @@ impl Engine {
 
     /// Brings the index up to date with its source. Lexical search sees the result when this
     /// returns; vectors follow on the background worker.
-    pub fn sync(&self, org: &str, name: &str, progress: &dyn Fn(SyncProgress)) -> Result<SyncReport, Error> {
+    pub fn sync(
+        &self,
+        org: &str,
+        name: &str,
+        progress: &dyn Fn(SyncProgress),
+    ) -> Result<SyncReport, Error> {
         let h = self.handle(org, name)?;
         let _guard = h.sync_lock.lock();
         let started = Instant::now();
         let Source::Path { path } = &h.config.source;
         let root = PathBuf::from(path);
-        let (files, skipped): (_, Skipped) =
-            walk(&root, &WalkOptions::default()).map_err(|e| Error::Source(format!("{path}: {e}")))?;
-        let old: HashMap<String, FileRecord> =
-            h.store.lock().files()?.into_iter().map(|f| (f.path.clone(), f)).collect();
+        let (files, skipped): (_, Skipped) = walk(&root, &WalkOptions::default())
+            .map_err(|e| Error::Source(format!("{path}: {e}")))?;
+        let old: HashMap<String, FileRecord> = h
+            .store
+            .lock()
+            .files()?
+            .into_iter()
+            .map(|f| (f.path.clone(), f))
+            .collect();
         let old_tree = merkle::tree(old.values().map(|f| (f.path.as_str(), f.hash.as_str())));
         let mut report = SyncReport {
             files: files.len() as u64,
@@ -408,7 +462,10 @@ impl Engine {
         let mut pending_commit = 0usize;
         for (i, f) in files.iter().enumerate() {
             if i % 256 == 0 {
-                progress(SyncProgress { done: i as u64, total });
+                progress(SyncProgress {
+                    done: i as u64,
+                    total,
+                });
             }
             seen.insert(f.rel.clone());
             let prev = old.get(&f.rel);
@@ -419,9 +476,16 @@ impl Engine {
                     continue;
                 }
             }
-            let Ok(bytes) = std::fs::read(&f.abs) else { continue };
+            let Ok(bytes) = std::fs::read(&f.abs) else {
+                continue;
+            };
             let hash = hex::encode(Sha256::digest(&bytes));
-            let record = FileRecord { path: f.rel.clone(), size: f.size, mtime_ns: f.mtime_ns, hash: hash.clone() };
+            let record = FileRecord {
+                path: f.rel.clone(),
+                size: f.size,
+                mtime_ns: f.mtime_ns,
+                hash: hash.clone(),
+            };
             new_hashes.push((f.rel.clone(), hash.clone()));
             if prev.is_some_and(|o| o.hash == hash) {
                 h.store.lock().touch_file(&record)?;
@@ -474,18 +538,27 @@ impl Engine {
         let new_tree = merkle::tree(new_hashes.iter().map(|(p, h)| (p.as_str(), h.as_str())));
         report.changed_dirs = merkle::changed_dirs(&old_tree, &new_tree);
         report.merkle_root = new_tree.get("").cloned().unwrap_or_default();
-        h.store.lock().set_meta("merkle_root", &report.merkle_root)?;
+        h.store
+            .lock()
+            .set_meta("merkle_root", &report.merkle_root)?;
         if touched_index {
             self.bump(&h)?;
             self.enqueue(&h);
         }
         report.millis = started.elapsed().as_millis() as u64;
-        metrics::counter!("kiln_knowledge_sync_files_changed_total").increment(report.added + report.changed + report.deleted);
+        metrics::counter!("kiln_knowledge_sync_files_changed_total")
+            .increment(report.added + report.changed + report.deleted);
         Ok(report)
     }
 
     /// Applies a file's change to BM25, vectors and the filter metadata.
-    fn apply(&self, h: &Handle, removed: &[i64], added: &[i64], chunks: &[crate::chunk::Chunk]) -> Result<(), Error> {
+    fn apply(
+        &self,
+        h: &Handle,
+        removed: &[i64],
+        added: &[i64],
+        chunks: &[crate::chunk::Chunk],
+    ) -> Result<(), Error> {
         {
             let mut bm = h.bm25.write();
             for &r in removed {
@@ -506,7 +579,14 @@ impl Engine {
             m.remove(r);
         }
         for (&r, c) in added.iter().zip(chunks) {
-            m.insert(r, ChunkMeta { path: c.path.clone(), language: c.language, kind: c.kind });
+            m.insert(
+                r,
+                ChunkMeta {
+                    path: c.path.clone(),
+                    language: c.language,
+                    kind: c.kind,
+                },
+            );
         }
         Ok(())
     }
@@ -547,7 +627,9 @@ impl Engine {
         }
         let dir = self.org_dir(org);
         std::fs::create_dir_all(&dir)?;
-        let c = Arc::new(Mutex::new(EmbeddingCache::open(&dir.join("embeddings.sqlite"))?));
+        let c = Arc::new(Mutex::new(EmbeddingCache::open(
+            &dir.join("embeddings.sqlite"),
+        )?));
         m.insert(org.to_string(), c.clone());
         Ok(c)
     }
@@ -580,23 +662,36 @@ impl Engine {
             }
             let hits = ready.len() as u64;
             h.l2_hits.fetch_add(hits, Ordering::Relaxed);
-            h.l2_misses.fetch_add(misses.len() as u64, Ordering::Relaxed);
+            h.l2_misses
+                .fetch_add(misses.len() as u64, Ordering::Relaxed);
             metrics::counter!("kiln_knowledge_embedding_cache_hits_total").increment(hits);
-            metrics::counter!("kiln_knowledge_embedding_cache_misses_total").increment(misses.len() as u64);
+            metrics::counter!("kiln_knowledge_embedding_cache_misses_total")
+                .increment(misses.len() as u64);
             for batch in misses.chunks(EMBED_BATCH) {
                 // Identical texts in one batch are embedded once.
-                let inputs: Vec<String> = batch.iter().map(|p| embedding_input(p.symbol.as_deref(), &p.text)).collect();
+                let inputs: Vec<String> = batch
+                    .iter()
+                    .map(|p| embedding_input(p.symbol.as_deref(), &p.text))
+                    .collect();
                 let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
                 let vecs = embedder.embed(&texts)?;
-                let rows: Vec<(String, Vec<f32>)> = batch.iter().zip(&vecs).map(|(p, v)| (p.id.clone(), v.clone())).collect();
+                let rows: Vec<(String, Vec<f32>)> = batch
+                    .iter()
+                    .zip(&vecs)
+                    .map(|(p, v)| (p.id.clone(), v.clone()))
+                    .collect();
                 cache.lock().put(&model, &rows)?;
-                metrics::counter!("kiln_knowledge_chunks_embedded_total").increment(batch.len() as u64);
+                metrics::counter!("kiln_knowledge_chunks_embedded_total")
+                    .increment(batch.len() as u64);
                 ready.extend(batch.iter().zip(vecs).map(|(p, v)| (p.rowid, v)));
             }
             // A chunk may have been replaced meanwhile: only rows still present get vectors.
             let live: Vec<(i64, Vec<f32>)> = {
                 let m = h.meta.read();
-                ready.into_iter().filter(|(id, _)| m.contains_key(id)).collect()
+                ready
+                    .into_iter()
+                    .filter(|(id, _)| m.contains_key(id))
+                    .collect()
             };
             h.store.lock().set_vectors(&live)?;
             {
@@ -620,7 +715,12 @@ impl Engine {
     }
 
     /// Waits until every chunk has a vector (or the embedding failed, or the timeout passed).
-    pub fn wait_embedded(&self, org: &str, name: &str, timeout: Duration) -> Result<IndexInfo, Error> {
+    pub fn wait_embedded(
+        &self,
+        org: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<IndexInfo, Error> {
         let h = self.handle(org, name)?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -657,7 +757,12 @@ impl Engine {
     /// Uses `embedder` for this index from now on (until the engine restarts) instead of its
     /// configured provider: for models plugged in by a library user, and for benchmarks with
     /// synthetic vectors.
-    pub fn set_embedder(&self, org: &str, name: &str, embedder: Arc<dyn Embedder>) -> Result<(), Error> {
+    pub fn set_embedder(
+        &self,
+        org: &str,
+        name: &str,
+        embedder: Arc<dyn Embedder>,
+    ) -> Result<(), Error> {
         let h = self.handle(org, name)?;
         h.embedder
             .set(embedder)
@@ -716,7 +821,10 @@ impl Engine {
         let bm = if params.mode != Mode::Vector {
             let want = if filtered { n * 20 } else { n };
             let raw = h.bm25.read().search(&params.query, want)?;
-            raw.into_iter().filter(|(id, _)| allow(*id)).take(n).collect()
+            raw.into_iter()
+                .filter(|(id, _)| allow(*id))
+                .take(n)
+                .collect()
         } else {
             Vec::new()
         };
@@ -724,7 +832,10 @@ impl Engine {
         let vs = if params.mode != Mode::Bm25 && has_vectors {
             let q = match query_vector {
                 Some(v) => v,
-                None => self.embedder(&h)?.embed(&[params.query.as_str()])?.remove(0),
+                None => self
+                    .embedder(&h)?
+                    .embed(&[params.query.as_str()])?
+                    .remove(0),
             };
             h.vectors.read().search(&q, n, &allow)
         } else {
@@ -740,7 +851,8 @@ impl Engine {
         let top: Vec<(i64, f32)> = fused.into_iter().take(params.k).collect();
         let ids: Vec<i64> = top.iter().map(|x| x.0).collect();
         let chunks = h.store.lock().chunks(&ids)?;
-        let by_id: HashMap<i64, crate::chunk::Chunk> = chunks.into_iter().map(|c| (c.rowid, c.chunk)).collect();
+        let by_id: HashMap<i64, crate::chunk::Chunk> =
+            chunks.into_iter().map(|c| (c.rowid, c.chunk)).collect();
         let hits: Vec<Hit> = top
             .into_iter()
             .filter_map(|(id, score)| {
@@ -766,7 +878,13 @@ impl Engine {
 
     /// The unfused candidates of a query (BM25, vectors; `n` each) and the path of every
     /// chunk row, for the evaluation, which fuses them with many weights.
-    pub fn raw_candidates(&self, org: &str, name: &str, query: &str, n: usize) -> Result<Candidates, Error> {
+    pub fn raw_candidates(
+        &self,
+        org: &str,
+        name: &str,
+        query: &str,
+        n: usize,
+    ) -> Result<Candidates, Error> {
         let h = self.handle(org, name)?;
         let bm25 = h.bm25.read().search(query, n)?;
         let q = self.embedder(&h)?.embed(&[query])?;
@@ -782,9 +900,18 @@ impl Engine {
     }
 
     /// The best context for `query` within `tokens`.
-    pub fn context(&self, org: &str, name: &str, query: &str, tokens: usize, symbols: bool) -> Result<Context, Error> {
+    pub fn context(
+        &self,
+        org: &str,
+        name: &str,
+        query: &str,
+        tokens: usize,
+        symbols: bool,
+    ) -> Result<Context, Error> {
         if !(64..=1_000_000).contains(&tokens) {
-            return Err(Error::Invalid("the token budget must be between 64 and 1000000".into()));
+            return Err(Error::Invalid(
+                "the token budget must be between 64 and 1000000".into(),
+            ));
         }
         let mut p = SearchParams::new(query, 50);
         p.k = 50;
@@ -803,8 +930,14 @@ impl Engine {
             generation: h.generation.load(Ordering::SeqCst),
             merkle_root: store.meta("merkle_root")?,
             ann,
-            query_cache: rate(h.l1_hits.load(Ordering::Relaxed), h.l1_misses.load(Ordering::Relaxed)),
-            embedding_cache: rate(h.l2_hits.load(Ordering::Relaxed), h.l2_misses.load(Ordering::Relaxed)),
+            query_cache: rate(
+                h.l1_hits.load(Ordering::Relaxed),
+                h.l1_misses.load(Ordering::Relaxed),
+            ),
+            embedding_cache: rate(
+                h.l2_hits.load(Ordering::Relaxed),
+                h.l2_misses.load(Ordering::Relaxed),
+            ),
             embedding_error,
             redactions: store.redactions()?,
         };
@@ -818,8 +951,17 @@ impl Engine {
         let h = self.handle(org, name)?;
         let _guard = h.sync_lock.lock();
         h.removed.store(true, Ordering::SeqCst);
-        let mine: HashSet<String> = h.store.lock().all_chunks()?.into_iter().map(|c| c.chunk.id).collect();
-        self.inner.handles.lock().remove(&(org.to_string(), name.to_string()));
+        let mine: HashSet<String> = h
+            .store
+            .lock()
+            .all_chunks()?
+            .into_iter()
+            .map(|c| c.chunk.id)
+            .collect();
+        self.inner
+            .handles
+            .lock()
+            .remove(&(org.to_string(), name.to_string()));
         let mut others: HashSet<String> = HashSet::new();
         for other in self.names(org) {
             if other == name {

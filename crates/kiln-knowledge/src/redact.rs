@@ -86,8 +86,15 @@ fn entropy(s: &str) -> f64 {
 
 /// A value that reads like code rather than a literal secret (a call, a path, an env lookup).
 fn looks_like_code(v: &str) -> bool {
-    v.contains('(') || v.contains('[') || v.starts_with('$') || v.starts_with("os.") || v.starts_with("process.")
-        || v.starts_with("self.") || v.starts_with('<') || v.starts_with("{{") || v.contains("REDACTED")
+    v.contains('(')
+        || v.contains('[')
+        || v.starts_with('$')
+        || v.starts_with("os.")
+        || v.starts_with("process.")
+        || v.starts_with("self.")
+        || v.starts_with('<')
+        || v.starts_with("{{")
+        || v.contains("REDACTED")
 }
 
 /// Redacts `text` (the content of `path`): returns the new text and what was redacted.
@@ -96,7 +103,9 @@ pub fn redact(path: &str, text: &str) -> (String, Vec<Redaction>) {
     let mut spans: Vec<(usize, usize, &'static str)> = Vec::new();
     for rule in rules() {
         for caps in rule.re.captures_iter(text) {
-            let Some(m) = caps.get(rule.group) else { continue };
+            let Some(m) = caps.get(rule.group) else {
+                continue;
+            };
             if rule.entropy {
                 let v = m.as_str();
                 if looks_like_code(v) || entropy(v) < 3.0 {
@@ -126,7 +135,11 @@ pub fn redact(path: &str, text: &str) -> (String, Vec<Redaction>) {
         for _ in text[s..e].bytes().filter(|&b| b == b'\n') {
             out.push('\n');
         }
-        report.push(Redaction { path: path.to_string(), line, kind: kind.to_string() });
+        report.push(Redaction {
+            path: path.to_string(),
+            line,
+            kind: kind.to_string(),
+        });
         at = e;
     }
     out.push_str(&text[at..]);

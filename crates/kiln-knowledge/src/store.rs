@@ -77,7 +77,9 @@ pub fn vec_to_blob(v: &[f32]) -> Vec<u8> {
 }
 
 pub fn blob_to_vec(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
 }
 
 /// The embedded default: one SQLite file.
@@ -126,7 +128,10 @@ const CHUNK_COLS: &str = "rowid, id, path, start_line, end_line, language, symbo
 
 impl ChunkStore for SqliteStore {
     fn meta(&self, key: &str) -> Result<Option<String>, Error> {
-        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
     }
 
     fn set_meta(&mut self, key: &str, value: &str) -> Result<(), Error> {
@@ -138,9 +143,16 @@ impl ChunkStore for SqliteStore {
     }
 
     fn files(&self) -> Result<Vec<FileRecord>, Error> {
-        let mut st = self.conn.prepare("SELECT path, size, mtime_ns, hash FROM files ORDER BY path")?;
+        let mut st = self
+            .conn
+            .prepare("SELECT path, size, mtime_ns, hash FROM files ORDER BY path")?;
         let rows = st.query_map([], |r| {
-            Ok(FileRecord { path: r.get(0)?, size: r.get::<_, i64>(1)? as u64, mtime_ns: r.get(2)?, hash: r.get(3)? })
+            Ok(FileRecord {
+                path: r.get(0)?,
+                size: r.get::<_, i64>(1)? as u64,
+                mtime_ns: r.get(2)?,
+                hash: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -176,7 +188,8 @@ impl ChunkStore for SqliteStore {
                 ])?;
                 added.push(tx.last_insert_rowid());
             }
-            let mut red = tx.prepare_cached("INSERT INTO redactions (path, line, kind) VALUES (?1, ?2, ?3)")?;
+            let mut red =
+                tx.prepare_cached("INSERT INTO redactions (path, line, kind) VALUES (?1, ?2, ?3)")?;
             for r in redactions {
                 red.execute(params![r.path, r.line, r.kind])?;
             }
@@ -201,7 +214,9 @@ impl ChunkStore for SqliteStore {
     }
 
     fn chunks(&self, rowids: &[i64]) -> Result<Vec<StoredChunk>, Error> {
-        let mut st = self.conn.prepare_cached(&format!("SELECT {CHUNK_COLS} FROM chunks WHERE rowid = ?1"))?;
+        let mut st = self
+            .conn
+            .prepare_cached(&format!("SELECT {CHUNK_COLS} FROM chunks WHERE rowid = ?1"))?;
         let mut out = Vec::with_capacity(rowids.len());
         for id in rowids {
             if let Some(c) = st.query_row([id], row_chunk).optional()? {
@@ -212,7 +227,9 @@ impl ChunkStore for SqliteStore {
     }
 
     fn all_chunks(&self) -> Result<Vec<StoredChunk>, Error> {
-        let mut st = self.conn.prepare(&format!("SELECT {CHUNK_COLS} FROM chunks ORDER BY rowid"))?;
+        let mut st = self
+            .conn
+            .prepare(&format!("SELECT {CHUNK_COLS} FROM chunks ORDER BY rowid"))?;
         let rows = st.query_map([], row_chunk)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -222,7 +239,12 @@ impl ChunkStore for SqliteStore {
             .conn
             .prepare_cached("SELECT rowid, id, text, symbol FROM chunks WHERE vector IS NULL ORDER BY rowid LIMIT ?1")?;
         let rows = st.query_map([limit as i64], |r| {
-            Ok(Pending { rowid: r.get(0)?, id: r.get(1)?, text: r.get(2)?, symbol: r.get(3)? })
+            Ok(Pending {
+                rowid: r.get(0)?,
+                id: r.get(1)?,
+                text: r.get(2)?,
+                symbol: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -240,31 +262,51 @@ impl ChunkStore for SqliteStore {
     }
 
     fn vectors(&self) -> Result<Vec<(i64, Vec<f32>)>, Error> {
-        let mut st = self.conn.prepare("SELECT rowid, vector FROM chunks WHERE vector IS NOT NULL")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, blob_to_vec(&r.get::<_, Vec<u8>>(1)?))))?;
+        let mut st = self
+            .conn
+            .prepare("SELECT rowid, vector FROM chunks WHERE vector IS NOT NULL")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)?, blob_to_vec(&r.get::<_, Vec<u8>>(1)?)))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn counts(&self) -> Result<Counts, Error> {
-        let files: i64 = self.conn.query_row("SELECT COUNT(*) FROM files", [], |r| r.get(0))?;
-        let (chunks, embedded): (i64, i64) = self.conn.query_row(
-            "SELECT COUNT(*), COUNT(vector) FROM chunks",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
-        Ok(Counts { files: files as u64, chunks: chunks as u64, embedded: embedded as u64 })
+        let files: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM files", [], |r| r.get(0))?;
+        let (chunks, embedded): (i64, i64) =
+            self.conn
+                .query_row("SELECT COUNT(*), COUNT(vector) FROM chunks", [], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?;
+        Ok(Counts {
+            files: files as u64,
+            chunks: chunks as u64,
+            embedded: embedded as u64,
+        })
     }
 
     fn redactions(&self) -> Result<Vec<Redaction>, Error> {
-        let mut st = self.conn.prepare("SELECT path, line, kind FROM redactions ORDER BY path, line")?;
-        let rows = st.query_map([], |r| Ok(Redaction { path: r.get(0)?, line: r.get(1)?, kind: r.get(2)? }))?;
+        let mut st = self
+            .conn
+            .prepare("SELECT path, line, kind FROM redactions ORDER BY path, line")?;
+        let rows = st.query_map([], |r| {
+            Ok(Redaction {
+                path: r.get(0)?,
+                line: r.get(1)?,
+                kind: r.get(2)?,
+            })
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 }
 
 fn remove_in(tx: &rusqlite::Transaction, path: &str) -> Result<Vec<i64>, Error> {
     let mut st = tx.prepare_cached("SELECT rowid FROM chunks WHERE path = ?1")?;
-    let removed: Vec<i64> = st.query_map([path], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    let removed: Vec<i64> = st
+        .query_map([path], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
     tx.execute("DELETE FROM chunks WHERE path = ?1", [path])?;
     tx.execute("DELETE FROM redactions WHERE path = ?1", [path])?;
     tx.execute("DELETE FROM files WHERE path = ?1", [path])?;
@@ -289,14 +331,21 @@ impl EmbeddingCache {
     }
 
     pub fn get(&self, model: &str, hash: &str) -> Result<Option<Vec<f32>>, Error> {
-        let mut st = self.conn.prepare_cached("SELECT vector FROM embeddings WHERE model = ?1 AND hash = ?2")?;
-        Ok(st.query_row(params![model, hash], |r| r.get::<_, Vec<u8>>(0)).optional()?.map(|b| blob_to_vec(&b)))
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT vector FROM embeddings WHERE model = ?1 AND hash = ?2")?;
+        Ok(st
+            .query_row(params![model, hash], |r| r.get::<_, Vec<u8>>(0))
+            .optional()?
+            .map(|b| blob_to_vec(&b)))
     }
 
     pub fn put(&mut self, model: &str, rows: &[(String, Vec<f32>)]) -> Result<(), Error> {
         let tx = self.conn.transaction()?;
         {
-            let mut st = tx.prepare_cached("INSERT OR REPLACE INTO embeddings (model, hash, vector) VALUES (?1, ?2, ?3)")?;
+            let mut st = tx.prepare_cached(
+                "INSERT OR REPLACE INTO embeddings (model, hash, vector) VALUES (?1, ?2, ?3)",
+            )?;
             for (h, v) in rows {
                 st.execute(params![model, h, vec_to_blob(v)])?;
             }

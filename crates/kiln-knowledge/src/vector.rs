@@ -38,7 +38,11 @@ struct TopK {
 
 impl TopK {
     fn new(k: usize) -> TopK {
-        TopK { k, items: Vec::with_capacity(k + 1), min: f32::NEG_INFINITY }
+        TopK {
+            k,
+            items: Vec::with_capacity(k + 1),
+            min: f32::NEG_INFINITY,
+        }
     }
     #[inline]
     fn push(&mut self, score: f32, id: i64) {
@@ -136,7 +140,9 @@ impl VectorIndex {
     }
 
     pub fn remove(&mut self, id: i64) {
-        let Some(s) = self.slot.remove(&id) else { return };
+        let Some(s) = self.slot.remove(&id) else {
+            return;
+        };
         let last = self.ids.len() - 1;
         if let Some(ivf) = &mut self.ivf {
             let l = ivf.assign[s] as usize;
@@ -186,7 +192,12 @@ impl VectorIndex {
         }
     }
 
-    pub fn search_exact(&self, q: &[f32], k: usize, allow: &dyn Fn(i64) -> bool) -> Vec<(i64, f32)> {
+    pub fn search_exact(
+        &self,
+        q: &[f32],
+        k: usize,
+        allow: &dyn Fn(i64) -> bool,
+    ) -> Vec<(i64, f32)> {
         let mut top = TopK::new(k);
         if q.len() != self.dim {
             return Vec::new();
@@ -207,12 +218,20 @@ impl VectorIndex {
         }
     }
 
-    fn search_ivf(&self, ivf: &Ivf, q: &[f32], k: usize, nprobe: usize, allow: &dyn Fn(i64) -> bool) -> Vec<(i64, f32)> {
+    fn search_ivf(
+        &self,
+        ivf: &Ivf,
+        q: &[f32],
+        k: usize,
+        nprobe: usize,
+        allow: &dyn Fn(i64) -> bool,
+    ) -> Vec<(i64, f32)> {
         if q.len() != self.dim {
             return Vec::new();
         }
-        let mut cs: Vec<(f32, usize)> =
-            (0..ivf.nlist).map(|l| (dot(q, &ivf.centroids[l * self.dim..(l + 1) * self.dim]), l)).collect();
+        let mut cs: Vec<(f32, usize)> = (0..ivf.nlist)
+            .map(|l| (dot(q, &ivf.centroids[l * self.dim..(l + 1) * self.dim]), l))
+            .collect();
         let np = nprobe.clamp(1, ivf.nlist);
         cs.select_nth_unstable_by(np - 1, |a, b| b.0.total_cmp(&a.0));
         let mut top = TopK::new(k);
@@ -248,7 +267,10 @@ fn train(data: &[f32], dim: usize, n: usize) -> Ivf {
     let sample_n = n.min(nlist * 32);
     let idx = sample(&mut rng, n, sample_n).into_vec();
     let sample_vecs: Vec<&[f32]> = idx.iter().map(|&i| &data[i * dim..(i + 1) * dim]).collect();
-    let mut centroids: Vec<f32> = sample_vecs[..nlist].iter().flat_map(|v| v.iter().copied()).collect();
+    let mut centroids: Vec<f32> = sample_vecs[..nlist]
+        .iter()
+        .flat_map(|v| v.iter().copied())
+        .collect();
     for _ in 0..6 {
         let assign = par_map(&sample_vecs, |v| nearest(&centroids, dim, v));
         let mut sums = vec![0f32; nlist * dim];
@@ -278,7 +300,11 @@ fn train(data: &[f32], dim: usize, n: usize) -> Ivf {
     let all: Vec<&[f32]> = data.chunks_exact(dim).take(n).collect();
     let assign: Vec<u32> = par_map(&all, |v| {
         // The two best groups, then the best centroid in them.
-        let mut gs: Vec<(f32, usize)> = gcent.chunks_exact(dim).enumerate().map(|(g, c)| (dot(v, c), g)).collect();
+        let mut gs: Vec<(f32, usize)> = gcent
+            .chunks_exact(dim)
+            .enumerate()
+            .map(|(g, c)| (dot(v, c), g))
+            .collect();
         gs.sort_by(|a, b| b.0.total_cmp(&a.0));
         let mut best = (f32::NEG_INFINITY, 0);
         for &(_, g) in gs.iter().take(2) {
@@ -295,12 +321,21 @@ fn train(data: &[f32], dim: usize, n: usize) -> Ivf {
     for (s, &l) in assign.iter().enumerate() {
         lists[l as usize].push(s as u32);
     }
-    Ivf { nlist, centroids, lists, assign, trained_for: n }
+    Ivf {
+        nlist,
+        centroids,
+        lists,
+        assign,
+        trained_for: n,
+    }
 }
 
 /// Maps over a slice on all cores with scoped threads.
 fn par_map<T: Sync, R: Send + Default + Clone>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(8);
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8);
     let per = items.len().div_ceil(threads).max(1);
     let mut out = vec![R::default(); items.len()];
     std::thread::scope(|s| {

@@ -112,8 +112,10 @@ async fn create(
             .hint("index a directory of the server's host with `path`"))
         }
         _ => {
-            return Err(ApiError::invalid("give exactly one source: path, git or sandbox")
-                .hint("e.g. {\"name\":\"app\",\"path\":\"/srv/app\"}"))
+            return Err(
+                ApiError::invalid("give exactly one source: path, git or sandbox")
+                    .hint("e.g. {\"name\":\"app\",\"path\":\"/srv/app\"}"),
+            )
         }
     };
     let e = engine(&k)?;
@@ -166,7 +168,8 @@ async fn sync(
     tokio::task::spawn_blocking(move || {
         let tx2 = tx.clone();
         let progress = move |p: kiln_knowledge::engine::SyncProgress| {
-            let _ = tx2.send(serde_json::json!({"type": "progress", "done": p.done, "total": p.total}));
+            let _ =
+                tx2.send(serde_json::json!({"type": "progress", "done": p.done, "total": p.total}));
         };
         let line = match e.sync(&caller.org_id, &name, &progress) {
             Ok(report) => serde_json::json!({"type": "done", "report": report}),
@@ -178,7 +181,10 @@ async fn sync(
         let v = rx.recv().await?;
         let mut line = v.to_string();
         line.push('\n');
-        Some((Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)), rx))
+        Some((
+            Ok::<_, std::convert::Infallible>(bytes::Bytes::from(line)),
+            rx,
+        ))
     });
     let mut resp = Response::new(Body::from_stream(stream));
     resp.headers_mut().insert(
@@ -214,8 +220,9 @@ fn params(req: SearchReq) -> Result<SearchParams, ApiError> {
     };
     let kind = match req.kind {
         Some(s) => Some(SymbolKind::parse(&s).ok_or_else(|| {
-            ApiError::invalid(format!("unknown symbol kind `{s}`"))
-                .hint("use function, method, class, impl, trait, type, module, section, code or lines")
+            ApiError::invalid(format!("unknown symbol kind `{s}`")).hint(
+                "use function, method, class, impl, trait, type, module, section, code or lines",
+            )
         })?),
         None => None,
     };
@@ -262,7 +269,8 @@ async fn context(
     ApiJson(req): ApiJson<ContextReq>,
 ) -> Result<Response, ApiError> {
     let e = engine(&k)?;
-    let c = blocking(move || e.context(&caller.org_id, &name, &req.query, req.tokens, req.symbols)).await?;
+    let c = blocking(move || e.context(&caller.org_id, &name, &req.query, req.tokens, req.symbols))
+        .await?;
     let text = c.render();
     let mut v = serde_json::to_value(&c).map_err(|e| ApiError::internal(e.to_string()))?;
     v["text"] = serde_json::Value::String(text);

@@ -27,7 +27,13 @@ fn check(path: &str, lang: Language, text: &str, limits: &ChunkLimits, expect: E
 
 /// Small limits so that splitting and merging show on small inputs.
 fn small() -> ChunkLimits {
-    ChunkLimits { max_chars: 400, max_lines: 12, min_chars: 60, window: 6, overlap: 2 }
+    ChunkLimits {
+        max_chars: 400,
+        max_lines: 12,
+        min_chars: 60,
+        window: 6,
+        overlap: 2,
+    }
 }
 
 const PY: &str = r#"import os
@@ -286,6 +292,11 @@ fn empty_and_blank_files_have_no_chunks() {
 
 #[test]
 fn broken_syntax_still_chunks() {
-    let chunks = chunk_file("bad.py", Language::Python, "def f(:\n  return )\n", &ChunkLimits::default());
+    let chunks = chunk_file(
+        "bad.py",
+        Language::Python,
+        "def f(:\n  return )\n",
+        &ChunkLimits::default(),
+    );
     assert!(!chunks.is_empty());
 }

@@ -31,9 +31,17 @@ fn minilm_matches_the_reference_vectors() {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "not normalised: {norm}");
         let c = cosine(v, &r.vector);
-        assert!(c > 0.99, "cosine {c} against the reference for {:?}", r.text);
+        assert!(
+            c > 0.99,
+            "cosine {c} against the reference for {:?}",
+            r.text
+        );
         let single = model.embed(&[r.text.as_str()]).unwrap();
-        assert!(cosine(&single[0], v) > 0.9999, "batching changed the vector of {:?}", r.text);
+        assert!(
+            cosine(&single[0], v) > 0.9999,
+            "batching changed the vector of {:?}",
+            r.text
+        );
     }
     // Meaning: the code and its description are closer than unrelated texts.
     assert!(cosine(&batch[0], &batch[1]) > cosine(&batch[0], &batch[3]));
@@ -50,7 +58,11 @@ fn long_inputs_are_truncated_not_rejected() {
 #[test]
 fn ollama_provider_speaks_api_embed() {
     let (url, seen) = embedding_server();
-    let e = HttpEmbedder::new(EmbedConfig::Ollama { url: url.clone(), model: "nomic-embed-text".into() }).unwrap();
+    let e = HttpEmbedder::new(EmbedConfig::Ollama {
+        url: url.clone(),
+        model: "nomic-embed-text".into(),
+    })
+    .unwrap();
     let v = e.embed(&["fn parse", "class Store"]).unwrap();
     let mut want = bag_of_words("class Store");
     kiln_knowledge::embed::l2_normalise(&mut want);
@@ -85,6 +97,10 @@ fn openai_provider_speaks_v1_embeddings_and_sorts_by_index() {
 
 #[test]
 fn provider_errors_are_errors() {
-    let e = HttpEmbedder::new(EmbedConfig::Ollama { url: "http://127.0.0.1:1".into(), model: "m".into() }).unwrap();
+    let e = HttpEmbedder::new(EmbedConfig::Ollama {
+        url: "http://127.0.0.1:1".into(),
+        model: "m".into(),
+    })
+    .unwrap();
     assert!(e.embed(&["x"]).is_err());
 }

@@ -42,8 +42,15 @@ def connect():
 fn report_names_path_line_kind_and_keeps_lines() {
     let text = planted();
     let (clean, report) = redact("settings.py", &text);
-    assert_eq!(clean.lines().count(), text.lines().count(), "line structure kept");
-    let rendered: String = report.iter().map(|r| format!("{}:{} {}\n", r.path, r.line, r.kind)).collect();
+    assert_eq!(
+        clean.lines().count(),
+        text.lines().count(),
+        "line structure kept"
+    );
+    let rendered: String = report
+        .iter()
+        .map(|r| format!("{}:{} {}\n", r.path, r.line, r.kind))
+        .collect();
     expect![[r#"
         settings.py:3 aws_access_key_id
         settings.py:4 github_token
@@ -63,7 +70,8 @@ fn report_names_path_line_kind_and_keeps_lines() {
 
 #[test]
 fn low_entropy_and_code_assignments_are_kept() {
-    let text = "password = get_password()\nTOKEN_TYPE = \"bearer\"\nsecret_name = \"aaaaaaaaaaaaaaaa\"\n";
+    let text =
+        "password = get_password()\nTOKEN_TYPE = \"bearer\"\nsecret_name = \"aaaaaaaaaaaaaaaa\"\n";
     let (clean, report) = redact("a.py", text);
     assert!(report.is_empty(), "{report:?}");
     assert_eq!(clean, text);
@@ -76,7 +84,11 @@ fn grep_dir(dir: &Path, needles: &[&str]) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
         let hay = String::from_utf8_lossy(&bytes).to_lowercase();
         for n in needles {
-            assert!(!hay.contains(&n.to_lowercase()), "secret {n} found in {}", entry.display());
+            assert!(
+                !hay.contains(&n.to_lowercase()),
+                "secret {n} found in {}",
+                entry.display()
+            );
         }
     }
 }
@@ -99,21 +111,54 @@ fn planted_secrets_never_reach_the_data_dir_or_answers() {
     let src = tempfile::tempdir().unwrap();
     let data = tempfile::tempdir().unwrap();
     write(src.path(), "settings.py", &planted());
-    write(src.path(), "docs/deploy.md", &format!("# Deploy\n\nUse the key {AWS} and {GH}.\n"));
+    write(
+        src.path(),
+        "docs/deploy.md",
+        &format!("# Deploy\n\nUse the key {AWS} and {GH}.\n"),
+    );
     let engine = Engine::new(data.path(), &model_dir()).unwrap();
     engine
-        .create("acme", "app", kiln_knowledge::engine::Source::Path { path: src.path().display().to_string() }, EmbedConfig::Local)
+        .create(
+            "acme",
+            "app",
+            kiln_knowledge::engine::Source::Path {
+                path: src.path().display().to_string(),
+            },
+            EmbedConfig::Local,
+        )
         .unwrap();
     let report = engine.sync("acme", "app", &|_| {}).unwrap();
     assert_eq!(report.redactions, 8);
-    engine.wait_embedded("acme", "app", Duration::from_secs(120)).unwrap();
-    let needles = [AWS, GH, PEM_BODY, URL_PW, ASSIGNED, OPENAI, &PEM_BODY[..20], &GH[4..24]];
+    engine
+        .wait_embedded("acme", "app", Duration::from_secs(120))
+        .unwrap();
+    let needles = [
+        AWS,
+        GH,
+        PEM_BODY,
+        URL_PW,
+        ASSIGNED,
+        OPENAI,
+        &PEM_BODY[..20],
+        &GH[4..24],
+    ];
     let mut answers = String::new();
-    for q in ["aws access key", "github token", "database url password", "private key", "api_secret", AWS] {
-        let hits = engine.search("acme", "app", &SearchParams::new(q, 10)).unwrap();
+    for q in [
+        "aws access key",
+        "github token",
+        "database url password",
+        "private key",
+        "api_secret",
+        AWS,
+    ] {
+        let hits = engine
+            .search("acme", "app", &SearchParams::new(q, 10))
+            .unwrap();
         assert!(!hits.is_empty());
         answers.push_str(&serde_json::to_string(&hits).unwrap());
-        answers.push_str(&serde_json::to_string(&engine.context("acme", "app", q, 2000, true).unwrap()).unwrap());
+        answers.push_str(
+            &serde_json::to_string(&engine.context("acme", "app", q, 2000, true).unwrap()).unwrap(),
+        );
     }
     let stats = engine.stats("acme", "app").unwrap();
     answers.push_str(&serde_json::to_string(&stats).unwrap());

@@ -22,8 +22,16 @@ pub fn write(root: &Path, rel: &str, text: &str) {
 /// A deterministic 64-dimension embedding of ours: hashed bag of lowercase words.
 pub fn bag_of_words(text: &str) -> Vec<f32> {
     let mut v = vec![0f32; 64];
-    for w in text.split(|c: char| !c.is_alphanumeric()).filter(|w| !w.is_empty()) {
-        let h = w.to_lowercase().bytes().fold(1469598103934665603u64, |h, b| (h ^ b as u64).wrapping_mul(1099511628211));
+    for w in text
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+    {
+        let h = w
+            .to_lowercase()
+            .bytes()
+            .fold(1469598103934665603u64, |h, b| {
+                (h ^ b as u64).wrapping_mul(1099511628211)
+            });
         v[(h % 64) as usize] += 1.0;
     }
     v[0] += 0.01;
@@ -77,25 +85,38 @@ pub fn embedding_server() -> (String, Arc<Mutex<Vec<Seen>>>) {
                 let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
                 let inputs: Vec<String> = match &req["input"] {
                     serde_json::Value::String(s) => vec![s.clone()],
-                    serde_json::Value::Array(a) => a.iter().map(|x| x.as_str().unwrap().to_string()).collect(),
+                    serde_json::Value::Array(a) => {
+                        a.iter().map(|x| x.as_str().unwrap().to_string()).collect()
+                    }
                     _ => vec![],
                 };
                 let model = req["model"].as_str().unwrap_or("").to_string();
-                seen.lock().unwrap().push(Seen { path: path.clone(), model: model.clone(), inputs: inputs.clone(), auth });
+                seen.lock().unwrap().push(Seen {
+                    path: path.clone(),
+                    model: model.clone(),
+                    inputs: inputs.clone(),
+                    auth,
+                });
                 let (status, resp) = match path.as_str() {
-                    "/api/embed" => ("200 OK", serde_json::json!({
-                        "model": model,
-                        "embeddings": inputs.iter().map(|t| bag_of_words(t)).collect::<Vec<_>>(),
-                    })),
-                    "/v1/embeddings" => ("200 OK", serde_json::json!({
-                        "object": "list",
-                        "model": model,
-                        // Out of order on purpose: clients must sort by `index`.
-                        "data": inputs.iter().enumerate().rev().map(|(i, t)| serde_json::json!({
-                            "object": "embedding", "index": i, "embedding": bag_of_words(t)
-                        })).collect::<Vec<_>>(),
-                        "usage": {"prompt_tokens": 0, "total_tokens": 0},
-                    })),
+                    "/api/embed" => (
+                        "200 OK",
+                        serde_json::json!({
+                            "model": model,
+                            "embeddings": inputs.iter().map(|t| bag_of_words(t)).collect::<Vec<_>>(),
+                        }),
+                    ),
+                    "/v1/embeddings" => (
+                        "200 OK",
+                        serde_json::json!({
+                            "object": "list",
+                            "model": model,
+                            // Out of order on purpose: clients must sort by `index`.
+                            "data": inputs.iter().enumerate().rev().map(|(i, t)| serde_json::json!({
+                                "object": "embedding", "index": i, "embedding": bag_of_words(t)
+                            })).collect::<Vec<_>>(),
+                            "usage": {"prompt_tokens": 0, "total_tokens": 0},
+                        }),
+                    ),
                     _ => ("404 Not Found", serde_json::json!({"error": "not found"})),
                 };
                 let body = resp.to_string();
