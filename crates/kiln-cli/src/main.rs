@@ -9,8 +9,10 @@ mod agent;
 mod api;
 mod bench;
 mod bench_agent;
+mod bench_knowledge;
 mod bench_template;
 mod devtools;
+mod knowledge;
 mod sandbox;
 mod shell;
 mod template;
@@ -88,6 +90,13 @@ enum Command {
     /// Agent runs: run a task, list, show, logs, approve, stop, replay
     #[command(subcommand)]
     Agent(agent::AgentCmd),
+    /// Knowledge indexes: create, sync (--watch), ls, stats, rm
+    #[command(subcommand)]
+    Index(knowledge::IndexCmd),
+    /// Hybrid (BM25 + vector) search of an index
+    Search(knowledge::SearchArgs),
+    /// The best context for an LLM from an index, within a token budget
+    Context(knowledge::ContextArgs),
     /// Measure the platform through the server's API
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -139,6 +148,9 @@ fn main() {
             Command::Audit(a) => admin::audit(&cli.global, a).await,
             Command::Usage(a) => admin::usage(&cli.global, a).await,
             Command::Agent(c) => agent::run(&cli.global, c).await,
+            Command::Index(c) => knowledge::index(&cli.global, c).await,
+            Command::Search(a) => knowledge::search(&cli.global, a).await,
+            Command::Context(a) => knowledge::context(&cli.global, a).await,
             Command::Bench(c) => bench::run(&cli.global, c).await,
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

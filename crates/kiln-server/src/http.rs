@@ -52,6 +52,7 @@ pub fn app(state: AppState) -> Router {
         .merge(crate::templates::routes())
         .merge(crate::devtools::routes())
         .merge(crate::agents::routes())
+        .merge(crate::knowledge::routes())
         .route("/me", get(crate::admin::me))
         .route(
             "/orgs",
@@ -146,6 +147,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/agents/:id/events"),
     ("POST", "/v1/agents/:id/approvals/:call"),
     ("POST", "/v1/agents/:id/stop"),
+    ("POST", "/v1/indexes"),
+    ("GET", "/v1/indexes"),
+    ("GET", "/v1/indexes/:name"),
+    ("DELETE", "/v1/indexes/:name"),
+    ("POST", "/v1/indexes/:name/sync"),
+    ("POST", "/v1/indexes/:name/search"),
+    ("POST", "/v1/indexes/:name/context"),
 ];
 
 /// The request id of a request (`x-request-id`), set by [`track`].

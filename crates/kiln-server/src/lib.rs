@@ -14,6 +14,7 @@ pub mod error;
 pub mod http;
 pub mod metering;
 pub mod openapi;
+pub mod knowledge;
 pub mod ratelimit;
 pub mod service;
 pub mod templates;

@@ -153,7 +153,7 @@ fn path_param(name: &str) -> Value {
         "id" => (json!({"type": "string"}), "resource id"),
         "pid" => (json!({"type": "string"}), "process id given by Kiln"),
         "org" => (json!({"type": "string"}), "organisation id or name"),
-        "name" => (json!({"type": "string"}), "template name"),
+        "name" => (json!({"type": "string"}), "template or index name"),
         "call" => (json!({"type": "string"}), "the tool call awaiting approval"),
         _ => (json!({"type": "string"}), ""),
     };
@@ -717,6 +717,18 @@ fn operations(b: &mut Builder) {
     let v = b.s::<crate::agents::ApproveBody>();
     b.op("POST", "/v1/agents/:id/approvals/:call", "agents", "Answer a pending approval", vec![], Json(v), 204, None);
     b.op("POST", "/v1/agents/:id/stop", "agents", "Stop a run", vec![], None, 202, None);
+    // Knowledge
+    let obj = json!({"type": "object"});
+    let v = b.s::<crate::knowledge::CreateIndex>();
+    b.op("POST", "/v1/indexes", "knowledge", "Create an index of a source (a host directory: system organisation only)", vec![], Json(v), 201, Json(obj.clone()));
+    b.op("GET", "/v1/indexes", "knowledge", "List the organisation's indexes", vec![], None, 200, Json(obj.clone()));
+    b.op("GET", "/v1/indexes/:name", "knowledge", "An index's statistics (files, chunks, cache hit rates)", vec![], None, 200, Json(obj.clone()));
+    b.op("DELETE", "/v1/indexes/:name", "knowledge", "Erase an index and everything derived from its source", vec![], None, 204, None);
+    b.op("POST", "/v1/indexes/:name/sync", "knowledge", "Sync an index incrementally; streams progress as NDJSON", vec![], None, 200, Lines(obj.clone()));
+    let v = b.s::<crate::knowledge::SearchReq>();
+    b.op("POST", "/v1/indexes/:name/search", "knowledge", "Hybrid search with filters on language, path glob and symbol kind", vec![], Json(v), 200, Json(obj.clone()));
+    let v = b.s::<crate::knowledge::ContextReq>();
+    b.op("POST", "/v1/indexes/:name/context", "knowledge", "The best context for a query within a token budget", vec![], Json(v), 200, Json(obj));
     // Unauthenticated
     let v = b.s::<Health>();
     b.op(

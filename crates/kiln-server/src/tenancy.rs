@@ -29,9 +29,10 @@ pub enum Resource {
     Orgs = 5,
     Audit = 6,
     Usage = 7,
+    Knowledge = 8,
 }
 
-const RESOURCES: [(Resource, &str); 8] = [
+const RESOURCES: [(Resource, &str); 9] = [
     (Resource::Sandboxes, "sandboxes"),
     (Resource::Exec, "exec"),
     (Resource::Files, "files"),
@@ -40,6 +41,7 @@ const RESOURCES: [(Resource, &str); 8] = [
     (Resource::Orgs, "orgs"),
     (Resource::Audit, "audit"),
     (Resource::Usage, "usage"),
+    (Resource::Knowledge, "knowledge"),
 ];
 
 /// A set of (resource, read|write) permissions as a bit set.
@@ -83,7 +85,7 @@ impl std::fmt::Display for Perm {
 }
 
 impl Perms {
-    pub const ALL: Perms = Perms((1 << 16) - 1);
+    pub const ALL: Perms = Perms((1 << 18) - 1);
 
     pub fn of(perms: &[Perm]) -> Perms {
         Perms(perms.iter().fold(0, |acc, p| acc | p.bit()))
@@ -129,6 +131,8 @@ pub fn role_perms(role: Role) -> Perms {
             Perm::write(Files),
             Perm::read(Templates),
             Perm::read(Usage),
+            Perm::read(Knowledge),
+            Perm::write(Knowledge),
         ]),
         Role::Auditor => Perms::of(&[
             Perm::read(Sandboxes),
@@ -137,6 +141,7 @@ pub fn role_perms(role: Role) -> Perms {
             Perm::read(Orgs),
             Perm::read(Audit),
             Perm::read(Usage),
+            Perm::read(Knowledge),
         ]),
     }
 }
@@ -274,6 +279,11 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
         | "/agents/:id/events"
         | "/agents/:id/approvals/:call"
         | "/agents/:id/stop" => rw(Exec),
+        // Search and context answer questions: reads, though they are POSTs.
+        "/indexes/:name/search" | "/indexes/:name/context" => {
+            Some(Need::Perm(Perm::read(Knowledge)))
+        }
+        "/indexes" | "/indexes/:name" | "/indexes/:name/sync" => rw(Knowledge),
         _ => None,
     }
 }

@@ -2,6 +2,7 @@
 //! root: the API through `tower::ServiceExt::oneshot` and over a real socket.
 
 mod harness;
+mod knowledge;
 
 mod agents;
 mod devtools;

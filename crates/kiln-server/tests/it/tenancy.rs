@@ -86,6 +86,9 @@ fn body_for(method: &str, route: &str) -> Option<serde_json::Value> {
         ("POST", r) if r.ends_with("/git/:op") => Some(json!({"repo": "/workspace"})),
         ("POST", r) if r.ends_with("/lsp/:op") => Some(json!({"path": "/workspace/a.py"})),
         ("POST", r) if r.ends_with("/approvals/:call") => Some(json!({"approve": true})),
+        ("POST", r) if r.ends_with("/search") || r.ends_with("/context") => {
+            Some(json!({"query": "main"}))
+        }
         ("POST", "/v1/sandboxes") => Some(json!({})),
         ("POST", "/v1/orgs") => Some(json!({"name": "x"})),
         ("POST", "/v1/keys") => Some(json!({"org": "{org}"})),
@@ -106,6 +109,12 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
     let org_a = s.kiln.system_org.clone();
     let b = new_org(&s, "tenant-b").await;
     let key_b = b.key.expect("owner key").secret;
+    // A knowledge index of A (lexical only: no model needed to search it).
+    let src = tempfile::tempdir().expect("tmp");
+    std::fs::write(src.path().join("main.py"), "def main():\n    pass\n").expect("write");
+    let idx = json!({"name": "idx-a", "path": src.path().display().to_string()});
+    let (st, body) = call_full(&s, &owner_a, "POST", "/v1/indexes", Some(&idx)).await;
+    assert_eq!(st, 201, "{body}");
     let mut out = String::new();
     for (method, route) in kiln_server::http::ROUTES {
         // Routes that name another org's resource; the rest are checked below by listing.
@@ -122,6 +131,7 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
             .replace(":org", &org_a)
             .replace(":port", "8080")
             .replace(":op", "status")
+            .replace(":name", "idx-a")
             .replace("*path", "index.html");
         let path = match *route {
             "/v1/keys" | "/v1/audit" | "/v1/usage" | "/v1/usage/events" => {
@@ -131,7 +141,11 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
             r if r.ends_with("/lsp/ws") => format!("{path}?language=python"),
             _ => path,
         };
-        if !path.contains(&sb.id) && !path.contains(&org_a) && !path.contains(&a_key) {
+        if !path.contains(&sb.id)
+            && !path.contains(&org_a)
+            && !path.contains(&a_key)
+            && !path.contains("idx-a")
+        {
             continue;
         }
         let body = body_for(method, route)
@@ -187,6 +201,11 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         GET /v1/agents/<sb-a>/events -> 404 agent_run_not_found
         POST /v1/agents/<sb-a>/approvals/:call -> 404 agent_run_not_found
         POST /v1/agents/<sb-a>/stop -> 404 agent_run_not_found
+        GET /v1/indexes/idx-a -> 404 index_not_found
+        DELETE /v1/indexes/idx-a -> 404 index_not_found
+        POST /v1/indexes/idx-a/sync -> 404 index_not_found
+        POST /v1/indexes/idx-a/search -> 404 index_not_found
+        POST /v1/indexes/idx-a/context -> 404 index_not_found
     "#]]
     .assert_eq(&out);
     // Creating in another org and listing show nothing of A either.
@@ -196,6 +215,13 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
     assert_eq!(list, r#"{"sandboxes":[]}"#);
     let (_, orgs) = call_full(&s, &key_b, "GET", "/v1/orgs", None).await;
     assert!(!orgs.contains(&org_a), "{orgs}");
+    let (_, indexes) = call_full(&s, &key_b, "GET", "/v1/indexes", None).await;
+    assert_eq!(indexes, r#"{"indexes":[]}"#);
+    // B may use the same name: its own index, not A's.
+    let (st, _) = call_full(&s, &key_b, "POST", "/v1/indexes", Some(&idx)).await;
+    assert_eq!(st, 201);
+    let (st, _) = call_full(&s, &owner_a, "GET", "/v1/indexes/idx-a", None).await;
+    assert_eq!(st, 200);
     // A's sandbox is untouched and still works for A.
     let (out, _, code) = s.sh(&sb.id, "echo alive").await;
     assert_eq!((out.as_str(), code), ("alive\n", 0));
