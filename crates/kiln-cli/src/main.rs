@@ -11,6 +11,7 @@ mod bench_template;
 mod devtools;
 mod sandbox;
 mod shell;
+mod ssh;
 mod template;
 mod up;
 
@@ -80,6 +81,14 @@ enum Command {
     Key(admin::KeyCmd),
     /// Read the audit log (owner, admin, auditor)
     Audit(admin::AuditArgs),
+    /// SSH public keys of your organisation (they open `ssh SANDBOX_ID@HOST -p 2222`)
+    #[command(subcommand, name = "ssh-key")]
+    SshKey(ssh::SshKeyCmd),
+    /// Open an SSH session into a sandbox with the system `ssh` (host key pinned)
+    Ssh(ssh::SshArgs),
+    /// Print Host entries for ~/.ssh/config (VS Code Remote-SSH, JetBrains Gateway, scp)
+    #[command(name = "ssh-config")]
+    SshConfig(ssh::SshConfigArgs),
     /// Measure the platform through the server's API
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -129,6 +138,9 @@ fn main() {
             Command::Org(c) => admin::org(&cli.global, c).await,
             Command::Key(c) => admin::key(&cli.global, c).await,
             Command::Audit(a) => admin::audit(&cli.global, a).await,
+            Command::SshKey(c) => ssh::ssh_key(&cli.global, c).await,
+            Command::Ssh(a) => ssh::ssh(&cli.global, a).await,
+            Command::SshConfig(a) => ssh::ssh_config(&cli.global, a).await,
             Command::Bench(c) => bench::run(&cli.global, c).await,
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

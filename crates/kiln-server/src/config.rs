@@ -61,6 +61,10 @@ pub struct ServerConfig {
     pub audit_retention: Option<std::time::Duration>,
     /// Per-key rate limits unless an org sets its own.
     pub rate_limits: kiln_protocol::api::RateLimits,
+    /// Where the SSH front door listens (`None` = no SSH; `kiln up` defaults to port 2222).
+    pub ssh_listen: Option<SocketAddr>,
+    /// Wildcard preview domain: `{port}-{id}.{domain}` is proxied to that sandbox port.
+    pub preview_domain: Option<String>,
 }
 
 impl ServerConfig {
@@ -96,6 +100,8 @@ impl ServerConfig {
             },
             audit_retention: Some(std::time::Duration::from_secs(90 * 86400)),
             rate_limits: crate::ratelimit::default_limits(),
+            ssh_listen: None,
+            preview_domain: None,
         }
     }
 

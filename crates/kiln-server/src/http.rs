@@ -51,6 +51,8 @@ pub fn app(state: AppState) -> Router {
         .route("/sandboxes/:id/pty", get(pty))
         .merge(crate::templates::routes())
         .merge(crate::devtools::routes())
+        .merge(crate::ssh::keys::routes())
+        .merge(crate::preview::routes())
         .route("/me", get(crate::admin::me))
         .route(
             "/orgs",
@@ -80,6 +82,10 @@ pub fn app(state: AppState) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
                 .hint("the API lives under /v1; see README for the routes")
         })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::preview::host_router,
+        ))
         .layer(middleware::from_fn(track))
         .with_state(state)
 }
@@ -114,6 +120,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/sandboxes/:id/ports/:port"),
     ("GET", "/v1/sandboxes/:id/ports/:port/"),
     ("GET", "/v1/sandboxes/:id/ports/:port/*path"),
+    ("POST", "/v1/sandboxes/:id/previews/:port/token"),
     ("POST", "/v1/sandboxes/:id/git/:op"),
     ("POST", "/v1/sandboxes/:id/lsp/:op"),
     ("GET", "/v1/sandboxes/:id/lsp/ws"),
@@ -130,6 +137,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/keys"),
     ("DELETE", "/v1/keys/:id"),
     ("GET", "/v1/audit"),
+    ("GET", "/v1/ssh"),
+    ("GET", "/v1/ssh-keys"),
+    ("POST", "/v1/ssh-keys"),
+    ("DELETE", "/v1/ssh-keys/:id"),
 ];
 
 /// The request id of a request (`x-request-id`), set by [`track`].

@@ -10,8 +10,10 @@ pub mod config;
 pub mod devtools;
 pub mod error;
 pub mod http;
+pub mod preview;
 pub mod ratelimit;
 pub mod service;
+pub mod ssh;
 pub mod templates;
 pub mod tenancy;
 pub mod units;
@@ -200,6 +202,9 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| ServerError::Bind { addr, source })?;
     kiln.spawn_background(shutdown.clone());
+    if let Some(ssh) = kiln.cfg.ssh_listen {
+        ssh::start(kiln.clone(), ssh, shutdown.clone()).await?;
+    }
     on_listen(bound);
     let sd = shutdown.clone();
     // Streams are many small writes; without TCP_NODELAY, Nagle + delayed ACK add ~40 ms.

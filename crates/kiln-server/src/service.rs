@@ -46,6 +46,8 @@ pub struct Kiln {
         std::collections::HashMap<String, (kiln_protocol::api::RateLimits, Instant)>,
     >,
     pool_wake: Notify,
+    /// The SSH front door, once it listens (`kiln up --ssh-listen`).
+    pub ssh: std::sync::OnceLock<crate::ssh::Listening>,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -111,6 +113,7 @@ impl Kiln {
             limiter: Default::default(),
             rate_cache: Default::default(),
             pool_wake: Notify::new(),
+            ssh: std::sync::OnceLock::new(),
             metrics,
         }
     }

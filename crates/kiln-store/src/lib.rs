@@ -13,6 +13,7 @@
 
 pub mod db;
 mod migrations;
+mod ssh_keys;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +22,7 @@ use kiln_protocol::api::{NetworkMode, Quota, QuotaUsage, RateLimits, Sandbox, Sa
 
 pub use db::{Backend, Row, Val};
 use db::{Conn, Db};
+pub use ssh_keys::SshKeyRow;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]

@@ -10,4 +10,5 @@ mod files;
 mod lifecycle;
 mod pty;
 mod restart;
+mod ssh;
 mod tenancy;
