@@ -503,7 +503,8 @@ async fn run_sftp(client: Client, channel: Channel<Msg>, handle: russh::server::
         while let Some(m) = cr.wait().await {
             match m {
                 ChannelMsg::Data { data } => {
-                    if wr.write_all(&data).await.is_err() {
+                    let failed = wr.write_all(&data).await.is_err();
+                    if failed {
                         break;
                     }
                 }
@@ -728,9 +729,7 @@ async fn run_exec(
         while let Some(m) = cr.wait().await {
             match m {
                 ChannelMsg::Data { data } if open => {
-                    if stdin.send(&data).await.is_err() {
-                        open = false;
-                    }
+                    open = stdin.send(&data).await.is_ok();
                 }
                 ChannelMsg::Eof if open => {
                     open = false;

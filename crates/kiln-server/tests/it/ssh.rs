@@ -333,3 +333,104 @@ async fn ssh_shell_exec_scp_forwarding_and_org_isolation() {
     }
     s.teardown().await;
 }
+
+/// Wildcard previews over a real socket: `Host: {port}-{id}.{domain}` reaches the sandbox's
+/// port with the API key, or with a preview token (once in the query, then as a cookie).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wildcard_previews_by_host_with_key_or_token() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = harness::config(dir.path());
+    cfg.preview_domain = Some("preview.test".into());
+    let s = harness::start(cfg).await;
+    let sb = s.create(&CreateSandbox::default()).await;
+    let id = sb.id.clone();
+    let (_, _, code) = s
+        .sh(
+            &id,
+            "mkdir -p /srv/www && echo from-preview > /srv/www/index.html && cd /srv/www && (setsid python3 -m http.server 8000 --bind 127.0.0.1 >/dev/null 2>&1 &)",
+        )
+        .await;
+    assert_eq!(code, 0);
+    let host = format!("8000-{id}.preview.test");
+    let plain = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    // With the API key.
+    let ok = harness::eventually(20, async || {
+        let r = s
+            .http
+            .get(s.url("/index.html"))
+            .header("host", &host)
+            .send()
+            .await
+            .expect("get");
+        r.status() == 200 && r.text().await.is_ok_and(|t| t == "from-preview\n")
+    })
+    .await;
+    assert!(ok, "the key reaches the preview by host");
+    // Without credentials: 401.
+    let r = plain
+        .get(s.url("/index.html"))
+        .header("host", &host)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 401);
+    // A token: once in the query (redirect + cookie), then as the cookie.
+    let t: Value = s
+        .http
+        .post(s.url(&format!("/v1/sandboxes/{id}/previews/8000/token")))
+        .send()
+        .await
+        .expect("mint")
+        .json()
+        .await
+        .expect("json");
+    let token = t["token"].as_str().expect("token").to_string();
+    let r = plain
+        .get(s.url(&format!("/index.html?a=1&kiln_token={token}")))
+        .header("host", &host)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], "/index.html?a=1");
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .to_string();
+    let pair = cookie.split(';').next().expect("pair").to_string();
+    let r = plain
+        .get(s.url("/index.html"))
+        .header("host", &host)
+        .header("cookie", &pair)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.expect("body"), "from-preview\n");
+    // The token is bound to its port and sandbox, and a forged one is refused.
+    for (h, c) in [
+        (format!("8001-{id}.preview.test"), pair.clone()),
+        (host.clone(), format!("kiln_preview={}x", token)),
+    ] {
+        let r = plain
+            .get(s.url("/"))
+            .header("host", h)
+            .header("cookie", c)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status(), 401);
+    }
+    // Other hosts are the API as usual.
+    let r = s
+        .http
+        .get(s.url("/v1/health"))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(r.status(), 200);
+    s.teardown().await;
+}
