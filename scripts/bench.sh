@@ -7,7 +7,7 @@ kiln=${1:?usage: scripts/bench.sh path/to/kiln [N]}
 n=${2:-200}
 data=$(mktemp -d /var/tmp/kiln-bench.XXXXXX)
 images=${KILN_TEST_IMAGES:-${KILN_IMAGES_DIR:-/var/lib/kiln/images}}
-"$kiln" up --listen 127.0.0.1:7787 --data-dir "$data" --images-dir "$images" --warm-pool 2 \
+"$kiln" up --listen 127.0.0.1:7787 --ssh-listen 127.0.0.1:7788 --data-dir "$data" --images-dir "$images" --warm-pool 2 \
   --disk-pool 64G --org-max-sandboxes 1000 --org-max-cpus 1000 --org-max-memory 1T \
   >"$data/server.log" 2>&1 &
 pid=$!

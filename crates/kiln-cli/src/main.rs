@@ -15,6 +15,7 @@ mod devtools;
 mod knowledge;
 mod sandbox;
 mod shell;
+mod ssh;
 mod template;
 mod up;
 
@@ -97,6 +98,14 @@ enum Command {
     Search(knowledge::SearchArgs),
     /// The best context for an LLM from an index, within a token budget
     Context(knowledge::ContextArgs),
+    /// SSH public keys of your organisation (they open `ssh SANDBOX_ID@HOST -p 2222`)
+    #[command(subcommand, name = "ssh-key")]
+    SshKey(ssh::SshKeyCmd),
+    /// Open an SSH session into a sandbox with the system `ssh` (host key pinned)
+    Ssh(ssh::SshArgs),
+    /// Print Host entries for ~/.ssh/config (VS Code Remote-SSH, JetBrains Gateway, scp)
+    #[command(name = "ssh-config")]
+    SshConfig(ssh::SshConfigArgs),
     /// Measure the platform through the server's API
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -151,6 +160,9 @@ fn main() {
             Command::Index(c) => knowledge::index(&cli.global, c).await,
             Command::Search(a) => knowledge::search(&cli.global, a).await,
             Command::Context(a) => knowledge::context(&cli.global, a).await,
+            Command::SshKey(c) => ssh::ssh_key(&cli.global, c).await,
+            Command::Ssh(a) => ssh::ssh(&cli.global, a).await,
+            Command::SshConfig(a) => ssh::ssh_config(&cli.global, a).await,
             Command::Bench(c) => bench::run(&cli.global, c).await,
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

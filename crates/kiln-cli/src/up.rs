@@ -74,6 +74,17 @@ pub struct UpArgs {
     /// Default quota per organisation: total disk of all its sandboxes
     #[arg(long, default_value = "1T")]
     pub org_max_disk: String,
+    /// Where to listen for SSH (`ssh SANDBOX_ID@HOST -p PORT`) [default: the --listen
+    /// address, port 2222]
+    #[arg(long, env = "KILN_SSH_LISTEN")]
+    pub ssh_listen: Option<SocketAddr>,
+    /// Do not listen for SSH
+    #[arg(long, conflicts_with = "ssh_listen")]
+    pub no_ssh: bool,
+    /// Wildcard preview domain: requests for `{port}-{sandbox id}.DOMAIN` (a wildcard DNS
+    /// record pointing here) are proxied to that port of the sandbox
+    #[arg(long, env = "KILN_PREVIEW_DOMAIN")]
+    pub preview_domain: Option<String>,
     /// How long audit entries are kept (e.g. 90d; 0 keeps them forever)
     #[arg(long, default_value = "90d")]
     pub audit_retention: String,
@@ -148,6 +159,24 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
         |flag: &str, v: &str| kiln_server::units::parse_size(v).map_err(|e| anyhow!("{flag}: {e}"));
     let mut cfg = kiln_server::ServerConfig::new(data_dir, kilnd);
     cfg.listen = a.listen;
+    if let Some(d) = &a.preview_domain {
+        let d = d.trim().trim_matches('.').to_ascii_lowercase();
+        if d.is_empty()
+            || !d.contains('.')
+            || d.chars()
+                .any(|c| !(c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+        {
+            return Err(anyhow!(
+                "--preview-domain `{}` is not a domain name (hint: e.g. --preview-domain preview.example.com)",
+                a.preview_domain.as_deref().unwrap_or_default()
+            ));
+        }
+        cfg.preview_domain = Some(d);
+    }
+    cfg.ssh_listen = (!a.no_ssh).then(|| {
+        a.ssh_listen
+            .unwrap_or_else(|| SocketAddr::new(a.listen.ip(), 2222))
+    });
     if let Some(d) = a.images_dir {
         cfg.images_dir = d;
     }
@@ -229,9 +258,17 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
         tracing::info!("shutting down");
         sd.cancel();
     });
-    kiln_server::serve(kiln, shutdown, |addr| {
+    let k = kiln.clone();
+    kiln_server::serve(kiln, shutdown, move |addr| {
         tracing::info!(%addr, "kiln is listening");
         eprintln!("kiln: listening on http://{addr}");
+        if let Some(ssh) = k.ssh.get() {
+            eprintln!(
+                "kiln: ssh on {} (ssh -p {} SANDBOX_ID@HOST)",
+                ssh.addr,
+                ssh.addr.port()
+            );
+        }
     })
     .await?;
     Ok(0)

@@ -666,3 +666,53 @@ pub struct RateLimitStatus {
     /// Whether the org overrides the server defaults.
     pub custom: bool,
 }
+
+/// An SSH public key registered to an organisation (`/v1/ssh-keys`): it opens SSH sessions
+/// into that organisation's sandboxes (`ssh SANDBOX_ID@HOST`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct SshKey {
+    pub id: String,
+    pub org: String,
+    pub name: String,
+    /// e.g. `ssh-ed25519`.
+    pub algorithm: String,
+    /// `SHA256:...`, as `ssh-keygen -lf` prints it.
+    pub fingerprint: String,
+    /// The OpenSSH public-key line.
+    pub public_key: String,
+    pub created_at_ms: u64,
+    /// The API key that registered it.
+    pub created_by: Option<String>,
+}
+
+/// `GET /v1/ssh-keys`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct SshKeyList {
+    pub keys: Vec<SshKey>,
+}
+
+/// `POST /v1/ssh-keys`.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AddSshKey {
+    /// An OpenSSH public-key line (`ssh-ed25519 AAAA... comment`).
+    pub public_key: String,
+    /// Default: the key's comment, else its fingerprint.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// `GET /v1/ssh`: how to reach the SSH front door of this server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct SshInfo {
+    /// Whether `kiln up` listens for SSH.
+    pub enabled: bool,
+    /// The port it listens on.
+    pub port: Option<u16>,
+    /// The server's host public key (OpenSSH line), for `known_hosts`.
+    pub host_key: Option<String>,
+}

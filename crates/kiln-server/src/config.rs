@@ -66,6 +66,10 @@ pub struct ServerConfig {
     pub meter_interval: std::time::Duration,
     /// Agent providers, models, profiles (`kiln up --agent-config FILE`).
     pub agents: kiln_agent::config::AgentConfig,
+    /// Where the SSH front door listens (`None` = no SSH; `kiln up` defaults to port 2222).
+    pub ssh_listen: Option<SocketAddr>,
+    /// Wildcard preview domain: `{port}-{id}.{domain}` is proxied to that sandbox port.
+    pub preview_domain: Option<String>,
 }
 
 impl ServerConfig {
@@ -103,6 +107,8 @@ impl ServerConfig {
             rate_limits: crate::ratelimit::default_limits(),
             meter_interval: std::time::Duration::from_secs(15),
             agents: kiln_agent::config::AgentConfig::default(),
+            ssh_listen: None,
+            preview_domain: None,
         }
     }
 

@@ -188,9 +188,22 @@ async fn proxy(
     id: String,
     port: u16,
     path: String,
-    mut req: Request,
+    req: Request,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id).await?;
+    proxy_to(&client, port, path, None, req).await
+}
+
+/// Sends `req` to `port` on the sandbox's loopback as `/{path}?{query}` (`query`: the
+/// request's own unless given) and streams the answer back; upgrades (WebSocket) are
+/// passed through. The caller has decided that the request may reach the sandbox.
+pub async fn proxy_to(
+    client: &kilnd::client::Client,
+    port: u16,
+    path: String,
+    query: Option<String>,
+    mut req: Request,
+) -> ApiResult<Response> {
     let tunnel = client.connect(port, None).await.map_err(|e| {
         if e.code() == Some(kiln_protocol::kilnd::DaemonErrorCode::NotFound) {
             ApiError::new(StatusCode::BAD_GATEWAY, "port_not_listening", e.to_string())
@@ -208,9 +221,9 @@ async fn proxy(
     });
     let upgrade = req.headers().contains_key(header::UPGRADE);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let query = req
-        .uri()
-        .query()
+    let query = query
+        .or_else(|| req.uri().query().map(str::to_string))
+        .filter(|q| !q.is_empty())
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
     let uri = format!("/{path}{query}");

@@ -53,6 +53,8 @@ pub fn app(state: AppState) -> Router {
         .merge(crate::devtools::routes())
         .merge(crate::agents::routes())
         .merge(crate::knowledge::routes())
+        .merge(crate::ssh::keys::routes())
+        .merge(crate::preview::routes())
         .route("/me", get(crate::admin::me))
         .route(
             "/orgs",
@@ -85,6 +87,10 @@ pub fn app(state: AppState) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, "route_not_found", "no such endpoint")
                 .hint("the API lives under /v1; see README for the routes")
         })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::preview::host_router,
+        ))
         .layer(middleware::from_fn(track))
         .with_state(state)
 }
@@ -119,6 +125,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/sandboxes/:id/ports/:port"),
     ("GET", "/v1/sandboxes/:id/ports/:port/"),
     ("GET", "/v1/sandboxes/:id/ports/:port/*path"),
+    ("POST", "/v1/sandboxes/:id/previews/:port/token"),
     ("POST", "/v1/sandboxes/:id/git/:op"),
     ("POST", "/v1/sandboxes/:id/lsp/:op"),
     ("GET", "/v1/sandboxes/:id/lsp/ws"),
@@ -154,6 +161,10 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/indexes/:name/sync"),
     ("POST", "/v1/indexes/:name/search"),
     ("POST", "/v1/indexes/:name/context"),
+    ("GET", "/v1/ssh"),
+    ("GET", "/v1/ssh-keys"),
+    ("POST", "/v1/ssh-keys"),
+    ("DELETE", "/v1/ssh-keys/:id"),
 ];
 
 /// The request id of a request (`x-request-id`), set by [`track`].

@@ -103,33 +103,32 @@ async fn create(
     Extension(caller): Extension<Caller>,
     ApiJson(req): ApiJson<CreateIndex>,
 ) -> Result<Response, ApiError> {
-    let source = match (req.path, req.git, req.sandbox) {
-        // A host directory is the operator's to give: a tenant must not read the server's
-        // files through an index.
-        (Some(_), None, None) if !caller.system => {
-            return Err(ApiError::new(
+    let source =
+        match (req.path, req.git, req.sandbox) {
+            // A host directory is the operator's to give: a tenant must not read the server's
+            // files through an index.
+            (Some(_), None, None) if !caller.system => return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "source_forbidden",
                 "only keys of the system organisation may index a directory of the server's host",
             )
-            .hint("ask the operator to index it for you"))
-        }
-        (Some(path), None, None) => Source::Path { path },
-        (None, Some(_), None) | (None, None, Some(_)) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "source_unsupported",
-                "git and sandbox sources are not built yet",
-            )
-            .hint("index a directory of the server's host with `path`"))
-        }
-        _ => {
-            return Err(
-                ApiError::invalid("give exactly one source: path, git or sandbox")
-                    .hint("e.g. {\"name\":\"app\",\"path\":\"/srv/app\"}"),
-            )
-        }
-    };
+            .hint("ask the operator to index it for you")),
+            (Some(path), None, None) => Source::Path { path },
+            (None, Some(_), None) | (None, None, Some(_)) => {
+                return Err(ApiError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "source_unsupported",
+                    "git and sandbox sources are not built yet",
+                )
+                .hint("index a directory of the server's host with `path`"))
+            }
+            _ => {
+                return Err(
+                    ApiError::invalid("give exactly one source: path, git or sandbox")
+                        .hint("e.g. {\"name\":\"app\",\"path\":\"/srv/app\"}"),
+                )
+            }
+        };
     let e = engine(&k)?;
     let embed = req.embed.unwrap_or(EmbedConfig::Local);
     let org = caller.org_id.clone();

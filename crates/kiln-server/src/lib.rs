@@ -6,17 +6,19 @@
 //! (that is `kilnd`, reached through `kiln-sandbox`).
 
 pub mod admin;
-pub mod auditlog;
 pub mod agents;
+pub mod auditlog;
 pub mod config;
 pub mod devtools;
 pub mod error;
 pub mod http;
+pub mod knowledge;
 pub mod metering;
 pub mod openapi;
-pub mod knowledge;
+pub mod preview;
 pub mod ratelimit;
 pub mod service;
+pub mod ssh;
 pub mod templates;
 pub mod tenancy;
 pub mod units;
@@ -211,6 +213,9 @@ pub async fn serve(
         .local_addr()
         .map_err(|source| ServerError::Bind { addr, source })?;
     kiln.spawn_background(shutdown.clone());
+    if let Some(ssh) = kiln.cfg.ssh_listen {
+        ssh::start(kiln.clone(), ssh, shutdown.clone()).await?;
+    }
     on_listen(bound);
     let sd = shutdown.clone();
     let k2 = kiln.clone();

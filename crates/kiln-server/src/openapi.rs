@@ -707,28 +707,194 @@ fn operations(b: &mut Builder) {
     // Agents
     let run = b.s::<crate::agents::Run>();
     let v = b.s::<kiln_agent::runner::StartRun>();
-    b.op("POST", "/v1/agents", "agents", "Start an agent run", vec![], Json(v), 201, Json(run.clone()));
+    b.op(
+        "POST",
+        "/v1/agents",
+        "agents",
+        "Start an agent run",
+        vec![],
+        Json(v),
+        201,
+        Json(run.clone()),
+    );
     let q = b.q::<crate::agents::ListQuery>();
     let list = json!({"type": "object", "properties": {"runs": {"type": "array", "items": run}}, "required": ["runs"]});
-    b.op("GET", "/v1/agents", "agents", "List agent runs", q, None, 200, Json(list));
-    b.op("GET", "/v1/agents/:id", "agents", "A run with its sub-agents (`children`)", vec![], None, 200, Json(run));
+    b.op(
+        "GET",
+        "/v1/agents",
+        "agents",
+        "List agent runs",
+        q,
+        None,
+        200,
+        Json(list),
+    );
+    b.op(
+        "GET",
+        "/v1/agents/:id",
+        "agents",
+        "A run with its sub-agents (`children`)",
+        vec![],
+        None,
+        200,
+        Json(run),
+    );
     let q = b.q::<crate::agents::EventsQuery>();
     b.op("GET", "/v1/agents/:id/events", "agents", "A run's events as NDJSON (or SSE with Accept: text/event-stream); with follow=true, live until it ends", q, None, 200, Lines(json!({"type": "object"})));
     let v = b.s::<crate::agents::ApproveBody>();
-    b.op("POST", "/v1/agents/:id/approvals/:call", "agents", "Answer a pending approval", vec![], Json(v), 204, None);
-    b.op("POST", "/v1/agents/:id/stop", "agents", "Stop a run", vec![], None, 202, None);
+    b.op(
+        "POST",
+        "/v1/agents/:id/approvals/:call",
+        "agents",
+        "Answer a pending approval",
+        vec![],
+        Json(v),
+        204,
+        None,
+    );
+    b.op(
+        "POST",
+        "/v1/agents/:id/stop",
+        "agents",
+        "Stop a run",
+        vec![],
+        None,
+        202,
+        None,
+    );
+    // SSH and previews
+    let v = b.s::<SshInfo>();
+    b.op(
+        "GET",
+        "/v1/ssh",
+        "devtools",
+        "The SSH front door: whether it listens, its port and host key",
+        vec![],
+        None,
+        200,
+        Json(v),
+    );
+    let v = b.s::<SshKeyList>();
+    b.op(
+        "GET",
+        "/v1/ssh-keys",
+        "devtools",
+        "The organisation's SSH public keys",
+        vec![],
+        None,
+        200,
+        Json(v),
+    );
+    let (req, res) = (b.s::<AddSshKey>(), b.s::<SshKey>());
+    b.op(
+        "POST",
+        "/v1/ssh-keys",
+        "devtools",
+        "Register an SSH public key (opens every sandbox of the organisation)",
+        vec![],
+        Json(req),
+        201,
+        Json(res),
+    );
+    b.op(
+        "DELETE",
+        "/v1/ssh-keys/:id",
+        "devtools",
+        "Remove an SSH key (by id or fingerprint)",
+        vec![],
+        None,
+        204,
+        None,
+    );
+    let (req, res) = (
+        b.s::<crate::preview::TokenRequest>(),
+        b.s::<crate::preview::PreviewToken>(),
+    );
+    b.op(
+        "POST",
+        "/v1/sandboxes/:id/previews/:port/token",
+        "devtools",
+        "An access token for a wildcard-domain preview of a port",
+        vec![],
+        Json(req),
+        201,
+        Json(res),
+    );
     // Knowledge
     let obj = json!({"type": "object"});
     let v = b.s::<crate::knowledge::CreateIndex>();
-    b.op("POST", "/v1/indexes", "knowledge", "Create an index of a source (a host directory: system organisation only)", vec![], Json(v), 201, Json(obj.clone()));
-    b.op("GET", "/v1/indexes", "knowledge", "List the organisation's indexes", vec![], None, 200, Json(obj.clone()));
-    b.op("GET", "/v1/indexes/:name", "knowledge", "An index's statistics (files, chunks, cache hit rates)", vec![], None, 200, Json(obj.clone()));
-    b.op("DELETE", "/v1/indexes/:name", "knowledge", "Erase an index and everything derived from its source", vec![], None, 204, None);
-    b.op("POST", "/v1/indexes/:name/sync", "knowledge", "Sync an index incrementally; streams progress as NDJSON", vec![], None, 200, Lines(obj.clone()));
+    b.op(
+        "POST",
+        "/v1/indexes",
+        "knowledge",
+        "Create an index of a source (a host directory: system organisation only)",
+        vec![],
+        Json(v),
+        201,
+        Json(obj.clone()),
+    );
+    b.op(
+        "GET",
+        "/v1/indexes",
+        "knowledge",
+        "List the organisation's indexes",
+        vec![],
+        None,
+        200,
+        Json(obj.clone()),
+    );
+    b.op(
+        "GET",
+        "/v1/indexes/:name",
+        "knowledge",
+        "An index's statistics (files, chunks, cache hit rates)",
+        vec![],
+        None,
+        200,
+        Json(obj.clone()),
+    );
+    b.op(
+        "DELETE",
+        "/v1/indexes/:name",
+        "knowledge",
+        "Erase an index and everything derived from its source",
+        vec![],
+        None,
+        204,
+        None,
+    );
+    b.op(
+        "POST",
+        "/v1/indexes/:name/sync",
+        "knowledge",
+        "Sync an index incrementally; streams progress as NDJSON",
+        vec![],
+        None,
+        200,
+        Lines(obj.clone()),
+    );
     let v = b.s::<crate::knowledge::SearchReq>();
-    b.op("POST", "/v1/indexes/:name/search", "knowledge", "Hybrid search with filters on language, path glob and symbol kind", vec![], Json(v), 200, Json(obj.clone()));
+    b.op(
+        "POST",
+        "/v1/indexes/:name/search",
+        "knowledge",
+        "Hybrid search with filters on language, path glob and symbol kind",
+        vec![],
+        Json(v),
+        200,
+        Json(obj.clone()),
+    );
     let v = b.s::<crate::knowledge::ContextReq>();
-    b.op("POST", "/v1/indexes/:name/context", "knowledge", "The best context for a query within a token budget", vec![], Json(v), 200, Json(obj));
+    b.op(
+        "POST",
+        "/v1/indexes/:name/context",
+        "knowledge",
+        "The best context for a query within a token budget",
+        vec![],
+        Json(v),
+        200,
+        Json(obj),
+    );
     // Unauthenticated
     let v = b.s::<Health>();
     b.op(

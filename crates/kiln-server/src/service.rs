@@ -50,6 +50,8 @@ pub struct Kiln {
     pub audit: crate::auditlog::AuditWriter,
     /// Open usage windows (see [`crate::metering`]).
     pub(crate) meter: crate::metering::Meter,
+    /// The SSH front door, once it listens (`kiln up --ssh-listen`).
+    pub ssh: std::sync::OnceLock<crate::ssh::Listening>,
     pub(crate) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The agent runtime (created on first use; see `agents::agents`).
     pub agents: std::sync::OnceLock<Arc<kiln_agent::runner::Runtime>>,
@@ -119,6 +121,7 @@ impl Kiln {
             rate_cache: Default::default(),
             pool_wake: Notify::new(),
             meter: Default::default(),
+            ssh: std::sync::OnceLock::new(),
             metrics,
             agents: std::sync::OnceLock::new(),
         }

@@ -242,7 +242,9 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
     };
     let route = route.strip_prefix("/v1").unwrap_or(route);
     match route {
-        "/me" => Some(Need::Key),
+        "/me" | "/ssh" => Some(Need::Key),
+        // A registered SSH key opens every sandbox of the org: managed like API keys.
+        "/ssh-keys" | "/ssh-keys/:id" => rw(Keys),
         "/sandboxes" | "/sandboxes/:id" | "/sandboxes/:id/pause" | "/sandboxes/:id/resume" => {
             rw(Sandboxes)
         }
@@ -260,6 +262,8 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
         // sandbox's servers like exec does; git and language servers run processes in it.
         "/sandboxes/:id/egress" => rw(Sandboxes),
         "/sandboxes/:id/ports" => Some(Need::Perm(Perm::read(Sandboxes))),
+        // A preview token lets its holder talk to the sandbox's server: as strong as a preview.
+        "/sandboxes/:id/previews/:port/token" => Some(Need::Perm(Perm::write(Exec))),
         "/sandboxes/:id/ports/:port"
         | "/sandboxes/:id/ports/:port/"
         | "/sandboxes/:id/ports/:port/*path"

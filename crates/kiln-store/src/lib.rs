@@ -17,6 +17,7 @@ mod migrations;
 mod usage;
 
 pub use usage::{UsageAgg, UsageEventRow, UsageGroup};
+mod ssh_keys;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -25,6 +26,7 @@ use kiln_protocol::api::{NetworkMode, Quota, QuotaUsage, RateLimits, Sandbox, Sa
 
 pub use db::{Backend, Row, Val};
 use db::{Conn, Db};
+pub use ssh_keys::SshKeyRow;
 
 /// Errors of the state store.
 #[derive(Debug, thiserror::Error)]

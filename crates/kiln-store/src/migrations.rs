@@ -145,6 +145,21 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
             PRIMARY KEY (run_id, call_id)
         );",
     ),
+    (
+        5,
+        "CREATE TABLE ssh_keys (
+            id TEXT PRIMARY KEY,
+            org_id TEXT NOT NULL REFERENCES orgs(id),
+            name TEXT NOT NULL,
+            algorithm TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            public_key TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            created_by TEXT
+        );
+        CREATE UNIQUE INDEX ssh_keys_org_fp ON ssh_keys(org_id, fingerprint);
+        CREATE INDEX ssh_keys_fp ON ssh_keys(fingerprint);",
+    ),
 ];
 
 const PG_LOCK: i64 = 0x6b696c6e; // "kiln"

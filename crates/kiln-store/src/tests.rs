@@ -518,6 +518,11 @@ async fn usage_events_are_idempotent_and_aggregate_by_bucket_and_group() {
         assert_eq!(
             evs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
             ["e1", "e2"]
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn agent_events_are_append_only_and_approvals_answer_once() {
     on_both(|s| async move {
@@ -597,6 +602,52 @@ async fn agent_events_are_append_only_and_approvals_answer_once() {
                 .as_deref(),
             Some("done")
         );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ssh_keys_are_per_org() {
+    on_both(|s| async move {
+        s.create_org(&org("o1")).await.expect("org");
+        s.create_org(&org("o2")).await.expect("org");
+        let k = |id: &str, org_id: &str| SshKeyRow {
+            id: id.into(),
+            org_id: org_id.into(),
+            name: "laptop".into(),
+            algorithm: "ssh-ed25519".into(),
+            fingerprint: "SHA256:abc".into(),
+            public_key: "ssh-ed25519 AAAA laptop".into(),
+            created_at_ms: 3,
+            created_by: Some("key_a".into()),
+        };
+        s.insert_ssh_key(&k("sk_1", "o1")).await.expect("add");
+        assert!(matches!(
+            s.insert_ssh_key(&k("sk_2", "o1")).await,
+            Err(StoreError::Conflict(_))
+        ));
+        // The same public key may be registered by another org too.
+        s.insert_ssh_key(&k("sk_3", "o2")).await.expect("add o2");
+        let mut orgs: Vec<String> = s
+            .ssh_keys_by_fingerprint("SHA256:abc")
+            .await
+            .expect("by fp")
+            .into_iter()
+            .map(|r| r.org_id)
+            .collect();
+        orgs.sort();
+        assert_eq!(orgs, ["o1", "o2"]);
+        assert_eq!(
+            s.list_ssh_keys("o1").await.expect("ls"),
+            vec![k("sk_1", "o1")]
+        );
+        assert_eq!(s.remove_ssh_key("o1", "sk_3").await.expect("rm"), None);
+        assert_eq!(
+            s.remove_ssh_key("o1", "SHA256:abc").await.expect("rm"),
+            Some(k("sk_1", "o1"))
+        );
+        assert!(s.list_ssh_keys("o1").await.expect("ls").is_empty());
+        assert_eq!(s.list_ssh_keys("o2").await.expect("ls").len(), 1);
     })
     .await;
 }

@@ -47,6 +47,7 @@ impl Server {
         let child = Command::new(kiln())
             .arg("up")
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--ssh-listen", &format!("127.0.0.1:{}", free_port())])
             .arg("--data-dir")
             .arg(data.path())
             .arg("--images-dir")

@@ -13,5 +13,6 @@ mod lifecycle;
 mod openapi;
 mod pty;
 mod restart;
+mod ssh;
 mod tenancy;
 mod usage;

@@ -107,6 +107,19 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
             .expect("keys");
     let a_key = a_keys.keys[0].id.clone();
     let org_a = s.kiln.system_org.clone();
+    let (st, body) = call_full(
+        &s,
+        &owner_a,
+        "POST",
+        "/v1/ssh-keys",
+        Some(&json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICI1ft6dcHM8fmHeVF4mengMBbxuj0Z9hy32wxkWwIOD matrix"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{body}");
+    let a_ssh_key = serde_json::from_str::<serde_json::Value>(&body).expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
     let b = new_org(&s, "tenant-b").await;
     let key_b = b.key.expect("owner key").secret;
     // A knowledge index of A (lexical only: no model needed to search it).
@@ -123,6 +136,8 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
                 ":id",
                 if route.starts_with("/v1/keys") {
                     &a_key
+                } else if route.starts_with("/v1/ssh-keys") {
+                    &a_ssh_key
                 } else {
                     &sb.id
                 },
@@ -145,6 +160,7 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
             && !path.contains(&org_a)
             && !path.contains(&a_key)
             && !path.contains("idx-a")
+            && !path.contains(&a_ssh_key)
         {
             continue;
         }
@@ -154,7 +170,8 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         let shown = path
             .replace(&sb.id, "<sb-a>")
             .replace(&org_a, "<org-a>")
-            .replace(&a_key, "<key-a>");
+            .replace(&a_key, "<key-a>")
+            .replace(&a_ssh_key, "<ssh-key-a>");
         out.push_str(&format!("{method} {shown} -> {got}\n"));
     }
     expect![[r#"
@@ -183,6 +200,7 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         GET /v1/sandboxes/<sb-a>/ports/8080 -> 404 sandbox_not_found
         GET /v1/sandboxes/<sb-a>/ports/8080/ -> 404 sandbox_not_found
         GET /v1/sandboxes/<sb-a>/ports/8080/index.html -> 404 sandbox_not_found
+        POST /v1/sandboxes/<sb-a>/previews/8080/token -> 404 sandbox_not_found
         POST /v1/sandboxes/<sb-a>/git/status -> 404 sandbox_not_found
         POST /v1/sandboxes/<sb-a>/lsp/status -> 404 sandbox_not_found
         GET /v1/sandboxes/<sb-a>/lsp/ws?language=python -> 404 sandbox_not_found
@@ -206,6 +224,7 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         POST /v1/indexes/idx-a/sync -> 404 index_not_found
         POST /v1/indexes/idx-a/search -> 404 index_not_found
         POST /v1/indexes/idx-a/context -> 404 index_not_found
+        DELETE /v1/ssh-keys/<ssh-key-a> -> 404 ssh_key_not_found
     "#]]
     .assert_eq(&out);
     // Creating in another org and listing show nothing of A either.
@@ -213,6 +232,8 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
     assert_eq!(post_key, "404 org_not_found");
     let (_, list) = call_full(&s, &key_b, "GET", "/v1/sandboxes", None).await;
     assert_eq!(list, r#"{"sandboxes":[]}"#);
+    let (_, list) = call_full(&s, &key_b, "GET", "/v1/ssh-keys", None).await;
+    assert_eq!(list, r#"{"keys":[]}"#);
     let (_, orgs) = call_full(&s, &key_b, "GET", "/v1/orgs", None).await;
     assert!(!orgs.contains(&org_a), "{orgs}");
     let (_, indexes) = call_full(&s, &key_b, "GET", "/v1/indexes", None).await;
