@@ -709,7 +709,7 @@ mod tests {
     fn schemas_are_objects_with_required_fields() {
         let specs = builtin_specs();
         let edit = specs.iter().find(|s| s.name == "edit").expect("edit");
-        expect_test::expect![[r#"["new","old","path"]"#]]
+        expect_test::expect![[r#"["path","old","new"]"#]]
             .assert_eq(&edit.parameters["required"].to_string());
         assert!(specs.iter().all(|s| s.parameters["type"] == "object"));
         let r = Registry::new(None);
