@@ -499,7 +499,7 @@ mod tests {
         expect_test::expect![[r#"
             [
                 "scope `nope` must be resource:action, like sandboxes:read or exec:write",
-                "unknown resource `cats` in scope `cats:read` (known: sandboxes, exec, files, templates, keys, orgs, audit, usage)",
+                "unknown resource `cats` in scope `cats:read` (known: sandboxes, exec, files, templates, keys, orgs, audit, usage, knowledge)",
                 "unknown action `eat` in scope `sandboxes:eat` (use read, write or *)",
             ]
         "#]]

@@ -204,6 +204,9 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         POST /v1/sandboxes/<sb-a>/git/status -> 404 sandbox_not_found
         POST /v1/sandboxes/<sb-a>/lsp/status -> 404 sandbox_not_found
         GET /v1/sandboxes/<sb-a>/lsp/ws?language=python -> 404 sandbox_not_found
+        GET /v1/templates/idx-a -> 404 template_not_found
+        DELETE /v1/templates/idx-a -> 404 template_not_found
+        POST /v1/templates/idx-a/build -> 404 template_not_found
         GET /v1/orgs/<org-a> -> 404 org_not_found
         GET /v1/orgs/<org-a>/quota -> 404 org_not_found
         PUT /v1/orgs/<org-a>/quota -> 404 org_not_found
