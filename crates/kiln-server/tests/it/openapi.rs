@@ -85,7 +85,7 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
         .expect("json");
     assert_eq!(&served, kiln_server::openapi::spec());
     // A live sandbox, and rate limits that let the fuzzer through.
-    let sb = s.create(&CreateSandbox::default()).await;
+    let _live = s.create(&CreateSandbox::default()).await;
     let org = s.kiln.system_org.clone();
     let fast = json!({"per_sec": 10000.0, "burst": 10000});
     let r = s
@@ -149,8 +149,14 @@ async fn schemathesis_finds_no_server_errors_or_schema_violations() {
         "schemathesis failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // The sandbox the fuzzer could not see (random ids) is still fine.
-    let (o, _, code) = s.sh(&sb.id, "echo alive").await;
-    assert_eq!((o.as_str(), code), ("alive\n", 0));
+    // The server still serves after the run (the fuzzer may have removed the sandbox: it
+    // learns ids from listings).
+    let r = s
+        .http
+        .get(s.url("/v1/sandboxes"))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(r.status(), 200);
     s.teardown().await;
 }

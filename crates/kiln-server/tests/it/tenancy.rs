@@ -241,9 +241,10 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
     assert!(!orgs.contains(&org_a), "{orgs}");
     let (_, indexes) = call_full(&s, &key_b, "GET", "/v1/indexes", None).await;
     assert_eq!(indexes, r#"{"indexes":[]}"#);
-    // B may use the same name: its own index, not A's.
-    let (st, _) = call_full(&s, &key_b, "POST", "/v1/indexes", Some(&idx)).await;
-    assert_eq!(st, 201);
+    // B cannot index a directory of the server's host at all (only the system organisation
+    // may): a tenant must not read the host's files through an index.
+    let got = call(&s, &key_b, "POST", "/v1/indexes", Some(&idx)).await;
+    assert_eq!(got, "403 source_forbidden");
     let (st, _) = call_full(&s, &owner_a, "GET", "/v1/indexes/idx-a", None).await;
     assert_eq!(st, 200);
     // A's sandbox is untouched and still works for A.
