@@ -141,6 +141,10 @@ impl From<kiln_store::StoreError> for ApiError {
                 "already_exists",
                 format!("{what} already exists"),
             ),
+            kiln_store::StoreError::InvalidText => {
+                ApiError::invalid("a value of the request contains a NUL character")
+                    .hint("remove the \\0 (%00) from names, ids and query values")
+            }
             other => ApiError::internal(other.to_string()),
         }
     }

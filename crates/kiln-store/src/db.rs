@@ -84,6 +84,18 @@ impl From<Option<&str>> for Val {
     }
 }
 
+/// PostgreSQL cannot store a NUL character in text; neither backend gets one, so both answer
+/// the same (a clear error instead of a server error on one of them).
+fn check_text(params: &[Val]) -> Result<(), StoreError> {
+    if params
+        .iter()
+        .any(|v| matches!(v, Val::T(Some(s)) if s.contains('\0')))
+    {
+        return Err(StoreError::InvalidText);
+    }
+    Ok(())
+}
+
 /// Builds an array of [`Val`]s from heterogeneous values.
 #[macro_export]
 macro_rules! vals {
@@ -380,6 +392,7 @@ impl Conn {
         sql: &str,
         params: &[Val],
     ) -> Result<Vec<Row>, StoreError> {
+        check_text(params)?;
         match self {
             Conn::Sqlite(c) => {
                 let mut st = c.prepare_cached(&sqlite_sql(sql))?;
@@ -417,6 +430,7 @@ impl Conn {
 
     /// Runs a statement; returns the number of rows it changed.
     pub(crate) async fn exec(&mut self, sql: &str, params: &[Val]) -> Result<u64, StoreError> {
+        check_text(params)?;
         match self {
             Conn::Sqlite(c) => {
                 let mut st = c.prepare_cached(&sqlite_sql(sql))?;

@@ -43,6 +43,8 @@ pub enum StoreError {
     Corrupt { id: String, message: String },
     #[error("{0} already exists")]
     Conflict(String),
+    #[error("text contains a NUL character")]
+    InvalidText,
 }
 
 /// A sandbox row: what the API shows plus its owner and whether it idles in the warm pool.

@@ -651,3 +651,15 @@ async fn ssh_keys_are_per_org() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn text_with_a_nul_character_is_refused_by_both_backends() {
+    on_both(|s| async move {
+        assert!(matches!(
+            s.get_org("acme\0x").await,
+            Err(StoreError::InvalidText)
+        ));
+        assert!(s.get_org("acme").await.expect("plain text").is_none());
+    })
+    .await;
+}
