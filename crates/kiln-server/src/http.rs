@@ -1014,9 +1014,15 @@ async fn pump_pty(socket: WebSocket, session: kilnd::client::PtySession) {
             }
         }
     };
-    // Either side ending ends the bridge; the PTY session itself lives on in kilnd.
+    // The output side ending ends the bridge; the PTY session itself lives on in kilnd. When
+    // the input side ends first (the client detached, or the program exited and kilnd refused
+    // a late write such as piped input's final EOT), the output side still gets a moment to
+    // deliver what is left, the exit status above all.
+    tokio::pin!(out);
     tokio::select! {
-        _ = out => {}
-        _ = inp => {}
+        _ = &mut out => {}
+        _ = inp => {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), out).await;
+        }
     }
 }
