@@ -8,6 +8,7 @@ set -euo pipefail
 PINS="
 runc         1.1.5+ds1-1+deb12u1        a00351f8c0318de0b424ecf5cd0fdb69880a89f3511cae4f6fff7de3e57881c5
 debootstrap  1.0.128+nmu2+deb12u2       63f354316e9bbe747b143b7b0d83e5f237c90314a17734fba9ff202c2ef02760
+mmdebstrap   1.3.5-7                    0ecb8da772c8e5b7f73b59cb6d1f02d789f8bcd9a6b5f19ed548fe12c26a76ca
 iproute2     6.1.0-3                    1204b29e916e836267096d0b9d778106752f821ebde0d281539008b4386d9070
 nftables     1.0.6-2+deb12u2            966ff20ce58c17163a771c02ddbca264291408f94c512bd85dd18da0ebdbe88c
 btrfs-progs  6.2-1+deb12u2              8b9f4223957c327ea355c66876014f8a0ba6c74964c237266442fffa02fbf62e
@@ -16,7 +17,8 @@ ansible-core 2.14.18-0+deb12u2          5f80e76b962daae74535ca5a2b910678acfd9ca2
 ansible      7.7.0+dfsg-3+deb12u1       625d3724fe2e75bfcdf8710a1549af473163cc5971350ac5d785c6ad1dec4af3
 openssh-client 1:9.2p1-2+deb12u10       42c250b8b9110382488c53c066a960bc564ddac2cb9e449f47b6cdbb5fc1cb60
 "
-# Tools that come with every Debian system but must be there: losetup and mount (util-linux /
+# mmdebstrap bootstraps the Debian base layer (debootstrap is the selectable alternative and the
+# benchmark's baseline). Tools that come with every Debian system but must be there: losetup and mount (util-linux /
 # mount). btrfs-progs (mkfs.btrfs) formats the disk pool that holds the writable layers.
 # runsc (gVisor) is the optional `kiln up --runtime runsc`; the test suite runs it too.
 # ansible-core runs the template roles; ansible brings the community.general collection, whose

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_template::template::{self, BuildOptions};
-use kiln_template::{ImageStore, Sources};
+use kiln_template::{Bootstrapper, ImageStore, Sources};
 use serde::Serialize;
 
 use crate::template::SourceArgs;
@@ -23,9 +23,13 @@ pub struct TemplateBench {
     pub images_dir: Option<PathBuf>,
     #[command(flatten)]
     pub src: SourceArgs,
-    /// Also build each template cold, in a throwaway empty store (debootstrap included)
+    /// Also build each template cold, in a throwaway empty store (base image included)
     #[arg(long)]
     pub cold: bool,
+    /// With --cold: also bootstrap the base image with debootstrap in another empty store,
+    /// the baseline for the default mmdebstrap (time and size ratio)
+    #[arg(long, requires = "cold")]
+    pub compare_debootstrap: bool,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,
@@ -39,9 +43,18 @@ struct LayerSize {
 }
 
 #[derive(Debug, Serialize)]
+struct LayerTime {
+    role: String,
+    seconds: f64,
+    cached: bool,
+}
+
+#[derive(Debug, Serialize)]
 struct TemplateFigures {
     template: String,
     cold_build_s: Option<f64>,
+    /// Each layer's time in the cold build.
+    cold_layers: Vec<LayerTime>,
     /// The build in the given store as it stood (cached layers reused).
     build_s: f64,
     layers_rebuilt: usize,
@@ -55,15 +68,53 @@ struct TemplateFigures {
 }
 
 fn timed_build(store: &ImageStore, src: &Sources, name: &str) -> Result<(f64, usize)> {
+    let (s, rebuilt, _) = timed_build_with(store, src, name, &BuildOptions::default())?;
+    Ok((s, rebuilt))
+}
+
+/// One build: its time, the layers rebuilt, and each layer's time.
+fn timed_build_with(
+    store: &ImageStore,
+    src: &Sources,
+    name: &str,
+    opts: &BuildOptions,
+) -> Result<(f64, usize, Vec<LayerTime>)> {
     let t0 = Instant::now();
     let mut rebuilt = 0;
-    template::build(store, src, name, &BuildOptions::default(), &mut |e| {
-        if let template::BuildEvent::Done { rebuilt: r, .. } = e {
-            rebuilt = r;
-        }
+    let mut layers = Vec::new();
+    template::build(store, src, name, opts, &mut |e| match e {
+        template::BuildEvent::Done { rebuilt: r, .. } => rebuilt = r,
+        template::BuildEvent::LayerDone {
+            role,
+            seconds,
+            cached,
+            ..
+        } => layers.push(LayerTime {
+            role,
+            seconds: round(seconds),
+            cached,
+        }),
+        _ => {}
     })
     .with_context(|| format!("building {name}"))?;
-    Ok((round(t0.elapsed().as_secs_f64()), rebuilt))
+    Ok((round(t0.elapsed().as_secs_f64()), rebuilt, layers))
+}
+
+/// The base image bootstrapped with `tool` in an empty store next to `root`: seconds and size.
+fn cold_base(root: &Path, tool: Bootstrapper) -> Result<(f64, u64)> {
+    let dir = root.join(format!("cold-debian-{}", tool.as_str()));
+    let store = ImageStore::open(&dir)?;
+    let spec = kiln_template::BaseSpec {
+        tool,
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let r = kiln_template::base::build_base(&store, &spec, true, &mut |_| {})
+        .with_context(|| format!("bootstrapping with {}", tool.as_str()))?;
+    let s = round(t0.elapsed().as_secs_f64());
+    drop(store);
+    std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    Ok((s, r.size_bytes))
 }
 
 fn round(s: f64) -> f64 {
@@ -97,16 +148,16 @@ fn measure(
     name: &str,
     cold_root: Option<&Path>,
 ) -> Result<TemplateFigures> {
-    let cold_build_s = match cold_root {
+    let (cold_build_s, cold_layers) = match cold_root {
         Some(root) => {
             let dir = root.join(format!("cold-{name}"));
             let cold = ImageStore::open(&dir)?;
-            let (s, _) = timed_build(&cold, src, name)?;
+            let (s, _, layers) = timed_build_with(&cold, src, name, &BuildOptions::default())?;
             drop(cold);
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-            Some(s)
+            (Some(s), layers)
         }
-        None => None,
+        None => (None, Vec::new()),
     };
     let (build_s, layers_rebuilt) = timed_build(store, src, name)?;
     let (no_change_rebuild_s, _) = timed_build(store, src, name)?;
@@ -132,6 +183,7 @@ fn measure(
     Ok(TemplateFigures {
         template: name.to_string(),
         cold_build_s,
+        cold_layers,
         build_s,
         layers_rebuilt,
         no_change_rebuild_s,
@@ -141,6 +193,16 @@ fn measure(
         total_size_bytes: r.size_bytes,
         layers,
     })
+}
+
+#[derive(Debug, Serialize)]
+struct BaseComparison {
+    mmdebstrap_s: f64,
+    mmdebstrap_size_bytes: u64,
+    debootstrap_s: f64,
+    debootstrap_size_bytes: u64,
+    /// mmdebstrap time / debootstrap time.
+    time_ratio: f64,
 }
 
 fn tempfile_dir() -> Result<PathBuf> {
@@ -161,7 +223,8 @@ pub async fn run(g: &Global, b: TemplateBench) -> Result<i32> {
     };
     let src = b.src.sources();
     let cold = b.cold;
-    let figures = tokio::task::spawn_blocking(move || -> Result<Vec<TemplateFigures>> {
+    let compare = b.compare_debootstrap;
+    let (figures, base_cmp) = tokio::task::spawn_blocking(move || -> Result<(Vec<TemplateFigures>, Option<BaseComparison>)> {
         let store = ImageStore::open(&dir)?;
         // Cold stores live next to the real one (same filesystem, like a real build).
         let cold_root = dir.with_file_name(format!(
@@ -177,8 +240,21 @@ pub async fn run(g: &Global, b: TemplateBench) -> Result<i32> {
                 cold.then_some(cold_root.as_path()),
             )?);
         }
+        let cmp = if compare {
+            let (mm_s, mm_size) = cold_base(&cold_root, Bootstrapper::Mmdebstrap)?;
+            let (db_s, db_size) = cold_base(&cold_root, Bootstrapper::Debootstrap)?;
+            Some(BaseComparison {
+                mmdebstrap_s: mm_s,
+                mmdebstrap_size_bytes: mm_size,
+                debootstrap_s: db_s,
+                debootstrap_size_bytes: db_size,
+                time_ratio: round(mm_s / db_s.max(0.01)),
+            })
+        } else {
+            None
+        };
         let _ = std::fs::remove_dir_all(&cold_root);
-        Ok(out)
+        Ok((out, cmp))
     })
     .await??;
     let targets = serde_json::json!({
@@ -187,7 +263,7 @@ pub async fn run(g: &Global, b: TemplateBench) -> Result<i32> {
     if b.json {
         println!(
             "{}",
-            serde_json::json!({"templates": figures, "targets": targets})
+            serde_json::json!({"templates": figures, "base_bootstrap": base_cmp, "targets": targets})
         );
         return Ok(0);
     }
@@ -196,6 +272,14 @@ pub async fn run(g: &Global, b: TemplateBench) -> Result<i32> {
         println!("template {}", f.template);
         if let Some(c) = f.cold_build_s {
             println!("  cold build (empty store)      {c:>8.2} s");
+            for l in &f.cold_layers {
+                println!(
+                    "    {:<26}  {:>8.2} s{}",
+                    l.role,
+                    l.seconds,
+                    if l.cached { "  (cached)" } else { "" }
+                );
+            }
         }
         println!(
             "  build in store                {:>8.2} s  ({} layers rebuilt)",
@@ -226,6 +310,20 @@ pub async fn run(g: &Global, b: TemplateBench) -> Result<i32> {
             "  total                         {:>10}",
             size(f.total_size_bytes)
         );
+    }
+    if let Some(c) = &base_cmp {
+        println!("base image, cold, same run");
+        println!(
+            "  mmdebstrap                    {:>8.2} s  {:>10}",
+            c.mmdebstrap_s,
+            size(c.mmdebstrap_size_bytes)
+        );
+        println!(
+            "  debootstrap (baseline)        {:>8.2} s  {:>10}",
+            c.debootstrap_s,
+            size(c.debootstrap_size_bytes)
+        );
+        println!("  time ratio                    {:>8.2}x", c.time_ratio);
     }
     println!("targets: base cold <= 60 s, python cold <= 180 s, no-change rebuild <= 3 s");
     Ok(0)

@@ -14,6 +14,7 @@ use kiln_protocol::api::{
     CreateSandbox, ExecEvent, ExecRequest, NetworkMode, Sandbox, TemplateList,
 };
 use kiln_template::template::{self, BuildEvent, BuildOptions, GcReport, TemplateInfo};
+use kiln_template::Bootstrapper;
 use kiln_template::{ImageRef, ImageStore, Sources};
 use reqwest::Method;
 
@@ -51,6 +52,10 @@ pub enum TemplateCmd {
         /// Debian archive URL [default: read from the host's apt sources]
         #[arg(long)]
         mirror: Option<String>,
+        /// What bootstraps the Debian base layer: mmdebstrap (one apt run, no docs or man
+        /// pages) or debootstrap
+        #[arg(long, default_value = "mmdebstrap", value_parser = parse_bootstrapper)]
+        bootstrapper: Bootstrapper,
         /// Rebuild every layer, ignoring the cache
         #[arg(long, alias = "force")]
         no_cache: bool,
@@ -109,6 +114,10 @@ pub enum TemplateCmd {
     },
 }
 
+pub fn parse_bootstrapper(s: &str) -> Result<Bootstrapper, String> {
+    s.parse()
+}
+
 fn open_store(dir: &std::path::Path) -> Result<ImageStore> {
     ImageStore::open(dir)
         .with_context(|| format!("cannot open the image store at {}", dir.display()))
@@ -128,11 +137,16 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
             images_dir,
             src,
             mirror,
+            bootstrapper,
             no_cache,
             json,
         } => {
             let dir = images_dir.unwrap_or_else(|| default_images_dir(g));
-            let opts = BuildOptions { no_cache, mirror };
+            let opts = BuildOptions {
+                no_cache,
+                mirror,
+                bootstrapper,
+            };
             let src = src.sources();
             let r = tokio::task::spawn_blocking(move || build(&dir, &src, &name, &opts, json))
                 .await??;

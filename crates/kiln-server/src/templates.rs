@@ -153,6 +153,7 @@ async fn build_template(
         let opts = BuildOptions {
             no_cache: q.no_cache,
             mirror: None,
+            ..BuildOptions::default()
         };
         let r = template::build(&images, &src, &name, &opts, &mut |ev: BuildEvent| {
             let _ = tx.send(line(&serde_json::to_value(&ev).unwrap_or_default()));

@@ -18,8 +18,10 @@ use std::process::{Command, Stdio};
 
 use crate::{io_err, TemplateError};
 
-/// The playbook Kiln wraps around a role. Minbase Debian has no Python, so a `raw` step
-/// installs it (with python3-apt for the apt module) before any module runs.
+/// The playbook Kiln wraps around a role. Kiln's base layer has Python and python3-apt; for
+/// a parent without them a `raw` step installs them before any module runs. The same step
+/// fetches package lists when the shared apt cache has none (an emptied cache looks fresh to
+/// the apt module's `cache_valid_time`, which goes by the directory's time).
 pub fn playbook(role: &str) -> String {
     format!(
         r#"---
@@ -31,9 +33,10 @@ pub fn playbook(role: &str) -> String {
   pre_tasks:
     - name: Bootstrap Python for Ansible
       ansible.builtin.raw: >-
-        test -x /usr/bin/python3 -a -d /usr/lib/python3/dist-packages/apt ||
-        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive
-        apt-get install -y -qq --no-install-recommends python3 python3-apt)
+        {{ ls /var/lib/apt/lists/*_Packages* >/dev/null 2>&1 || apt-get update -qq; }} &&
+        {{ test -x /usr/bin/python3 -a -d /usr/lib/python3/dist-packages/apt ||
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+        python3 python3-apt; }}
       changed_when: false
   roles:
     - role: {role}
@@ -71,6 +74,9 @@ pub struct RoleRun<'a> {
     pub applied_deps: &'a [String],
     /// Scratch directory (inside the store's `tmp/`); `upper/` inside it is the result.
     pub scratch: &'a Path,
+    /// The store's shared apt cache `(lists, archives)`, bound over the tree's
+    /// `/var/lib/apt/lists` and `/var/cache/apt/archives` for the run.
+    pub apt_cache: Option<(&'a Path, &'a Path)>,
 }
 
 /// Runs the role; on success `scratch/upper` holds the change set, cleaned of build junk.
@@ -117,6 +123,16 @@ pub fn run_role(
     let mut binds: Vec<(CString, CString, bool)> = Vec::new();
     for (src, rec) in [("/proc", false), ("/sys", false), ("/dev", true)] {
         binds.push((c(Path::new(src)), c(&merged.join(&src[1..])), rec));
+    }
+    if let Some((lists, archives)) = run.apt_cache {
+        for (src, rel) in [(lists, "var/lib/apt/lists"), (archives, "var/cache/apt/archives")] {
+            // A bind needs its mount point; lower layers normally have it already.
+            if !run.lower.iter().any(|l| l.join(rel).is_dir()) {
+                let d = upper.join(rel);
+                std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+            }
+            binds.push((c(src), c(&merged.join(rel)), false));
+        }
     }
     let resolv = Path::new("/etc/resolv.conf");
     if resolv.exists() {

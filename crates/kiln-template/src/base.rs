@@ -1,6 +1,12 @@
-//! Builds the Debian base layer with `debootstrap --variant=minbase` against the host's own
-//! Debian mirror, and publishes it in the image store as the `debian` image, the bottom layer
-//! of every template.
+//! Builds the Debian base layer, `minbase` from the host's own Debian mirror, with
+//! `mmdebstrap` (default) or `debootstrap`, and publishes it in the image store as the `debian`
+//! image, the bottom layer of every template.
+//!
+//! The layer carries what Ansible needs to manage it (`python3`, `python3-apt`), so no role
+//! has to bootstrap Python. With mmdebstrap, dpkg is told to leave out documentation, manual
+//! pages and translations (as Debian's "slim" container images do; the rule stays in the image,
+//! so packages installed later skip them too), and the package lists it downloaded are moved
+//! into the store's apt cache, where role builds find them (`ImageStore::apt_cache`).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -11,8 +17,56 @@ use sha2::{Digest, Sha256};
 use crate::store::{ImageRef, ImageStore};
 use crate::{io_err, TemplateError, LAYER_FORMAT_VERSION};
 
-/// The ref name of the debootstrap image.
+/// The ref name of the base image.
 pub const DEBIAN_REF: &str = "debian";
+
+/// Packages every base layer gets on top of minbase: what Ansible's modules need.
+pub const ANSIBLE_PACKAGES: &[&str] = &["python3", "python3-apt"];
+
+/// dpkg path filters of the mmdebstrap base (what Debian's slim images leave out).
+pub const DPKG_EXCLUDES: &[&str] = &[
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/info/*",
+    "path-exclude=/usr/share/groff/*",
+    "path-exclude=/usr/share/lintian/*",
+    "path-exclude=/usr/share/linda/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-include=/usr/share/locale/locale.alias",
+];
+
+/// The program that bootstraps the base layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Bootstrapper {
+    /// `mmdebstrap`: one apt solve, parallel downloads, dpkg path filters (default).
+    #[default]
+    Mmdebstrap,
+    /// `debootstrap`: the classic shell implementation; no path filters.
+    Debootstrap,
+}
+
+impl Bootstrapper {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mmdebstrap => "mmdebstrap",
+            Self::Debootstrap => "debootstrap",
+        }
+    }
+}
+
+impl std::str::FromStr for Bootstrapper {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "mmdebstrap" => Ok(Self::Mmdebstrap),
+            "debootstrap" => Ok(Self::Debootstrap),
+            other => Err(format!(
+                "unknown bootstrapper `{other}` (use mmdebstrap or debootstrap)"
+            )),
+        }
+    }
+}
 
 /// What goes into the base layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,8 +75,9 @@ pub struct BaseSpec {
     pub variant: String,
     /// Archive URI; `None` = read it from the host's apt sources.
     pub mirror: Option<String>,
-    /// Extra packages for `--include`.
+    /// Packages on top of the variant (`ANSIBLE_PACKAGES` by default).
     pub include: Vec<String>,
+    pub tool: Bootstrapper,
 }
 
 impl Default for BaseSpec {
@@ -31,7 +86,8 @@ impl Default for BaseSpec {
             suite: "bookworm".into(),
             variant: "minbase".into(),
             mirror: None,
-            include: Vec::new(),
+            include: ANSIBLE_PACKAGES.iter().map(|s| s.to_string()).collect(),
+            tool: Bootstrapper::default(),
         }
     }
 }
@@ -65,13 +121,49 @@ pub fn resolve_mirror(spec: &BaseSpec) -> Result<String, TemplateError> {
 pub fn build_key(spec: &BaseSpec, mirror: &str) -> String {
     let mut h = Sha256::new();
     h.update(format!(
-        "kiln-layer-v{LAYER_FORMAT_VERSION}\nbase\ndebootstrap\nsuite={}\nvariant={}\nmirror={}\ninclude={}\n",
+        "kiln-layer-v{LAYER_FORMAT_VERSION}\nbase\n{}\nsuite={}\nvariant={}\nmirror={}\ninclude={}\n",
+        spec.tool.as_str(),
         spec.suite,
         spec.variant,
         mirror,
         spec.include.join(",")
     ));
+    if spec.tool == Bootstrapper::Mmdebstrap {
+        h.update(DPKG_EXCLUDES.join("\n"));
+    }
     format!("sha256:{}", hex::encode(h.finalize()))
+}
+
+/// The command line that bootstraps `rootfs`.
+fn command(spec: &BaseSpec, exe: &Path, rootfs: &Path, mirror: &str) -> Command {
+    let mut cmd = Command::new(exe);
+    cmd.arg(format!("--variant={}", spec.variant));
+    if !spec.include.is_empty() {
+        cmd.arg(format!("--include={}", spec.include.join(",")));
+    }
+    if spec.tool == Bootstrapper::Mmdebstrap {
+        for o in DPKG_EXCLUDES {
+            cmd.arg(format!("--dpkgopt={o}"));
+        }
+        // The lists stay for the store's apt cache; Kiln moves them out of the layer.
+        cmd.arg("--skip=cleanup/apt/lists");
+    }
+    cmd.arg(&spec.suite).arg(rootfs).arg(mirror);
+    cmd
+}
+
+/// The progress stage of one line the bootstrapper printed (without its `I: `).
+fn stage_of(msg: &str) -> &'static str {
+    let m = msg.to_ascii_lowercase();
+    if m.starts_with("retrieving") || m.starts_with("validating") || m.contains("apt-get update") || m.starts_with("downloading") {
+        "fetch"
+    } else if m.starts_with("extracting") || m.starts_with("unpacking") {
+        "unpack"
+    } else if m.starts_with("configuring") || m.starts_with("installing") {
+        "configure"
+    } else {
+        "resolve"
+    }
 }
 
 /// Builds (or reuses) the base image and points the `debian` ref at it.
@@ -104,81 +196,72 @@ pub fn build_base(
             }
         }
     }
+    let tool = spec.tool.as_str();
     report(
         "resolve",
-        format!(
-            "debootstrap {} ({}) from {mirror}",
-            spec.suite, spec.variant
-        ),
+        format!("{tool} {} ({}) from {mirror}", spec.suite, spec.variant),
     );
-    let debootstrap = which("debootstrap").ok_or_else(|| TemplateError::MissingTool {
-        tool: "debootstrap".into(),
-        hint: "run `make deps` (or `apt-get install debootstrap`)".into(),
+    let exe = which(tool).ok_or_else(|| TemplateError::MissingTool {
+        tool: tool.into(),
+        hint: format!("run `make deps` (or `apt-get install {tool}`)"),
     })?;
     let scratch = store.scratch("base")?;
     let rootfs = scratch.join("rootfs");
     let result = (|| {
-        let mut cmd = Command::new(debootstrap);
-        cmd.arg(format!("--variant={}", spec.variant));
-        if !spec.include.is_empty() {
-            cmd.arg(format!("--include={}", spec.include.join(",")));
-        }
-        cmd.arg(&spec.suite).arg(&rootfs).arg(&mirror);
+        let mut cmd = command(spec, &exe, &rootfs, &mirror);
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .stdin(Stdio::null());
-        let mut child = cmd.spawn().map_err(io_err(Path::new("debootstrap")))?;
-        let stderr = child.stderr.take();
-        let err_thread = std::thread::spawn(move || {
-            let mut tail = Vec::new();
-            if let Some(e) = stderr {
-                for line in BufReader::new(e).lines().map_while(Result::ok) {
-                    tail.push(line);
-                    if tail.len() > 20 {
-                        tail.remove(0);
+        let mut child = cmd.spawn().map_err(io_err(&exe))?;
+        // debootstrap reports on stdout, mmdebstrap on stderr: read both, in arrival order.
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        let readers: Vec<_> = [
+            child.stdout.take().map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+            child.stderr.take().map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(r).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
                     }
                 }
-            }
-            tail
-        });
+            })
+        })
+        .collect();
+        drop(tx);
         let mut tail = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let stage = if line.starts_with("I: Retrieving")
-                    || line.starts_with("I: Validating")
-                {
-                    "fetch"
-                } else if line.starts_with("I: Extracting") || line.starts_with("I: Unpacking") {
-                    "unpack"
-                } else if line.starts_with("I: Configuring") || line.starts_with("I: Installing") {
-                    "configure"
-                } else {
-                    "resolve"
-                };
-                if let Some(msg) = line.strip_prefix("I: ") {
-                    report(stage, msg.to_string());
-                }
-                tail.push(line);
-                if tail.len() > 20 {
-                    tail.remove(0);
-                }
+        for line in rx {
+            if let Some(msg) = line.strip_prefix("I: ") {
+                report(stage_of(msg), msg.to_string());
+            }
+            tail.push(line);
+            if tail.len() > 30 {
+                tail.remove(0);
             }
         }
-        let status = child.wait().map_err(io_err(Path::new("debootstrap")))?;
-        let errs = err_thread.join().unwrap_or_default();
+        for r in readers {
+            let _ = r.join();
+        }
+        let status = child.wait().map_err(io_err(&exe))?;
         if !status.success() {
-            tail.extend(errs);
             return Err(TemplateError::ToolFailed {
-                tool: "debootstrap".into(),
+                tool: tool.into(),
                 status: status.to_string(),
                 tail: tail.join("\n"),
             });
         }
+        store.take_apt_lists(&rootfs)?;
         prepare_rootfs(&rootfs)?;
         report("digest", "hashing the root filesystem".into());
         let source = format!(
-            "debootstrap --variant={} {} {mirror}",
-            spec.variant, spec.suite
+            "{tool} --variant={} --include={} {} {mirror}",
+            spec.variant,
+            spec.include.join(","),
+            spec.suite
         );
         let layer = store.publish(&rootfs, None, &key, &source)?;
         report("publish", format!("layer {}", layer.digest));
@@ -259,5 +342,33 @@ mod tests {
             ..BaseSpec::default()
         };
         assert_ne!(a, build_key(&s2, "http://m/debian"));
+        let s3 = BaseSpec {
+            tool: Bootstrapper::Debootstrap,
+            ..BaseSpec::default()
+        };
+        assert_ne!(a, build_key(&s3, "http://m/debian"));
+    }
+
+    #[test]
+    fn command_lines() {
+        let line = |tool| {
+            let spec = BaseSpec {
+                tool,
+                ..BaseSpec::default()
+            };
+            let c = command(&spec, Path::new("/usr/bin/x"), Path::new("/s/rootfs"), "http://m/debian");
+            c.get_args()
+                .map(|a| a.to_string_lossy().to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        expect_test::expect![[r#"
+            --variant=minbase --include=python3,python3-apt --dpkgopt=path-exclude=/usr/share/man/* --dpkgopt=path-exclude=/usr/share/info/* --dpkgopt=path-exclude=/usr/share/groff/* --dpkgopt=path-exclude=/usr/share/lintian/* --dpkgopt=path-exclude=/usr/share/linda/* --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt=path-include=/usr/share/doc/*/copyright --dpkgopt=path-exclude=/usr/share/locale/* --dpkgopt=path-include=/usr/share/locale/locale.alias --skip=cleanup/apt/lists bookworm /s/rootfs http://m/debian"#]]
+        .assert_eq(&line(Bootstrapper::Mmdebstrap));
+        expect_test::expect![[r#"--variant=minbase --include=python3,python3-apt bookworm /s/rootfs http://m/debian"#]]
+            .assert_eq(&line(Bootstrapper::Debootstrap));
+        assert_eq!(stage_of("downloading packages with apt..."), "fetch");
+        assert_eq!(stage_of("Extracting zlib1g..."), "unpack");
+        assert_eq!(stage_of("installing essential packages..."), "configure");
     }
 }

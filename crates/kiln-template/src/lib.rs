@@ -1,6 +1,6 @@
 //! Kiln images: a content-addressed store of read-only root filesystem layers, the build of
-//! the Debian base layer with debootstrap, and templates built from Ansible roles on top of
-//! it, one cached layer per role.
+//! the Debian base layer (mmdebstrap or debootstrap), and templates built from Ansible roles
+//! on top of it, one cached layer per role.
 //!
 //! What it does not do: start sandboxes (the sandbox runtime stacks layers with overlayfs;
 //! `kiln template test` runs checks through the server).
@@ -13,7 +13,7 @@ pub mod spec;
 pub mod store;
 pub mod template;
 
-pub use base::{BaseSpec, Progress};
+pub use base::{BaseSpec, Bootstrapper, Progress};
 pub use spec::Sources;
 pub use store::{ImageRef, ImageStore, LayerManifest, RoleLayer, TemplateManifest};
 pub use template::{BuildEvent, BuildOptions, CacheState, GcReport};

@@ -252,6 +252,51 @@ impl ImageStore {
         &self.root
     }
 
+    /// The apt cache that role builds share (bind-mounted over the build tree's
+    /// `/var/lib/apt/lists` and `/var/cache/apt/archives`, so package lists and downloaded
+    /// packages never become part of a layer and later layers reuse them): `(lists, archives)`.
+    pub fn apt_cache(&self) -> Result<(PathBuf, PathBuf), TemplateError> {
+        let lists = self.root.join("cache/apt/lists");
+        let archives = self.root.join("cache/apt/archives");
+        for d in [lists.join("partial"), archives.join("partial")] {
+            std::fs::create_dir_all(&d).map_err(io_err(&d))?;
+        }
+        Ok((lists, archives))
+    }
+
+    /// Moves the package lists a bootstrap left in `rootfs` into the apt cache (replacing
+    /// older copies), leaving the image's list directory empty.
+    pub fn take_apt_lists(&self, rootfs: &Path) -> Result<(), TemplateError> {
+        let (lists, _) = self.apt_cache()?;
+        let from = rootfs.join("var/lib/apt/lists");
+        let Ok(rd) = std::fs::read_dir(&from) else {
+            return Ok(());
+        };
+        for e in rd.filter_map(|e| e.ok()) {
+            let name = e.file_name();
+            if name == "partial" || name == "lock" || name == "auxfiles" {
+                continue;
+            }
+            let to = lists.join(&name);
+            std::fs::rename(e.path(), &to).map_err(io_err(&to))?;
+        }
+        Ok(())
+    }
+
+    /// Empties the shared download cache (`.deb` files); the package lists stay.
+    pub fn clear_apt_archives(&self) -> Result<u64, TemplateError> {
+        let (_, archives) = self.apt_cache()?;
+        let mut freed = 0;
+        for e in std::fs::read_dir(&archives).map_err(io_err(&archives))?.flatten() {
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "deb") {
+                freed += e.metadata().map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+        Ok(freed)
+    }
+
     /// A fresh scratch directory for a build, on the same filesystem as `layers/`.
     pub fn scratch(&self, label: &str) -> Result<PathBuf, TemplateError> {
         let p = self

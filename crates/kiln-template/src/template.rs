@@ -66,6 +66,8 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// Debian mirror for the base image (default: host apt sources).
     pub mirror: Option<String>,
+    /// The program that bootstraps the base image (default mmdebstrap).
+    pub bootstrapper: base::Bootstrapper,
 }
 
 /// Builds template `name` and points its ref at the result. A failure leaves the previous
@@ -88,6 +90,7 @@ pub fn build(
     });
     let base_spec = BaseSpec {
         mirror: opts.mirror.clone(),
+        tool: opts.bootstrapper,
         ..BaseSpec::default()
     };
     let mirror = base::resolve_mirror(&base_spec)?;
@@ -151,6 +154,7 @@ pub fn build(
             None => {
                 rebuilt += 1;
                 let scratch = store.scratch(&format!("role-{role}"))?;
+                let (lists, archives) = store.apt_cache()?;
                 let lower: Vec<PathBuf> =
                     stack.iter().rev().map(|d| store.layer_rootfs(d)).collect();
                 let result = ansible::run_role(
@@ -161,6 +165,7 @@ pub fn build(
                         vars: &vars,
                         applied_deps: &closure,
                         scratch: &scratch,
+                        apt_cache: Some((&lists, &archives)),
                     },
                     &mut |e| match e {
                         RoleEvent::Task { n, name } => on(BuildEvent::Step {
@@ -364,7 +369,8 @@ pub struct GcReport {
 
 /// Removes every layer (and its uid-shifted copies) that no ref uses, no mounted overlay on
 /// this host uses (live sandboxes), and that is not in `keep` (layers the caller knows are
-/// used). Runs under the store's exclusive lock, so never during a build.
+/// used), and empties the shared apt download cache. Runs under the store's exclusive lock,
+/// so never during a build.
 pub fn gc(store: &ImageStore, keep: &BTreeSet<String>) -> Result<GcReport, TemplateError> {
     let _lock = store.lock(true)?;
     let mut used: BTreeSet<String> = keep.clone();
@@ -385,6 +391,7 @@ pub fn gc(store: &ImageStore, keep: &BTreeSet<String>) -> Result<GcReport, Templ
         report.removed.push(d);
     }
     store.prune_keys();
+    report.freed_bytes += store.clear_apt_archives()?;
     Ok(report)
 }
 

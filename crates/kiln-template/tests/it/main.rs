@@ -201,6 +201,66 @@ fn only_layers_whose_inputs_changed_are_rebuilt() {
     template::remove(&store, &name).expect("rm");
 }
 
+/// Files under `rel` in a layer's rootfs whose names contain `needle`.
+fn layer_files(store: &ImageStore, digest: &str, rel: &str, needle: &str) -> Vec<String> {
+    std::fs::read_dir(store.layer_rootfs(digest).join(rel))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| n.contains(needle))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn apt_lists_and_downloads_live_in_the_store_cache_not_in_layers() {
+    let store = test_store();
+    let ts = TestSources::new();
+    ts.role(
+        "tapt",
+        "---\n- name: Install bc\n  ansible.builtin.apt:\n    name: bc\n    update_cache: true\n    cache_valid_time: 3600\n    install_recommends: false\n",
+        "---\ntapt_salt: none\n",
+    );
+    let name = unique("apt");
+    ts.template(
+        &name,
+        &format!("roles = [\"base\", \"tapt\"]\n[vars]\ntapt_salt = \"{}\"\n", unique("s")),
+    );
+    let (r, rebuilt) = build(&store, &ts.sources(), &name);
+    let r = r.expect("build");
+    assert_eq!(rebuilt, ["tapt"]);
+    let (lists, archives) = store.apt_cache().expect("cache");
+    let cached = |dir: &Path, needle: &str| {
+        std::fs::read_dir(dir)
+            .expect("cache dir")
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().contains(needle))
+    };
+    assert!(cached(&lists, "_Packages"), "the store cache holds the lists");
+    assert!(cached(&archives, "bc_"), "the download stays in the cache");
+    let m = r.template.as_ref().expect("manifest");
+    for (role, digest) in std::iter::once(("debian", &m.base))
+        .chain(m.roles.iter().map(|l| (l.role.as_str(), &l.digest)))
+    {
+        assert_eq!(
+            layer_files(&store, digest, "var/lib/apt/lists", "_Packages"),
+            Vec::<String>::new(),
+            "{role} layer carries package lists"
+        );
+        assert_eq!(
+            layer_files(&store, digest, "var/cache/apt/archives", ".deb"),
+            Vec::<String>::new(),
+            "{role} layer carries downloads"
+        );
+    }
+    assert!(
+        store.layer_rootfs(&r.layers[0]).join("usr/bin/bc").is_file(),
+        "the role's package is in its layer"
+    );
+    template::remove(&store, &name).expect("rm");
+}
+
 #[test]
 fn a_failing_role_names_the_task_and_keeps_the_previous_ref() {
     let store = test_store();
@@ -397,7 +457,18 @@ fn gc_keeps_referenced_and_mounted_layers() {
         Err(TemplateError::NotBuilt(_))
     ));
     // Unreferenced and no longer mounted: both go.
+    // gc also empties the apt download cache (the lists stay).
+    let (lists, archives) = store.apt_cache().expect("cache");
+    std::fs::write(archives.join("x_1.0_all.deb"), [0u8; 100]).expect("deb");
+    std::fs::write(lists.join("m_dists_bookworm_main_binary-amd64_Packages"), "P").expect("list");
+    let layer_bytes: u64 = digests[..2]
+        .iter()
+        .map(|d| store.layer(d).expect("layer").size_bytes)
+        .sum();
     let rep = template::gc(&store, &Default::default()).expect("gc");
+    assert!(!archives.join("x_1.0_all.deb").exists());
+    assert!(lists.join("m_dists_bookworm_main_binary-amd64_Packages").exists());
+    assert_eq!(rep.freed_bytes, layer_bytes + 100, "the download counts as freed");
     let mut both = vec![digests[0].clone(), digests[1].clone()];
     both.sort();
     assert_eq!(rep.removed, both);
