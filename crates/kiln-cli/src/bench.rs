@@ -239,6 +239,10 @@ pub struct SandboxBench {
     /// Sandboxes kept alive at once for the memory measurement [default: --n]
     #[arg(long)]
     pub idle: Option<usize>,
+    /// Also time cold creates from these built templates, interleaved with the base image's
+    /// (same run), and print each one's ratio to base (e.g. --template python --template node)
+    #[arg(long = "template")]
+    pub templates: Vec<String>,
     /// Print one JSON object
     #[arg(long)]
     pub json: bool,
@@ -269,9 +273,19 @@ pub fn percentiles(samples: &mut [f64]) -> Percentiles {
 }
 
 #[derive(Debug, Serialize)]
+struct TemplateCold {
+    template: String,
+    cold_create_to_first_output_ms: Percentiles,
+    /// This template's cold p50 / the base image's cold p50, same run.
+    p50_ratio_to_base: f64,
+}
+
+#[derive(Debug, Serialize)]
 struct Report {
     iterations: usize,
     cold_create_to_first_output_ms: Percentiles,
+    /// Cold creates from built templates, interleaved with the base image's.
+    templates: Vec<TemplateCold>,
     warm_create_to_first_output_ms: Option<Percentiles>,
     /// cold p50 / warm p50, measured in this run.
     warm_speedup_vs_cold: Option<f64>,
@@ -301,11 +315,26 @@ fn ms(d: Duration) -> f64 {
 }
 
 async fn create(api: &Api, pool: bool) -> Result<Sandbox> {
+    create_from(api, pool, None).await
+}
+
+async fn create_from(api: &Api, pool: bool, template: Option<&str>) -> Result<Sandbox> {
     let req = CreateSandbox {
         pool: Some(pool),
+        template: template.map(str::to_string),
         ..CreateSandbox::default()
     };
     api.json(Method::POST, "/v1/sandboxes", Some(&req)).await
+}
+
+/// Cold create from `template` (or the default image) until `echo` printed: milliseconds.
+async fn cold_create_ms(api: &Api, template: Option<&str>) -> Result<f64> {
+    let t0 = Instant::now();
+    let sb = create_from(api, false, template).await?;
+    let (first, _) = exec_timed(api, &sb.id, &["echo", "kiln"]).await?;
+    let first = first.ok_or_else(|| anyhow!("echo printed nothing"))?;
+    remove(api, &sb.id).await?;
+    Ok(ms(first - t0))
 }
 
 /// Runs `cmd` and returns (the instant its first stdout chunk arrived, time from request to exit).
@@ -396,16 +425,22 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
     let health: Health = api.json(Method::GET, "/v1/health", None::<&()>).await?;
     let idle_n = b.idle.unwrap_or(b.n);
 
-    // 1. Cold: create (skipping the pool) then the first byte of `echo` output.
+    // 1. Cold: create (skipping the pool) then the first byte of `echo` output; creates from
+    //    the compared templates are interleaved with these, so both see the same machine.
     progress(b.json, &format!("cold create-to-first-output x{}", b.n));
     let mut cold = Vec::with_capacity(b.n);
+    let mut by_template: Vec<Vec<f64>> = vec![Vec::with_capacity(b.n); b.templates.len()];
+    for t in &b.templates {
+        // The first create from a template makes its uid-shifted layers: not timed.
+        cold_create_ms(api, Some(t))
+            .await
+            .with_context(|| format!("creating a sandbox from template `{t}`"))?;
+    }
     for _ in 0..b.n {
-        let t0 = Instant::now();
-        let sb = create(api, false).await?;
-        let (first, _) = exec_timed(api, &sb.id, &["echo", "kiln"]).await?;
-        let first = first.ok_or_else(|| anyhow!("echo printed nothing"))?;
-        cold.push(ms(first - t0));
-        remove(api, &sb.id).await?;
+        cold.push(cold_create_ms(api, None).await?);
+        for (t, v) in b.templates.iter().zip(by_template.iter_mut()) {
+            v.push(cold_create_ms(api, Some(t)).await?);
+        }
     }
 
     // 2. Warm: the same, claiming a ready pool member (waiting for the pool to refill between
@@ -483,9 +518,23 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
 
     let cold_p = percentiles(&mut cold);
     let warm_p = warm.map(|mut w| percentiles(&mut w));
+    let templates: Vec<TemplateCold> = b
+        .templates
+        .iter()
+        .zip(by_template.iter_mut())
+        .map(|(t, v)| {
+            let p = percentiles(v);
+            TemplateCold {
+                template: t.clone(),
+                cold_create_to_first_output_ms: p,
+                p50_ratio_to_base: ((p.p50 / cold_p.p50) * 100.0).round() / 100.0,
+            }
+        })
+        .collect();
     let report = Report {
         iterations: b.n,
         cold_create_to_first_output_ms: cold_p,
+        templates,
         warm_speedup_vs_cold: warm_p.map(|w| ((cold_p.p50 / w.p50) * 10.0).round() / 10.0),
         warm_create_to_first_output_ms: warm_p,
         exec_roundtrip_ms: percentiles(&mut rt),
@@ -516,6 +565,13 @@ async fn sandbox(api: &Api, b: SandboxBench) -> Result<i32> {
             &report.cold_create_to_first_output_ms,
             "p50 <= 50, p99 <= 150",
         );
+        for t in &report.templates {
+            row(
+                &format!("cold create, template {}", t.template),
+                &t.cold_create_to_first_output_ms,
+                &format!("as base; {:.2}x base p50", t.p50_ratio_to_base),
+            );
+        }
         match &report.warm_create_to_first_output_ms {
             Some(w) => row("warm-pool create -> first output", w, "p50 <= 5"),
             None => println!(
