@@ -33,9 +33,7 @@ test: deps knowledge-data-test build test-image
 	KILN_KILND=$(KILND) KILN_TEST_IMAGES=$(TEST_IMAGES) KILN_BIN=$(KILN) \
 	  KILN_MODEL_DIR=$(TEST_MODEL_DIR) KILN_DATASET_DIR=$(TEST_DATASET_DIR) \
 	  cargo test --release --workspace --no-fail-fast -- --test-threads=$${KILN_TEST_THREADS:-2}
-	KILN_TEST_STORE=postgres KILN_KILND=$(KILND) KILN_TEST_IMAGES=$(TEST_IMAGES) KILN_BIN=$(KILN) \
-	  KILN_MODEL_DIR=$(TEST_MODEL_DIR) KILN_DATASET_DIR=$(TEST_DATASET_DIR) \
-	  cargo test --release -p kiln-server --test it --no-fail-fast -- --test-threads=$${KILN_TEST_THREADS:-2}
+	scripts/test-postgres.sh $(KILND) $(TEST_IMAGES) $(KILN) $(TEST_MODEL_DIR) $(TEST_DATASET_DIR)
 
 deps: toolchain
 	scripts/install-deps.sh
