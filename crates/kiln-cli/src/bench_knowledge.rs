@@ -15,8 +15,8 @@ use clap::Args;
 use kiln_knowledge::embed::{l2_normalise, Embedder, MiniLm};
 use kiln_knowledge::engine::Source;
 use kiln_knowledge::eval;
-use kiln_knowledge::search::Mode;
 use kiln_knowledge::ivf::Ivf;
+use kiln_knowledge::search::Mode;
 use kiln_knowledge::vector::VectorIndex;
 use kiln_knowledge::{EmbedConfig, Engine, SearchParams};
 use rand::{Rng, SeedableRng};
@@ -322,32 +322,26 @@ fn bench(b: KnowledgeBench, models: &Path, datasets: &Path) -> Result<i32> {
     // 5. Vector retrieval at `nvec` synthetic vectors: HNSW and IVF against exact.
     report.insert("ann".into(), ann_bench(nvec, json_out)?);
 
-    // 6. HumanEval.
+    // 6. HumanEval: one index per set, every fusion of the sweep on the same candidates.
     if !b.no_eval {
         let corpus = tempfile::tempdir()?;
         let sets = eval::prepare(datasets, corpus.path())?;
         let e = Engine::new(&corpus.path().join("data"), models)?;
-        e.create(
-            "eval",
-            "humaneval",
-            Source::Path {
-                path: corpus.path().display().to_string(),
-            },
-            EmbedConfig::Local,
-        )?;
         let t = Instant::now();
-        e.sync("eval", "humaneval", &|_| {})?;
-        let info = e.wait_embedded("eval", "humaneval", Duration::from_secs(3600))?;
+        eval::index_sets(&e, "eval", &sets)?;
+        let chunks: u64 = sets
+            .iter()
+            .map(|s| e.info("eval", &s.name).map(|i| i.chunks))
+            .sum::<Result<u64, _>>()?;
         say(
             json_out,
             format!(
-                "HumanEval corpus: {} chunks indexed and embedded in {:.1} s",
-                info.chunks,
+                "HumanEval corpora: {chunks} chunks indexed and embedded in {:.1} s",
                 t.elapsed().as_secs_f64()
             ),
         );
-        let weights: Vec<f32> = (0..=10).map(|i| i as f32 / 10.0).collect();
-        let rows = eval::evaluate(&e, "eval", "humaneval", &sets, &weights)?;
+        let weights: Vec<f32> = (5..=10).map(|i| i as f32 / 10.0).collect();
+        let rows = eval::evaluate(&e, "eval", &sets, &eval::sweep(&weights))?;
         for r in &rows {
             say(
                 json_out,
@@ -519,8 +513,10 @@ fn ann_bench(nvec: usize, json_out: bool) -> Result<serde_json::Value> {
         ));
         ivf_rows.push(json!({"nprobe": nprobe, "latency_ms": p, "recall_at_10": r}));
     }
-    Ok(json!({"vectors": nvec, "dim": dim, "generate_s": gen_s, "exact_ms": ep,
+    Ok(
+        json!({"vectors": nvec, "dim": dim, "generate_s": gen_s, "exact_ms": ep,
               "hnsw": {"build_s": hnsw_build_s, "save_s": save_s, "load_s": load_s, "file_mb": graph_mb, "sweep": hnsw_rows},
               "ivf": {"build_s": ivf_build_s, "sweep": ivf_rows},
-              "targets": {"p99_ms": 10, "recall_at_10": 0.95}}))
+              "targets": {"p99_ms": 10, "recall_at_10": 0.95}}),
+    )
 }

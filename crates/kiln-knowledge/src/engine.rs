@@ -17,9 +17,7 @@ use sha2::{Digest, Sha256};
 use crate::bm25::Bm25;
 use crate::chunk::{chunk_file, ChunkLimits, SymbolKind};
 use crate::context::{assemble, Context};
-use crate::embed::{
-    embed_chunks, EmbedConfig, Embedder, HttpEmbedder, MiniLm, CHUNK_INPUT_FORMAT, HEAD_WEIGHT,
-};
+use crate::embed::{chunk_body, EmbedConfig, Embedder, HttpEmbedder, MiniLm, CHUNK_INPUT_FORMAT};
 use crate::lang::Language;
 use crate::merkle;
 use crate::redact::{redact, Redaction};
@@ -636,7 +634,7 @@ impl Engine {
     /// The worker's job: vectors for every chunk without one, from the L2 cache or the model.
     fn embed_pending(&self, h: &Arc<Handle>) -> Result<(), Error> {
         let embedder = self.embedder(h)?;
-        // The cache key names the input format too (see `embed::embed_chunks`).
+        // The cache key names the input format too (see `embed::chunk_body`).
         let model = format!("{}#{CHUNK_INPUT_FORMAT}", embedder.model_id());
         let cache = self.l2(&h.org)?;
         *h.embed_error.lock() = None;
@@ -667,11 +665,12 @@ impl Engine {
             metrics::counter!("kiln_knowledge_embedding_cache_misses_total")
                 .increment(misses.len() as u64);
             for batch in misses.chunks(EMBED_BATCH) {
-                let items: Vec<(Option<&str>, &str)> = batch
+                let inputs: Vec<String> = batch
                     .iter()
-                    .map(|p| (p.symbol.as_deref(), p.text.as_str()))
+                    .map(|p| chunk_body(p.symbol.as_deref(), &p.text))
                     .collect();
-                let vecs = embed_chunks(embedder.as_ref(), &items, HEAD_WEIGHT)?;
+                let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
+                let vecs = embedder.embed(&texts)?;
                 let rows: Vec<(String, Vec<f32>)> = batch
                     .iter()
                     .zip(&vecs)

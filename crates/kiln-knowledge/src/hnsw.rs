@@ -303,8 +303,14 @@ impl Hnsw {
         for l in (0..=top).rev() {
             visited.reset(vs.len());
             let w = self.search_layer(vs, q, &eps, self.params.ef_construction, l, visited);
-            let cands: Vec<(f32, u32)> = w.iter().filter(|s| s.1 != node).map(|s| (s.0, s.1)).collect();
-            let sel = Self::select(vs, &cands, self.max_links(l));
+            let cands: Vec<(f32, u32)> = w
+                .iter()
+                .filter(|s| s.1 != node)
+                .map(|s| (s.0, s.1))
+                .collect();
+            // A new node gets `m` links on every layer; layer 0 lists may grow to `2m` by the
+            // links later nodes add back (hnswlib does the same).
+            let sel = Self::select(vs, &cands, self.params.m);
             let sims: HashMap<u32, f32> = cands.iter().map(|&(s, c)| (c, s)).collect();
             out[l as usize] = sel.iter().map(|&c| (sims[&c], c)).collect();
             eps = w;
@@ -611,7 +617,12 @@ impl Hnsw {
         }
         let in_range = |x: u32| x == EMPTY || (x as usize) < n;
         if !g.layer0.iter().all(|&x| in_range(x))
-            || !g.upper.values().flatten().flatten().all(|&x| (x as usize) < n)
+            || !g
+                .upper
+                .values()
+                .flatten()
+                .flatten()
+                .all(|&x| (x as usize) < n)
             || (n > 0 && entry as usize >= n)
         {
             return Err(bad("HNSW link out of range"));

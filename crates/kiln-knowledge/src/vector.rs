@@ -175,9 +175,7 @@ impl VectorIndex {
     /// no graph: when `needs_graph` says so, the caller has one built in the background.
     pub fn open(dim: usize, stored: Vec<(i64, Vec<f32>)>, graph: Option<&Path>) -> VectorIndex {
         let mut ix = VectorIndex::new(dim);
-        let saved = graph
-            .filter(|_| stored.len() >= ix.exact_threshold)
-            .and_then(|p| match Hnsw::load(p) {
+        let saved = graph.and_then(|p| match Hnsw::load(p) {
                 Ok(x) => Some(x),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
                 Err(e) => {
