@@ -108,17 +108,6 @@ impl MiniLm {
         })
     }
 
-    /// Changes the truncation length (the evaluation compares lengths).
-    pub fn set_max_tokens(&mut self, n: usize) -> Result<(), Error> {
-        self.tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: n,
-                ..Default::default()
-            }))
-            .map_err(|e| Error::Embedding(format!("tokenizer: {e}")))?;
-        Ok(())
-    }
-
     fn embed_batch(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>, Error> {
         let enc = self
             .tokenizer
