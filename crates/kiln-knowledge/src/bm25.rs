@@ -1,5 +1,7 @@
 //! BM25 over chunks with tantivy. The `code` tokenizer splits identifiers: `parseHttpRequest`
-//! and `parse_http_request` both yield `parse`, `http`, `request` (and the whole identifier).
+//! and `parse_http_request` both yield `parse`, `http`, `request` (and the whole identifier),
+//! and stems the parts (English Snowball: `elements` and `element` meet). Queries drop English
+//! function words (`the`, `of`, `given`), which are rare in code and so would weigh most.
 
 use std::path::Path;
 
@@ -14,8 +16,44 @@ use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, Term};
 
 use crate::Error;
 
+/// Version of the indexed terms; an index written with another is rebuilt from the store.
+pub const FORMAT: &str = "code2-stem";
+
+thread_local! {
+    static STEMMER: rust_stemmers::Stemmer = rust_stemmers::Stemmer::create(rust_stemmers::Algorithm::English);
+}
+
+/// The stem of one lowercase identifier part.
+pub fn stem(w: &str) -> String {
+    if w.len() <= 3 || w.bytes().any(|b| !b.is_ascii_lowercase()) {
+        return w.to_string();
+    }
+    STEMMER.with(|s| s.stem(w).into_owned())
+}
+
+/// English function words and prompt boilerplate dropped from queries.
+const STOP: &[&str] = &[
+    "a", "an", "and", "are", "as", "at", "be", "been", "but", "by", "can", "do", "does", "for",
+    "from", "given", "has", "have", "if", "in", "into", "is", "it", "its", "of", "on", "or",
+    "should", "so", "such", "that", "the", "their", "them", "then", "there", "these", "this",
+    "those", "to", "was", "we", "were", "which", "will", "with", "you", "your",
+];
+
+/// The terms of a query: stemmed identifier parts and words without stop words.
+pub fn query_terms(query: &str) -> Vec<String> {
+    let mut terms: Vec<String> = code_terms(query)
+        .into_iter()
+        .map(|t| t.2)
+        .filter(|t| !STOP.contains(&t.as_str()))
+        .collect();
+    terms.sort();
+    terms.dedup();
+    terms
+}
+
 /// Splits text into lowercase identifier parts: runs of letters/digits/underscores, then
-/// snake_case, camelCase and letter/digit boundaries.
+/// snake_case, camelCase and letter/digit boundaries; parts are stemmed, a whole identifier
+/// made of several parts is kept too.
 pub fn code_terms(text: &str) -> Vec<(usize, usize, String)> {
     let mut out = Vec::new();
     let bytes = text.as_bytes();
@@ -36,7 +74,7 @@ pub fn code_terms(text: &str) -> Vec<(usize, usize, String)> {
             out.push((s, i, whole));
         }
         for (ps, pe) in parts {
-            out.push((s + ps, s + pe, word[ps..pe].to_ascii_lowercase()));
+            out.push((s + ps, s + pe, stem(&word[ps..pe].to_ascii_lowercase())));
         }
     }
     out
@@ -134,6 +172,7 @@ pub struct Bm25 {
     rowid: Field,
     text: Field,
     symbol: Field,
+    stale: bool,
 }
 
 impl Bm25 {
@@ -156,18 +195,37 @@ impl Bm25 {
             .tokenizers()
             .register("code", TextAnalyzer::from(CodeTokenizer));
         let writer = index.writer_with_num_threads(1, 32_000_000)?;
+        let format_file = dir.join("FORMAT");
+        let format = std::fs::read_to_string(&format_file).unwrap_or_default();
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
             .try_into()?;
-        Ok(Bm25 {
+        let mut bm = Bm25 {
             index,
             writer,
             reader,
             rowid,
             text,
             symbol,
-        })
+            stale: false,
+        };
+        if format.trim() != FORMAT {
+            if bm.num_docs() > 0 {
+                // Written with other terms: the caller re-adds every chunk.
+                bm.writer.delete_all_documents()?;
+                bm.commit()?;
+                bm.stale = true;
+            }
+            std::fs::write(&format_file, FORMAT)?;
+        }
+        Ok(bm)
+    }
+
+    /// True when the index was emptied at open because its terms had another format: the
+    /// caller adds every chunk again.
+    pub fn needs_refill(&self) -> bool {
+        self.stale
     }
 
     pub fn add(&mut self, rowid: i64, text: &str, symbol: Option<&str>) -> Result<(), Error> {
@@ -193,9 +251,7 @@ impl Bm25 {
 
     /// The best `n` rows for `query` with their BM25 scores.
     pub fn search(&self, query: &str, n: usize) -> Result<Vec<(i64, f32)>, Error> {
-        let mut terms: Vec<String> = code_terms(query).into_iter().map(|t| t.2).collect();
-        terms.sort();
-        terms.dedup();
+        let terms = query_terms(query);
         if terms.is_empty() {
             return Ok(Vec::new());
         }

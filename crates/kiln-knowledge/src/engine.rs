@@ -17,13 +17,13 @@ use sha2::{Digest, Sha256};
 use crate::bm25::Bm25;
 use crate::chunk::{chunk_file, ChunkLimits, SymbolKind};
 use crate::context::{assemble, Context};
-use crate::embed::{EmbedConfig, Embedder, HttpEmbedder, MiniLm};
+use crate::embed::{chunk_body, EmbedConfig, Embedder, HttpEmbedder, MiniLm, CHUNK_INPUT_FORMAT};
 use crate::lang::Language;
 use crate::merkle;
 use crate::redact::{redact, Redaction};
 use crate::search::{fuse, Fusion, Hit, Mode, QueryCache, SearchParams};
 use crate::store::{ChunkStore, EmbeddingCache, FileRecord, Pending, SqliteStore};
-use crate::vector::VectorIndex;
+use crate::vector::{VectorIndex, GRAPH_FILE};
 use crate::walk::{classify, walk, FileContent, Skipped, WalkOptions};
 use crate::Error;
 
@@ -149,6 +149,8 @@ struct Handle {
     embedder: OnceLock<Arc<dyn Embedder>>,
     embed_error: Mutex<Option<String>>,
     queued: AtomicBool,
+    /// The worker is embedding or building the vector graph of this index.
+    working: AtomicBool,
     sync_lock: Mutex<()>,
     removed: AtomicBool,
 }
@@ -191,20 +193,6 @@ fn now() -> u64 {
         .unwrap_or(0)
 }
 
-/// Version of what is embedded for a chunk (part of the embedding cache key).
-const EMBED_INPUT_FORMAT: &str = "sym1";
-
-/// What is embedded for a chunk: its symbol's words first (`parse_http_request` ->
-/// `parse http request`: the model reads words, and names carry intent), then its text.
-pub fn embedding_input(symbol: Option<&str>, text: &str) -> String {
-    match symbol {
-        Some(s) if !s.is_empty() => {
-            format!("{}\n{text}", crate::bm25::identifier_words(s).join(" "))
-        }
-        _ => text.to_string(),
-    }
-}
-
 /// Embedding batches: this many chunks per call to the embedder.
 const EMBED_BATCH: usize = 32;
 
@@ -230,11 +218,13 @@ impl Engine {
             .spawn(move || {
                 while let Ok(h) = rx.recv() {
                     let Some(inner) = weak.upgrade() else { break };
+                    h.working.store(true, Ordering::SeqCst);
                     h.queued.store(false, Ordering::SeqCst);
                     if let Err(e) = (Engine { inner }).embed_pending(&h) {
                         tracing::warn!(index = %h.config.name, error = %e, "embedding failed");
                         *h.embed_error.lock() = Some(e.to_string());
                     }
+                    h.working.store(false, Ordering::SeqCst);
                 }
             })
             .map_err(|e| Error::Storage(format!("embedding worker: {e}")))?;
@@ -317,9 +307,13 @@ impl Engine {
             Err(_) => return Err(Error::NotFound(name.to_string())),
         };
         let store = SqliteStore::open(&dir.join("index.sqlite"))?;
-        let bm25 = Bm25::open(&dir.join("bm25"))?;
+        let mut bm25 = Bm25::open(&dir.join("bm25"))?;
+        let refill = bm25.needs_refill();
         let mut meta = HashMap::new();
         for c in store.all_chunks()? {
+            if refill {
+                bm25.add(c.rowid, &c.chunk.text, c.chunk.symbol.as_deref())?;
+            }
             meta.insert(
                 c.rowid,
                 ChunkMeta {
@@ -329,16 +323,15 @@ impl Engine {
                 },
             );
         }
+        if refill {
+            bm25.commit()?;
+        }
         let stored = store.vectors()?;
         let dim = stored
             .first()
             .map(|v| v.1.len())
             .unwrap_or(crate::embed::MINILM_DIM);
-        let mut vectors = VectorIndex::new(dim);
-        for (id, v) in &stored {
-            vectors.upsert(*id, v);
-        }
-        vectors.maintain();
+        let vectors = VectorIndex::open(dim, stored, Some(&dir.join(GRAPH_FILE)));
         let generation = store
             .meta("generation")?
             .and_then(|g| g.parse().ok())
@@ -361,12 +354,16 @@ impl Engine {
             embedder: OnceLock::new(),
             embed_error: Mutex::new(None),
             queued: AtomicBool::new(false),
+            working: AtomicBool::new(false),
             sync_lock: Mutex::new(()),
             removed: AtomicBool::new(false),
         });
         handles.insert(key, h.clone());
-        // Chunks left without vectors by a previous run are embedded now.
-        if h.store.lock().counts()?.embedded < h.meta.read().len() as u64 {
+        // Chunks left without vectors by a previous run are embedded now, and a vector graph
+        // that was not saved is built.
+        if h.store.lock().counts()?.embedded < h.meta.read().len() as u64
+            || h.vectors.read().needs_graph()
+        {
             self.enqueue(&h);
         }
         Ok(h)
@@ -637,8 +634,8 @@ impl Engine {
     /// The worker's job: vectors for every chunk without one, from the L2 cache or the model.
     fn embed_pending(&self, h: &Arc<Handle>) -> Result<(), Error> {
         let embedder = self.embedder(h)?;
-        // The cache key names the input format too (see `embedding_input`).
-        let model = format!("{}#{EMBED_INPUT_FORMAT}", embedder.model_id());
+        // The cache key names the input format too (see `embed::chunk_body`).
+        let model = format!("{}#{CHUNK_INPUT_FORMAT}", embedder.model_id());
         let cache = self.l2(&h.org)?;
         *h.embed_error.lock() = None;
         loop {
@@ -668,10 +665,9 @@ impl Engine {
             metrics::counter!("kiln_knowledge_embedding_cache_misses_total")
                 .increment(misses.len() as u64);
             for batch in misses.chunks(EMBED_BATCH) {
-                // Identical texts in one batch are embedded once.
                 let inputs: Vec<String> = batch
                     .iter()
-                    .map(|p| embedding_input(p.symbol.as_deref(), &p.text))
+                    .map(|p| chunk_body(p.symbol.as_deref(), &p.text))
                     .collect();
                 let texts: Vec<&str> = inputs.iter().map(String::as_str).collect();
                 let vecs = embedder.embed(&texts)?;
@@ -710,7 +706,15 @@ impl Engine {
             }
             self.bump(h)?;
         }
-        h.vectors.write().maintain();
+        // A graph is built under a shared lock: searches go on meanwhile.
+        if h.vectors.write().prepare_graph() {
+            let g = h.vectors.read().build_graph();
+            h.vectors.write().install_graph(g);
+        }
+        // The graph is saved so a restart loads it instead of rebuilding.
+        if !h.removed.load(Ordering::SeqCst) {
+            h.vectors.read().save(&h.dir.join(GRAPH_FILE))?;
+        }
         Ok(())
     }
 
@@ -725,7 +729,10 @@ impl Engine {
         let deadline = Instant::now() + timeout;
         loop {
             let info = self.info_of(&h)?;
-            if info.embedded >= info.chunks && !h.queued.load(Ordering::SeqCst) {
+            if info.embedded >= info.chunks
+                && !h.queued.load(Ordering::SeqCst)
+                && !h.working.load(Ordering::SeqCst)
+            {
                 return Ok(info);
             }
             if let Some(e) = h.embed_error.lock().clone() {

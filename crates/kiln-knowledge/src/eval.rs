@@ -1,16 +1,19 @@
 //! Retrieval evaluation on HumanEval (Python, 164 problems) and HumanEval-Rust (180 tasks):
 //! each problem's description is the query, its function (signature and body, docstring
-//! removed) is the target, indexed among every other target and every problem's test code.
-//! Reports R@1, R@5 and MRR@10 for BM25, vectors, and fusions.
+//! removed) is the target, indexed among every other target of its set and every problem's
+//! test code. Each set is a corpus of its own: HumanEval-Rust translates HumanEval, so in one
+//! shared corpus a Python query's best answer would often be the Rust translation of its
+//! target. Reports R@1, R@5 and MRR@10 for BM25, vectors, and fusions.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Candidates;
+use crate::engine::{Candidates, Source};
 use crate::search::{fuse, Fusion};
-use crate::{Engine, Error};
+use crate::{EmbedConfig, Engine, Error};
 
 /// One query and the file that answers it.
 #[derive(Debug, Clone)]
@@ -19,10 +22,11 @@ pub struct Query {
     pub target: String,
 }
 
-/// A set of queries.
+/// A set of queries and the directory of its corpus (targets are relative to it).
 #[derive(Debug, Clone)]
 pub struct EvalSet {
     pub name: String,
+    pub dir: PathBuf,
     pub queries: Vec<Query>,
 }
 
@@ -141,10 +145,11 @@ pub fn prepare(datasets: &Path, out: &Path) -> Result<Vec<EvalSet>, Error> {
             let Some((query, target)) = make(p) else {
                 continue;
             };
-            let tpath = format!("{ext}/targets/{id}.{ext}");
-            write(out, &tpath, &target)?;
+            let dir = out.join(ext);
+            let tpath = format!("targets/{id}.{ext}");
+            write(&dir, &tpath, &target)?;
             // Distractors: each problem's tests.
-            write(out, &format!("{ext}/tests/{id}_test.{ext}"), &p.test)?;
+            write(&dir, &format!("tests/{id}_test.{ext}"), &p.test)?;
             queries.push(Query {
                 text: query,
                 target: tpath,
@@ -152,6 +157,7 @@ pub fn prepare(datasets: &Path, out: &Path) -> Result<Vec<EvalSet>, Error> {
         }
         sets.push(EvalSet {
             name: name.to_string(),
+            dir: out.join(ext),
             queries,
         });
     }
@@ -212,22 +218,56 @@ fn metrics(set: &str, method: &str, ranks: &[Option<usize>]) -> Metrics {
     }
 }
 
-/// Runs every query once, then scores BM25, vectors, unweighted RRF and weighted fusion for
-/// each vector weight in `weights`.
+/// Creates, syncs and embeds one index per set (named like the set) with the local model.
+pub fn index_sets(engine: &Engine, org: &str, sets: &[EvalSet]) -> Result<(), Error> {
+    for set in sets {
+        engine.create(
+            org,
+            &set.name,
+            Source::Path {
+                path: set.dir.display().to_string(),
+            },
+            EmbedConfig::Local,
+        )?;
+        engine.sync(org, &set.name, &|_| {})?;
+    }
+    for set in sets {
+        engine.wait_embedded(org, &set.name, Duration::from_secs(3600))?;
+    }
+    Ok(())
+}
+
+/// The fusions the evaluation sweeps for each vector weight.
+pub fn sweep(weights: &[f32]) -> Vec<(String, Fusion)> {
+    let mut out = vec![("rrf k=60".to_string(), Fusion::Rrf { k: 60.0 })];
+    for &w in weights {
+        out.push((
+            format!("minmax w={w:.2}"),
+            Fusion::MinMax { vector_weight: w },
+        ));
+        out.push((
+            format!("zscore w={w:.2}"),
+            Fusion::ZScore { vector_weight: w },
+        ));
+    }
+    out
+}
+
+/// Runs every query of each set once against the set's index (see `index_sets`), then scores
+/// BM25, vectors and each fusion of `fusions`.
 pub fn evaluate(
     engine: &Engine,
     org: &str,
-    index: &str,
     sets: &[EvalSet],
-    weights: &[f32],
+    fusions: &[(String, Fusion)],
 ) -> Result<Vec<Metrics>, Error> {
-    let paths = engine.chunk_paths(org, index)?;
     let mut out = Vec::new();
     for set in sets {
+        let paths = engine.chunk_paths(org, &set.name)?;
         let cands: Vec<Candidates> = set
             .queries
             .iter()
-            .map(|q| engine.raw_candidates(org, index, &q.text, 100))
+            .map(|q| engine.raw_candidates(org, &set.name, &q.text, 100))
             .collect::<Result<_, _>>()?;
         let rank_of = |f: &dyn Fn(&Candidates) -> Vec<(i64, f32)>| -> Vec<Option<usize>> {
             set.queries
@@ -242,23 +282,11 @@ pub fn evaluate(
             "vector",
             &rank_of(&|c| c.vector.clone()),
         ));
-        out.push(metrics(
-            &set.name,
-            "rrf k=60",
-            &rank_of(&|c| fuse(&c.bm25, &c.vector, Fusion::Rrf { k: 60.0 })),
-        ));
-        for &w in weights {
-            let f = Fusion::Weighted { vector_weight: w };
+        for (name, f) in fusions {
             out.push(metrics(
                 &set.name,
-                &format!("hybrid w={w:.2}"),
-                &rank_of(&|c| fuse(&c.bm25, &c.vector, f)),
-            ));
-            let f = Fusion::MinMax { vector_weight: w };
-            out.push(metrics(
-                &set.name,
-                &format!("minmax w={w:.2}"),
-                &rank_of(&|c| fuse(&c.bm25, &c.vector, f)),
+                name,
+                &rank_of(&|c| fuse(&c.bm25, &c.vector, *f)),
             ));
         }
     }

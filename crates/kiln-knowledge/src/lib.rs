@@ -9,6 +9,8 @@ pub mod context;
 pub mod embed;
 pub mod engine;
 pub mod eval;
+pub mod hnsw;
+pub mod ivf;
 
 pub mod lang;
 pub mod merkle;

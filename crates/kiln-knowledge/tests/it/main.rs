@@ -11,3 +11,4 @@ mod engine;
 mod eval;
 mod redaction;
 mod util;
+mod vector;
