@@ -30,6 +30,11 @@ pub enum BenchCmd {
     /// Agent runtime overhead (in-process, throwaway server, scripted model; needs root):
     /// per step excluding model time, event append/stream throughput, sub-agent spawn time
     Agent(crate::bench_agent::AgentBench),
+    /// Developer tools (in-process, throwaway server, `python` template; needs root): LSP
+    /// definition and diagnostics-after-edit through Kiln against pylsp over a raw kilnd Pipe,
+    /// SSH connect-and-exec of `true` with OpenSSH, preview proxy against a kilnd tunnel and
+    /// the host, `git clone` of a local repository in a sandbox against the host
+    Devtools(crate::bench_devtools::DevtoolsBench),
     /// Knowledge engine, in process: embedding throughput, walk-to-searchable (BM25), one-file
     /// sync in a large tree with embedding-cache hits, hybrid query p99 at 100k chunks with the
     /// query's embedding, IVF p99 and recall@10 at 1M vectors, HumanEval retrieval quality
@@ -292,6 +297,7 @@ pub async fn run(g: &Global, cmd: BenchCmd) -> Result<i32> {
         BenchCmd::Template(b) => crate::bench_template::run(g, b).await,
         BenchCmd::Api(b) => api_bench(&g.api(), g.data_dir.clone(), b).await,
         BenchCmd::Agent(b) => crate::bench_agent::run(g, b).await,
+        BenchCmd::Devtools(b) => crate::bench_devtools::run(g, b).await,
         BenchCmd::Knowledge(b) => crate::bench_knowledge::run(g, b).await,
     }
 }

@@ -18,6 +18,8 @@ mod usage;
 
 pub use usage::{UsageAgg, UsageEventRow, UsageGroup};
 mod ssh_keys;
+mod git;
+pub use git::GitCredentialRow;
 
 use std::collections::BTreeMap;
 use std::path::Path;
