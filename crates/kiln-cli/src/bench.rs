@@ -249,6 +249,78 @@ pub struct SandboxBench {
     pub json: bool,
 }
 
+/// A throwaway in-process server for the benches that need one (as root: real runc
+/// sandboxes, SQLite in a temporary data dir, listening on a free loopback port).
+pub struct Throwaway {
+    pub kiln: std::sync::Arc<kiln_server::Kiln>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    data: std::path::PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl Throwaway {
+    /// A fresh data dir named after `label` and the process; `configure` adjusts the config
+    /// (`listen` is a free loopback port, the warm pool is off).
+    pub async fn start(
+        label: &str,
+        kilnd: Option<std::path::PathBuf>,
+        configure: impl FnOnce(&mut kiln_server::ServerConfig) -> Result<()>,
+    ) -> Result<Throwaway> {
+        let data = std::env::temp_dir().join(format!("kiln-bench-{label}-{}", std::process::id()));
+        std::fs::create_dir_all(&data)?;
+        let kilnd = crate::up::find_kilnd(kilnd)
+            .context("no kilnd (hint: pass --kilnd or set KILN_KILND)")?;
+        let mut cfg = kiln_server::ServerConfig::new(data.clone(), kilnd);
+        cfg.listen = "127.0.0.1:0".parse()?;
+        cfg.warm_pool = 0;
+        configure(&mut cfg)?;
+        let kiln = kiln_server::start(cfg)
+            .await
+            .map_err(|e| anyhow!("starting a throwaway server: {e}"))?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (k, sd) = (kiln.clone(), shutdown.clone());
+        let serving = tokio::spawn(async move {
+            let _ = kiln_server::serve(k, sd, move |addr| {
+                let _ = tx.send(addr);
+            })
+            .await;
+        });
+        let addr = rx
+            .await
+            .map_err(|_| anyhow!("the throwaway server did not start"))?;
+        Ok(Throwaway {
+            kiln,
+            url: format!("http://{addr}"),
+            data,
+            shutdown,
+            serving,
+        })
+    }
+
+    /// Stops serving, removes every sandbox and the data dir, releases the runtime.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.serving.await;
+        if let Some(a) = self.kiln.agents.get() {
+            a.shutdown();
+        }
+        for row in self.kiln.store.list(true).await.unwrap_or_default() {
+            let _ = self.kiln.runtime.remove(&row.sandbox.id).await;
+            let _ = self.kiln.store.delete(&row.sandbox.id).await;
+        }
+        let _ = self.kiln.runtime.destroy_all().await;
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+
+    /// Where scratch files of the bench may go (removed by [`Throwaway::stop`]).
+    pub fn scratch(&self) -> &std::path::Path {
+        &self.data
+    }
+}
+
 /// p50 and p99 in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Percentiles {
@@ -302,7 +374,7 @@ pub async fn run(g: &Global, cmd: BenchCmd) -> Result<i32> {
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -389,7 +461,7 @@ fn local_server(api: &Api) -> bool {
     host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
 }
 
-fn progress(json: bool, msg: &str) {
+pub(crate) fn progress(json: bool, msg: &str) {
     if !json {
         eprintln!("bench: {msg}");
     }

@@ -5,7 +5,8 @@
 //! directly over a kilnd `Pipe`; SSH connect-and-exec of `true` with the real OpenSSH client
 //! (against a bare kilnd exec of `true`); the preview proxy against the same request sent
 //! through a kilnd `Connect` tunnel and from the host to the sandbox's address; and
-//! `git clone` of a local repository inside a sandbox against the same clone on the host.
+//! `git clone` of a local repository inside a sandbox against the same clone on the host (on
+//! its disk, and in tmpfs as the floor).
 //! Overheads are medians of paired differences (each Kiln sample minus the baseline sample
 //! taken right after it), so a machine whose load drifts during the run still compares like
 //! with like.
@@ -24,7 +25,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 
 use crate::api::Api;
-use crate::bench::{percentiles, Percentiles};
+use crate::bench::{ms, percentiles, progress, Percentiles, Throwaway};
 use crate::Global;
 
 #[derive(Args, Debug)]
@@ -55,16 +56,6 @@ pub struct DevtoolsBench {
     pub json: bool,
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn progress(json: bool, msg: &str) {
-    if !json {
-        eprintln!("bench: {msg}");
-    }
-}
-
 /// Median of `a[i] - b[i]`, rounded to µs.
 fn paired_overhead(a: &[f64], b: &[f64]) -> f64 {
     let mut d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
@@ -79,47 +70,23 @@ pub async fn run(g: &Global, b: DevtoolsBench) -> Result<i32> {
     if b.n == 0 || b.diag_n == 0 || b.ssh_n == 0 || b.clone_n == 0 {
         bail!("every count must be at least 1");
     }
-    let data = std::env::temp_dir().join(format!("kiln-bench-devtools-{}", std::process::id()));
-    std::fs::create_dir_all(&data)?;
-    let kilnd = crate::up::find_kilnd(b.kilnd.clone())
-        .context("no kilnd (hint: pass --kilnd or set KILN_KILND)")?;
-    let mut cfg = kiln_server::ServerConfig::new(data.clone(), kilnd);
-    cfg.listen = "127.0.0.1:0".parse()?;
-    cfg.ssh_listen = Some("127.0.0.1:0".parse()?);
-    cfg.images_dir = b
+    let images = b
         .images_dir
         .clone()
         .unwrap_or_else(|| crate::template::default_images_dir(g));
-    cfg.warm_pool = 0;
-    let kiln = kiln_server::start(cfg)
-        .await
-        .map_err(|e| anyhow!("starting a throwaway server: {e}"))?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (k, sd) = (kiln.clone(), shutdown.clone());
-    let serving = tokio::spawn(async move {
-        let _ = kiln_server::serve(k, sd, move |addr| {
-            let _ = tx.send(addr);
-        })
-        .await;
-    });
-    let addr = rx
-        .await
-        .map_err(|_| anyhow!("the throwaway server did not start"))?;
+    let server = Throwaway::start("devtools", b.kilnd.clone(), |cfg| {
+        cfg.images_dir = images;
+        cfg.ssh_listen = Some("127.0.0.1:0".parse()?);
+        Ok(())
+    })
+    .await?;
     let api = Api::from_env(
-        Some(format!("http://{addr}")),
-        Some(kiln.token.clone()),
+        Some(server.url.clone()),
+        Some(server.kiln.token.clone()),
         None,
     );
-    let result = measure(&kiln, &api, &b, &data).await;
-    shutdown.cancel();
-    let _ = serving.await;
-    for row in kiln.store.list(true).await.unwrap_or_default() {
-        let _ = kiln.runtime.remove(&row.sandbox.id).await;
-        let _ = kiln.store.delete(&row.sandbox.id).await;
-    }
-    let _ = kiln.runtime.destroy_all().await;
-    let _ = std::fs::remove_dir_all(&data);
+    let result = measure(&server.kiln, &api, &b, server.scratch()).await;
+    server.stop().await;
     let report = result?;
     if b.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -139,13 +106,22 @@ fn print_report(r: &Value) {
     };
     let f = |v: &Value| v.as_f64().unwrap_or(f64::NAN);
     let l = &r["lsp"];
-    p("LSP definition through Kiln (HTTP API)", &l["definition_ms"]);
-    p("  baseline: the same pylsp over a kilnd Pipe", &l["definition_direct_ms"]);
+    p(
+        "LSP definition through Kiln (HTTP API)",
+        &l["definition_ms"],
+    );
+    p(
+        "  baseline: the same pylsp over a kilnd Pipe",
+        &l["definition_direct_ms"],
+    );
     println!(
         "  Kiln's overhead (median of paired differences): {:.3} ms (target <= 2; warm p50 target <= 50)",
         f(&l["definition_overhead_ms"])
     );
-    p("LSP diagnostics after an edit through Kiln", &l["diagnostics_after_edit_ms"]);
+    p(
+        "LSP diagnostics after an edit through Kiln",
+        &l["diagnostics_after_edit_ms"],
+    );
     p(
         "  baseline: the same pylsp over a kilnd Pipe",
         &l["diagnostics_after_edit_direct_ms"],
@@ -156,13 +132,25 @@ fn print_report(r: &Value) {
         l["pylsp_lint_debounce_ms"]
     );
     let s = &r["ssh"];
-    p("SSH connect-and-exec `true` (OpenSSH client)", &s["connect_exec_true_ms"]);
-    p("  for scale: exec `true` straight to kilnd", &s["kilnd_exec_true_ms"]);
+    p(
+        "SSH connect-and-exec `true` (OpenSSH client)",
+        &s["connect_exec_true_ms"],
+    );
+    p(
+        "  for scale: exec `true` straight to kilnd",
+        &s["kilnd_exec_true_ms"],
+    );
     println!("  target p50 <= 150 ms");
     let v = &r["preview"];
     p("preview proxy GET through Kiln", &v["proxy_ms"]);
-    p("  baseline: the same GET through a kilnd Connect tunnel", &v["tunnel_direct_ms"]);
-    p("  baseline: the same GET from the host to the sandbox", &v["host_direct_ms"]);
+    p(
+        "  baseline: the same GET through a kilnd Connect tunnel",
+        &v["tunnel_direct_ms"],
+    );
+    p(
+        "  baseline: the same GET from the host to the sandbox",
+        &v["host_direct_ms"],
+    );
     println!(
         "  proxy overhead vs the tunnel: {:.3} ms (median of paired differences; target <= 1), ratio {:.2}x; vs the host: ratio {:.2}x",
         f(&v["overhead_vs_tunnel_ms"]),
@@ -177,11 +165,22 @@ fn print_report(r: &Value) {
         ),
         &c["sandbox_ms"],
     );
-    p("  the same through POST /v1/sandboxes/ID/git/clone", &c["api_ms"]);
-    p("  baseline: the same clone on the host", &c["host_ms"]);
+    p(
+        "  the same through POST /v1/sandboxes/ID/git/clone",
+        &c["api_ms"],
+    );
+    p(
+        "  baseline: the same clone on the host's disk",
+        &c["host_ms"],
+    );
+    p(
+        "  baseline: the same clone on the host in tmpfs",
+        &c["host_tmpfs_ms"],
+    );
     println!(
-        "  sandbox / host: {:.2}x (p50)",
-        f(&c["ratio_sandbox_vs_host"])
+        "  sandbox / host disk: {:.2}x, sandbox / host tmpfs: {:.2}x (p50)",
+        f(&c["ratio_sandbox_vs_host"]),
+        f(&c["ratio_sandbox_vs_host_tmpfs"])
     );
 }
 
@@ -213,7 +212,10 @@ async fn sh(client: &kilnd::client::Client, script: &str) -> Result<(i32, String
 async fn sh_ok(client: &kilnd::client::Client, script: &str) -> Result<String> {
     let (code, out) = sh(client, script).await?;
     if code != 0 {
-        bail!("`{script}` failed in the sandbox (exit {code}): {}", out.trim());
+        bail!(
+            "`{script}` failed in the sandbox (exit {code}): {}",
+            out.trim()
+        );
     }
     Ok(out)
 }
@@ -337,8 +339,11 @@ impl DirectLsp {
             json!({"textDocument": {"uri": uri, "version": version}, "contentChanges": [{"text": text}]}),
         )
         .await?;
-        self.notify("textDocument/didSave", json!({"textDocument": {"uri": uri}}))
-            .await?;
+        self.notify(
+            "textDocument/didSave",
+            json!({"textDocument": {"uri": uri}}),
+        )
+        .await?;
         self.until(|m| {
             m["method"] == "textDocument/publishDiagnostics"
                 && m["params"]["uri"] == uri
@@ -499,7 +504,10 @@ async fn ssh_bench(
     b: &DevtoolsBench,
     data: &Path,
 ) -> Result<Value> {
-    progress(b.json, "SSH: connect-and-exec `true` with the OpenSSH client");
+    progress(
+        b.json,
+        "SSH: connect-and-exec `true` with the OpenSSH client",
+    );
     let listening = kiln
         .ssh
         .get()
@@ -556,10 +564,7 @@ async fn ssh_bench(
         let a = args.clone();
         let (elapsed, st) = tokio::task::spawn_blocking(move || {
             let t = Instant::now();
-            let out = Command::new("ssh")
-                .args(&a)
-                .stdin(Stdio::null())
-                .output();
+            let out = Command::new("ssh").args(&a).stdin(Stdio::null()).output();
             (t.elapsed(), out)
         })
         .await?;
@@ -727,10 +732,22 @@ async fn clone_bench(
         ),
     );
     sh_ok(client, &repo_script("/tmp/bench-src", b.clone_files)).await?;
-    let host_src = data.join("bench-src");
-    let host_src_s = host_src.display().to_string();
+    // Two host baselines: a directory next to the data dir (the host's disk, which other
+    // writers on the machine slow down), and tmpfs (no disk at all: the floor).
+    let shm = PathBuf::from(format!(
+        "/dev/shm/kiln-bench-devtools-{}",
+        std::process::id()
+    ));
+    let result = host_clones(api, client, id, b, data, &shm).await;
+    let _ = std::fs::remove_dir_all(&shm);
+    result
+}
+
+fn host_repo(dir: &Path, files: usize) -> Result<PathBuf> {
+    let src = dir.join("bench-src");
+    std::fs::create_dir_all(dir)?;
     let out = Command::new("sh")
-        .args(["-c", &repo_script(&host_src_s, b.clone_files)])
+        .args(["-c", &repo_script(&src.display().to_string(), files)])
         .output()
         .context("git on the host")?;
     if !out.status.success() {
@@ -739,7 +756,46 @@ async fn clone_bench(
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
-    let (mut sandbox, mut via_api, mut host) = (Vec::new(), Vec::new(), Vec::new());
+    Ok(src)
+}
+
+/// `git clone -q SRC DST` on the host, timed; DST is removed afterwards (not timed).
+async fn host_clone(src: &Path, dst: PathBuf) -> Result<f64> {
+    let src = src.to_path_buf();
+    let (elapsed, out) = tokio::task::spawn_blocking(move || {
+        let t = Instant::now();
+        let out = Command::new("git")
+            .args(["clone", "-q"])
+            .arg(&src)
+            .arg(&dst)
+            .output();
+        let elapsed = t.elapsed();
+        let _ = std::fs::remove_dir_all(&dst);
+        (elapsed, out)
+    })
+    .await?;
+    let out = out.context("git clone on the host")?;
+    if !out.status.success() {
+        bail!(
+            "git clone on the host failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(ms(elapsed))
+}
+
+async fn host_clones(
+    api: &Api,
+    client: &kilnd::client::Client,
+    id: &str,
+    b: &DevtoolsBench,
+    data: &Path,
+    shm: &Path,
+) -> Result<Value> {
+    let disk_src = host_repo(data, b.clone_files)?;
+    let shm_src = host_repo(shm, b.clone_files)?;
+    let (mut sandbox, mut via_api, mut host, mut tmpfs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for i in 0..b.clone_n {
         let t = Instant::now();
         sh_ok(
@@ -757,38 +813,20 @@ async fn clone_bench(
             )
             .await?;
         via_api.push(ms(t.elapsed()));
-        let dst = data.join(format!("bench-dst-{i}"));
-        let (src, dst2) = (host_src.clone(), dst.clone());
-        let (elapsed, out) = tokio::task::spawn_blocking(move || {
-            let t = Instant::now();
-            let out = Command::new("git")
-                .args(["clone", "-q"])
-                .arg(&src)
-                .arg(&dst2)
-                .output();
-            (t.elapsed(), out)
-        })
-        .await?;
-        let out = out.context("git clone on the host")?;
-        if !out.status.success() {
-            bail!(
-                "git clone on the host failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        host.push(ms(elapsed));
+        host.push(host_clone(&disk_src, data.join(format!("bench-dst-{i}"))).await?);
+        tmpfs.push(host_clone(&shm_src, shm.join(format!("bench-dst-{i}"))).await?);
         // Clean up outside the timed part.
         sh_ok(
             client,
             &format!("rm -rf /tmp/bench-dst-{i} /tmp/bench-api-{i}"),
         )
         .await?;
-        let _ = std::fs::remove_dir_all(&dst);
     }
-    let (sp, ap, hp) = (
+    let (sp, ap, hp, tp) = (
         percentiles(&mut sandbox),
         percentiles(&mut via_api),
         percentiles(&mut host),
+        percentiles(&mut tmpfs),
     );
     Ok(json!({
         "samples": b.clone_n,
@@ -796,7 +834,9 @@ async fn clone_bench(
         "sandbox_ms": sp,
         "api_ms": ap,
         "host_ms": hp,
+        "host_tmpfs_ms": tp,
         "ratio_sandbox_vs_host": ratio(&sp, &hp),
+        "ratio_sandbox_vs_host_tmpfs": ratio(&sp, &tp),
         "ratio_api_vs_host": ratio(&ap, &hp),
     }))
 }

@@ -6,7 +6,9 @@ use std::io::BufRead;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
-use kiln_protocol::api::{AddGitCredential, GitAuthor, GitCredential, GitCredentialList, GitDefaults};
+use kiln_protocol::api::{
+    AddGitCredential, GitAuthor, GitCredential, GitCredentialList, GitDefaults,
+};
 use reqwest::Method;
 
 use crate::Global;
@@ -60,7 +62,9 @@ fn password(stdin: bool) -> Result<String> {
         line.trim_end_matches(['\n', '\r']).to_string()
     } else {
         std::env::var("KILN_GIT_PASSWORD").map_err(|_| {
-            anyhow!("no password (hint: pipe it in with --password-stdin, or set KILN_GIT_PASSWORD)")
+            anyhow!(
+                "no password (hint: pipe it in with --password-stdin, or set KILN_GIT_PASSWORD)"
+            )
         })?
     };
     if p.is_empty() {

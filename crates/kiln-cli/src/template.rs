@@ -448,9 +448,7 @@ impl BuildProgress {
                 tasks,
                 ..
             } => {
-                let pb = self
-                    .multi
-                    .add(indicatif::ProgressBar::new(tasks.max(1)));
+                let pb = self.multi.add(indicatif::ProgressBar::new(tasks.max(1)));
                 pb.set_style(self.style.clone());
                 pb.set_prefix(role);
                 if cached {

@@ -13,7 +13,9 @@ use axum::routing::{delete, get};
 use axum::{Extension, Json, Router};
 use base64::Engine as _;
 use kiln_devtools::git::{Credential, Identity};
-use kiln_protocol::api::{AddGitCredential, GitAuthor, GitCredential, GitCredentialList, GitDefaults};
+use kiln_protocol::api::{
+    AddGitCredential, GitAuthor, GitCredential, GitCredentialList, GitDefaults,
+};
 use kiln_store::{GitCredentialRow, StoreError};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM, NONCE_LEN};
 
@@ -199,7 +201,9 @@ pub async fn stored_credentials(k: &Kiln, caller: &Caller) -> ApiResult<Vec<Cred
                 password,
                 id: Some(r.id.clone()),
             }),
-            None => tracing::warn!(id = %r.id, host = %r.host, "a stored git credential does not open (was the server secret replaced?)"),
+            None => {
+                tracing::warn!(id = %r.id, host = %r.host, "a stored git credential does not open (was the server secret replaced?)")
+            }
         }
     }
     Ok(out)
@@ -256,7 +260,9 @@ async fn get_defaults(
 
 fn check_author(a: &GitAuthor) -> ApiResult<()> {
     let printable = |s: &str, max: usize| {
-        !s.trim().is_empty() && s.len() <= max && !s.chars().any(|c| c.is_control() || c == '<' || c == '>')
+        !s.trim().is_empty()
+            && s.len() <= max
+            && !s.chars().any(|c| c.is_control() || c == '<' || c == '>')
     };
     if !printable(&a.name, 200) {
         return Err(ApiError::invalid(
@@ -288,7 +294,9 @@ async fn put_defaults(
     k.store
         .set_git_author(
             &o.id,
-            req.author.as_ref().map(|a| (a.name.as_str(), a.email.as_str())),
+            req.author
+                .as_ref()
+                .map(|a| (a.name.as_str(), a.email.as_str())),
             now_ms(),
         )
         .await?;
@@ -306,7 +314,16 @@ mod tests {
             normalize_host("git.example.com:8443").as_deref(),
             Some("git.example.com:8443")
         );
-        for bad in ["", "https://github.com", "a b", "x:0", "x:99999", "-x", "a/b", "h\n"] {
+        for bad in [
+            "",
+            "https://github.com",
+            "a b",
+            "x:0",
+            "x:99999",
+            "-x",
+            "a/b",
+            "h\nx",
+        ] {
             assert_eq!(normalize_host(bad), None, "{bad:?}");
         }
     }

@@ -522,7 +522,7 @@ fn operations(b: &mut Builder) {
         Json(v),
     );
     let (req, res) = (
-        b.s::<crate::templates::TemplateSpecBody>(),
+        b.s::<kiln_template::spec::TemplateSpec>(),
         b.s::<crate::templates::PrivateTemplate>(),
     );
     b.op(

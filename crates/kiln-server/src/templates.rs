@@ -11,8 +11,6 @@
 //! once. Every lookup goes through [`Scope::locate`], so another organisation's private
 //! template is indistinguishable from a missing one (404).
 
-use std::collections::BTreeMap;
-
 use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -84,7 +82,8 @@ impl Scope {
         if !kiln_template::store::valid_name(name) {
             return Found::Nowhere;
         }
-        if self.own_src.private_spec(name).is_some() || self.own.ref_names().iter().any(|n| n == name)
+        if self.own_src.private_spec(name).is_some()
+            || self.own.ref_names().iter().any(|n| n == name)
         {
             Found::Private
         } else if self.public_src.has_public(name)
@@ -265,25 +264,6 @@ async fn inspect_template(
     }
 }
 
-/// Body of `PUT /v1/templates/{name}`: a private template over the shipped roles.
-#[derive(Debug, Default, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-pub struct TemplateSpecBody {
-    #[serde(default)]
-    pub description: String,
-    /// A public template or another private template of the organisation; absent: the
-    /// Debian base image.
-    #[serde(default)]
-    pub parent: Option<String>,
-    /// Shipped Ansible roles (`ansible/roles/*`), bottom first, after the parent's.
-    #[serde(default)]
-    pub roles: Vec<String>,
-    /// Role variables a private template may set (see README): plain strings, integers,
-    /// booleans.
-    #[serde(default)]
-    pub vars: BTreeMap<String, serde_json::Value>,
-}
-
 /// Answer of `PUT /v1/templates/{name}`.
 #[derive(Debug, Serialize, schemars::JsonSchema)]
 pub struct PrivateTemplate {
@@ -302,14 +282,8 @@ async fn put_template(
     State(k): State<AppState>,
     Extension(c): Extension<Caller>,
     Path(name): Path<String>,
-    ApiJson(body): ApiJson<TemplateSpecBody>,
+    ApiJson(spec): ApiJson<TemplateSpec>,
 ) -> Result<Response, ApiError> {
-    let spec: TemplateSpec = serde_json::to_value(&body)
-        .and_then(serde_json::from_value)
-        .map_err(|e| {
-            ApiError::invalid(format!("template spec: {e}"))
-                .hint("variables take strings, integers or booleans")
-        })?;
     spec::check_private(&name, &spec).map_err(api_err)?;
     let images = k.images.clone();
     let (created, answer) = blocking(move || {
@@ -320,7 +294,9 @@ async fn put_template(
                 "template_name_taken",
                 format!("`{name}` is a public template"),
             )
-            .hint("choose another name; a private template may use a public one as its parent")));
+            .hint(
+                "choose another name; a private template may use a public one as its parent",
+            )));
         }
         let dir = s.own.org_specs_dir().unwrap_or_default();
         std::fs::create_dir_all(&dir).map_err(|e| io(&dir, e))?;

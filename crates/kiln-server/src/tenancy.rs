@@ -276,7 +276,10 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
         "/sandboxes/:id/files/watch" => Some(Need::Perm(Perm::read(Files))),
         r if r == "/templates" || r.starts_with("/templates/") => rw(Templates),
         "/keys" | "/keys/:id" => rw(Keys),
-        "/orgs" | "/orgs/:org" | "/orgs/:org/quota" | "/orgs/:org/rate-limits"
+        "/orgs"
+        | "/orgs/:org"
+        | "/orgs/:org/quota"
+        | "/orgs/:org/rate-limits"
         | "/orgs/:org/git" => rw(Orgs),
         "/audit" => Some(Need::Perm(Perm::read(Audit))),
         "/usage" | "/usage/events" => Some(Need::Perm(Perm::read(Usage))),

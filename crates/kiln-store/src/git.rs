@@ -32,8 +32,7 @@ impl std::fmt::Debug for GitCredentialRow {
     }
 }
 
-const COLS: &str =
-    "id, org_id, host, username, secret, created_at_ms, created_by, last_used_at_ms";
+const COLS: &str = "id, org_id, host, username, secret, created_at_ms, created_by, last_used_at_ms";
 
 fn credential_row(r: &Row) -> Result<GitCredentialRow, StoreError> {
     Ok(GitCredentialRow {
@@ -69,7 +68,10 @@ impl Store {
             )
             .await?;
         if n == 0 {
-            return Err(StoreError::Conflict(format!("git credential for {}", c.host)));
+            return Err(StoreError::Conflict(format!(
+                "git credential for {}",
+                c.host
+            )));
         }
         Ok(())
     }

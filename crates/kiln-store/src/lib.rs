@@ -17,8 +17,8 @@ mod migrations;
 mod usage;
 
 pub use usage::{UsageAgg, UsageEventRow, UsageGroup};
-mod ssh_keys;
 mod git;
+mod ssh_keys;
 pub use git::GitCredentialRow;
 
 use std::collections::BTreeMap;

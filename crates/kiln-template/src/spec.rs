@@ -110,18 +110,23 @@ impl Sources {
     }
 }
 
-/// One `templates/NAME.toml` as written.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// One `templates/NAME.toml` as written (also the body of an organisation's upload of a
+/// private template, as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     #[serde(default)]
     pub description: String,
-    /// Parent template; `None` = the Debian base image.
+    /// Parent template; `None` = the Debian base image. For a private template: a public
+    /// template or another private template of the organisation.
     #[serde(default)]
     pub parent: Option<String>,
+    /// Ansible roles (`ansible/roles/*`), bottom first, after the parent's.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Role variables (a private template: only [`TENANT_VARIABLES`], plain values).
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub vars: BTreeMap<String, toml::Value>,
 }
 
@@ -248,7 +253,20 @@ pub fn safe_value(v: &str) -> bool {
     v.len() <= 256
         && v.bytes().all(|b| {
             b.is_ascii_alphanumeric()
-                || matches!(b, b' ' | b'.' | b'_' | b'+' | b'=' | b':' | b'/' | b'@' | b',' | b'~' | b'^' | b'-')
+                || matches!(
+                    b,
+                    b' ' | b'.'
+                        | b'_'
+                        | b'+'
+                        | b'='
+                        | b':'
+                        | b'/'
+                        | b'@'
+                        | b','
+                        | b'~'
+                        | b'^'
+                        | b'-'
+                )
         })
         && v.split(' ').all(|w| !w.starts_with('-'))
 }
@@ -548,8 +566,14 @@ mod tests {
             parent: Some("python".into()),
             roles: vec!["rust".into()],
             vars: BTreeMap::from([
-                ("git_user_name".to_string(), toml::Value::String("Ada Lovelace".into())),
-                ("rust_toolchain".to_string(), toml::Value::String("1.80.0".into())),
+                (
+                    "git_user_name".to_string(),
+                    toml::Value::String("Ada Lovelace".into()),
+                ),
+                (
+                    "rust_toolchain".to_string(),
+                    toml::Value::String("1.80.0".into()),
+                ),
             ]),
         };
         check_private("mine", &spec).expect("valid");
@@ -557,7 +581,10 @@ mod tests {
         assert_eq!(back, spec);
         for (k, v) in [
             ("python_extra_tools", toml::Value::String("evil".into())),
-            ("git_user_name", toml::Value::String("{{ lookup('pipe','id') }}".into())),
+            (
+                "git_user_name",
+                toml::Value::String("{{ lookup('pipe','id') }}".into()),
+            ),
             ("git_user_name", toml::Value::String("a; rm -rf /".into())),
             ("rust_toolchain", toml::Value::String("--evil".into())),
             ("ollama_host", toml::Value::Array(vec![])),

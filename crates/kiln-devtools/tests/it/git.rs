@@ -8,8 +8,8 @@ use std::process::Command;
 use kiln_devtools::git::{Credential, Identity};
 use kiln_devtools::{Git, GitError};
 
-use kiln_devtools::gitserver::GitServer;
 use crate::Daemon;
+use kiln_devtools::gitserver::GitServer;
 
 fn sh(dir: &Path, script: &str) -> String {
     let out = Command::new("sh")

@@ -8,11 +8,10 @@ use std::path::Path;
 use std::process::Command;
 
 use kiln_devtools::gitserver::GitServer;
-use kiln_protocol::api::{CreateSandbox, NetworkMode};
 use serde_json::{json, Value};
 
 use crate::harness::{self, TestServer};
-use crate::tenancy::{call, call_full, new_org};
+use crate::tenancy::{call, call_full, created, new_org};
 
 const SECRET: &str = "s3cret-Token-9f2c";
 
@@ -43,21 +42,13 @@ async fn git(s: &TestServer, key: &str, id: &str, op: &str, body: Value) -> (u16
     (st, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// The status and error code of an answer.
+fn refused(r: &(u16, Value)) -> (u16, Option<&str>) {
+    (r.0, r.1["error"]["code"].as_str())
+}
+
 async fn full_sandbox(s: &TestServer, key: &str) -> String {
-    let (st, body) = call_full(
-        s,
-        key,
-        "POST",
-        "/v1/sandboxes",
-        Some(&serde_json::to_value(CreateSandbox {
-            network: Some(NetworkMode::Full),
-            ..Default::default()
-        })
-        .expect("json")),
-    )
-    .await;
-    assert_eq!(st, 201, "{body}");
-    serde_json::from_str::<Value>(&body).expect("sandbox")["id"]
+    created(s, key, "POST", "/v1/sandboxes", &json!({"network": "full"})).await["id"]
         .as_str()
         .expect("id")
         .to_string()
@@ -85,31 +76,51 @@ async fn stored_credentials_and_default_author() {
     let url = format!("{}/repo.git", server.url);
 
     // Without a credential the clone is refused with a typed error.
-    let (st, v) = git(&s, &owner, &id, "clone", json!({"url": url, "repo": "/workspace"})).await;
-    assert_eq!((st, v["error"]["code"].as_str()), (422, Some("auth_failed")), "{v}");
+    let r = git(
+        &s,
+        &owner,
+        &id,
+        "clone",
+        json!({"url": url, "repo": "/workspace"}),
+    )
+    .await;
+    assert_eq!(refused(&r), (422, Some("auth_failed")), "{:?}", r.1);
 
     // Stored once; never shown again (not in the answer, not in the listing), sealed at rest.
     let cred = json!({"host": host, "username": "alice", "password": SECRET});
-    let (st, body) = call_full(&s, &owner, "POST", "/v1/git-credentials", Some(&cred)).await;
-    assert_eq!(st, 201, "{body}");
-    assert!(!body.contains(SECRET), "{body}");
-    let cred_id = serde_json::from_str::<Value>(&body).expect("json")["id"]
-        .as_str()
-        .expect("id")
-        .to_string();
+    let stored = created(&s, &owner, "POST", "/v1/git-credentials", &cred).await;
+    assert!(!stored.to_string().contains(SECRET), "{stored}");
+    let cred_id = stored["id"].as_str().expect("id").to_string();
     assert_eq!(
         call(&s, &owner, "POST", "/v1/git-credentials", Some(&cred)).await,
         "409 git_credential_exists"
     );
-    let rows = s.kiln.store.list_git_credentials(&org_a).await.expect("rows");
+    let rows = s
+        .kiln
+        .store
+        .list_git_credentials(&org_a)
+        .await
+        .expect("rows");
     assert_eq!(rows.len(), 1);
     assert!(rows[0].secret.starts_with("v1:") && !rows[0].secret.contains(SECRET));
     for (bad, code) in [
-        (json!({"host": "https://x.org", "username": "a", "password": "b"}), "400 invalid_argument"),
-        (json!({"host": "x.org", "username": "a\nb", "password": "b"}), "400 invalid_argument"),
-        (json!({"host": "x.org", "username": "a", "password": ""}), "400 invalid_argument"),
+        (
+            json!({"host": "https://x.org", "username": "a", "password": "b"}),
+            "400 invalid_argument",
+        ),
+        (
+            json!({"host": "x.org", "username": "a\nb", "password": "b"}),
+            "400 invalid_argument",
+        ),
+        (
+            json!({"host": "x.org", "username": "a", "password": ""}),
+            "400 invalid_argument",
+        ),
     ] {
-        assert_eq!(call(&s, &owner, "POST", "/v1/git-credentials", Some(&bad)).await, code);
+        assert_eq!(
+            call(&s, &owner, "POST", "/v1/git-credentials", Some(&bad)).await,
+            code
+        );
     }
 
     // The org's default author.
@@ -117,13 +128,26 @@ async fn stored_credentials_and_default_author() {
     let path = format!("/v1/orgs/{org_a}/git");
     assert_eq!(call(&s, &owner, "PUT", &path, Some(&author)).await, "200");
     let bad = json!({"author": {"name": "x", "email": "not-an-email"}});
-    assert_eq!(call(&s, &owner, "PUT", &path, Some(&bad)).await, "400 invalid_argument");
+    assert_eq!(
+        call(&s, &owner, "PUT", &path, Some(&bad)).await,
+        "400 invalid_argument"
+    );
 
     // Clone and push with the stored credential, no credentials in the calls.
-    let (st, v) = git(&s, &owner, &id, "clone", json!({"url": url, "repo": "/workspace"})).await;
+    let (st, v) = git(
+        &s,
+        &owner,
+        &id,
+        "clone",
+        json!({"url": url, "repo": "/workspace"}),
+    )
+    .await;
     assert_eq!(st, 200, "{v}");
     let (_, err, code) = s
-        .sh(&id, "cd /workspace/repo && echo two > two.txt && git add two.txt")
+        .sh(
+            &id,
+            "cd /workspace/repo && echo two > two.txt && git add two.txt",
+        )
         .await;
     assert_eq!(code, 0, "{err}");
     let (st, v) = git(
@@ -159,7 +183,10 @@ async fn stored_credentials_and_default_author() {
     let (_, list) = call_full(&s, &owner, "GET", "/v1/git-credentials", None).await;
     assert!(!list.contains(SECRET));
     let list: Value = serde_json::from_str(&list).expect("json");
-    assert!(list["credentials"][0]["last_used_at_ms"].as_u64().is_some(), "{list}");
+    assert!(
+        list["credentials"][0]["last_used_at_ms"].as_u64().is_some(),
+        "{list}"
+    );
     let (_, audit) = call_full(&s, &owner, "GET", "/v1/audit?limit=200", None).await;
     let audit: Value = serde_json::from_str(&audit).expect("json");
     let entries = audit["entries"].as_array().expect("entries");
@@ -182,28 +209,42 @@ async fn stored_credentials_and_default_author() {
     let b = new_org(&s, "git-tenant-b").await;
     let key_b = b.key.expect("key").secret;
     let id_b = full_sandbox(&s, &key_b).await;
-    let (st, v) = git(&s, &key_b, &id_b, "clone", json!({"url": url, "repo": "/workspace"})).await;
-    assert_eq!((st, v["error"]["code"].as_str()), (422, Some("auth_failed")), "{v}");
+    let r = git(
+        &s,
+        &key_b,
+        &id_b,
+        "clone",
+        json!({"url": url, "repo": "/workspace"}),
+    )
+    .await;
+    assert_eq!(refused(&r), (422, Some("auth_failed")), "{:?}", r.1);
     let (_, list) = call_full(&s, &key_b, "GET", "/v1/git-credentials", None).await;
     assert_eq!(list, r#"{"credentials":[]}"#);
     assert_eq!(
-        call(&s, &key_b, "DELETE", &format!("/v1/git-credentials/{cred_id}"), None).await,
+        call(
+            &s,
+            &key_b,
+            "DELETE",
+            &format!("/v1/git-credentials/{cred_id}"),
+            None
+        )
+        .await,
         "404 git_credential_not_found"
     );
     // B's own default author is Kiln's.
-    let (_, d) = call_full(&s, &key_b, "GET", &format!("/v1/orgs/{}/git", b.org.id), None).await;
+    let (_, d) = call_full(
+        &s,
+        &key_b,
+        "GET",
+        &format!("/v1/orgs/{}/git", b.org.id),
+        None,
+    )
+    .await;
     assert_eq!(d, r#"{"author":null}"#);
 
     // Only owners and admins manage credentials; members cannot even list them.
-    let (_, k) = call_full(
-        &s,
-        &owner,
-        "POST",
-        "/v1/keys",
-        Some(&json!({"role": "member"})),
-    )
-    .await;
-    let member = serde_json::from_str::<Value>(&k).expect("key")["secret"]
+    let member = created(&s, &owner, "POST", "/v1/keys", &json!({"role": "member"})).await
+        ["secret"]
         .as_str()
         .expect("secret")
         .to_string();
@@ -218,13 +259,23 @@ async fn stored_credentials_and_default_author() {
 
     // A wrong stored password is a typed auth failure; removing by host works.
     assert_eq!(
-        call(&s, &owner, "DELETE", &format!("/v1/git-credentials/{host}"), None).await,
+        call(
+            &s,
+            &owner,
+            "DELETE",
+            &format!("/v1/git-credentials/{host}"),
+            None
+        )
+        .await,
         "204"
     );
     let wrong = json!({"host": host, "username": "alice", "password": "wrong"});
-    assert_eq!(call(&s, &owner, "POST", "/v1/git-credentials", Some(&wrong)).await, "201");
-    let (st, v) = git(&s, &owner, &id, "pull", json!({"repo": "/workspace/repo"})).await;
-    assert_eq!((st, v["error"]["code"].as_str()), (422, Some("auth_failed")), "{v}");
+    assert_eq!(
+        call(&s, &owner, "POST", "/v1/git-credentials", Some(&wrong)).await,
+        "201"
+    );
+    let r = git(&s, &owner, &id, "pull", json!({"repo": "/workspace/repo"})).await;
+    assert_eq!(refused(&r), (422, Some("auth_failed")), "{:?}", r.1);
     // Credentials given in the call come first.
     let (st, v) = git(
         &s,

@@ -52,6 +52,19 @@ pub async fn call_full(
     (status, r.text().await.unwrap_or_default())
 }
 
+/// A call that must answer 201; its JSON body.
+pub async fn created(
+    s: &TestServer,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let (st, text) = call_full(s, key, method, path, Some(body)).await;
+    assert_eq!(st, 201, "{method} {path}: {text}");
+    serde_json::from_str(&text).expect("json")
+}
+
 pub async fn new_org(s: &TestServer, name: &str) -> OrgCreated {
     let (st, body) = call_full(
         s,
@@ -108,42 +121,25 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
             .expect("keys");
     let a_key = a_keys.keys[0].id.clone();
     let org_a = s.kiln.system_org.clone();
-    let (st, body) = call_full(
+    let a_ssh_key = created(
         &s,
         &owner_a,
         "POST",
         "/v1/ssh-keys",
-        Some(&json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICI1ft6dcHM8fmHeVF4mengMBbxuj0Z9hy32wxkWwIOD matrix"})),
+        &json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICI1ft6dcHM8fmHeVF4mengMBbxuj0Z9hy32wxkWwIOD matrix"}),
     )
-    .await;
-    assert_eq!(st, 201, "{body}");
-    let a_ssh_key = serde_json::from_str::<serde_json::Value>(&body).expect("json")["id"]
+    .await["id"]
         .as_str()
         .expect("id")
         .to_string();
     // A stored git credential and a private template (spec only) of A.
-    let (st, body) = call_full(
-        &s,
-        &owner_a,
-        "POST",
-        "/v1/git-credentials",
-        Some(&json!({"host": "git.example.com", "username": "a", "password": "secret-of-a"})),
-    )
-    .await;
-    assert_eq!(st, 201, "{body}");
-    let a_git_cred = serde_json::from_str::<serde_json::Value>(&body).expect("json")["id"]
+    let cred = json!({"host": "git.example.com", "username": "a", "password": "secret-of-a"});
+    let a_git_cred = created(&s, &owner_a, "POST", "/v1/git-credentials", &cred).await["id"]
         .as_str()
         .expect("id")
         .to_string();
-    let (st, body) = call_full(
-        &s,
-        &owner_a,
-        "PUT",
-        "/v1/templates/idx-a",
-        Some(&json!({"description": "A's own", "parent": "base"})),
-    )
-    .await;
-    assert_eq!(st, 201, "{body}");
+    let spec = json!({"description": "A's own", "parent": "base"});
+    created(&s, &owner_a, "PUT", "/v1/templates/idx-a", &spec).await;
     let b = new_org(&s, "tenant-b").await;
     let key_b = b.key.expect("owner key").secret;
     // A knowledge index of A (lexical only: no model needed to search it).
