@@ -25,11 +25,13 @@ pub enum GitCredentialCmd {
         /// Read the password from the first line of stdin
         #[arg(long)]
         password_stdin: bool,
+        /// Print JSON
         #[arg(long)]
         json: bool,
     },
     /// List stored credentials (host, user, last use; never passwords)
     Ls {
+        /// Print JSON
         #[arg(long)]
         json: bool,
     },
@@ -48,6 +50,7 @@ pub struct OrgGitArgs {
     /// Back to Kiln's default author (`Kiln Agent <agent@kiln.invalid>`)
     #[arg(long, conflicts_with = "author")]
     pub reset: bool,
+    /// Print JSON
     #[arg(long)]
     pub json: bool,
 }
