@@ -30,6 +30,8 @@ pub enum OrgCmd {
     /// Show an organisation's quota and current use; with limits, change them (system
     /// organisation only)
     Quota(QuotaArgs),
+    /// Show or set an organisation's git defaults: the author of commits that name none
+    Git(crate::gitcreds::OrgGitArgs),
 }
 
 #[derive(Args)]
@@ -144,7 +146,7 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn when(ms: Option<u64>) -> String {
+pub(crate) fn when(ms: Option<u64>) -> String {
     let Some(t) = ms else { return "-".into() };
     let now = now_ms();
     let (d, later) = if t > now {
@@ -211,6 +213,7 @@ pub async fn org(g: &Global, c: OrgCmd) -> Result<i32> {
                 }
             }
         }
+        OrgCmd::Git(a) => return crate::gitcreds::org_git(g, a).await,
         OrgCmd::Quota(a) => {
             let org = match &a.org {
                 Some(o) => o.clone(),

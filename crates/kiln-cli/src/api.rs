@@ -142,7 +142,17 @@ impl Api {
     pub async fn each_event(
         &self,
         resp: reqwest::Response,
-        mut f: impl FnMut(ExecEvent) -> Result<bool>,
+        f: impl FnMut(ExecEvent) -> Result<bool>,
+    ) -> Result<()> {
+        self.each_line(resp, f).await
+    }
+
+    /// Reads an NDJSON response line by line, calling `f` for each line as a `T`; stops when
+    /// `f` returns `false` or the stream ends.
+    pub async fn each_line<T: DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+        mut f: impl FnMut(T) -> Result<bool>,
     ) -> Result<()> {
         use futures_util::StreamExt;
         let mut stream = resp.bytes_stream();
@@ -155,7 +165,7 @@ impl Api {
                 if line.len() <= 1 {
                     continue;
                 }
-                let ev: ExecEvent = serde_json::from_slice(&line[..line.len() - 1])
+                let ev: T = serde_json::from_slice(&line[..line.len() - 1])
                     .map_err(|e| anyhow!("malformed event from the server: {e}"))?;
                 if !f(ev)? {
                     return Ok(());

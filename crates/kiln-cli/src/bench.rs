@@ -30,6 +30,11 @@ pub enum BenchCmd {
     /// Agent runtime overhead (in-process, throwaway server, scripted model; needs root):
     /// per step excluding model time, event append/stream throughput, sub-agent spawn time
     Agent(crate::bench_agent::AgentBench),
+    /// Developer tools (in-process, throwaway server, `python` template; needs root): LSP
+    /// definition and diagnostics-after-edit through Kiln against pylsp over a raw kilnd Pipe,
+    /// SSH connect-and-exec of `true` with OpenSSH, preview proxy against a kilnd tunnel and
+    /// the host, `git clone` of a local repository in a sandbox against the host
+    Devtools(crate::bench_devtools::DevtoolsBench),
     /// Knowledge engine, in process: embedding throughput, walk-to-searchable (BM25), one-file
     /// sync in a large tree with embedding-cache hits, hybrid query p99 at 100k chunks with the
     /// query's embedding, IVF p99 and recall@10 at 1M vectors, HumanEval retrieval quality
@@ -248,6 +253,78 @@ pub struct SandboxBench {
     pub json: bool,
 }
 
+/// A throwaway in-process server for the benches that need one (as root: real runc
+/// sandboxes, SQLite in a temporary data dir, listening on a free loopback port).
+pub struct Throwaway {
+    pub kiln: std::sync::Arc<kiln_server::Kiln>,
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    data: std::path::PathBuf,
+    shutdown: tokio_util::sync::CancellationToken,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl Throwaway {
+    /// A fresh data dir named after `label` and the process; `configure` adjusts the config
+    /// (`listen` is a free loopback port, the warm pool is off).
+    pub async fn start(
+        label: &str,
+        kilnd: Option<std::path::PathBuf>,
+        configure: impl FnOnce(&mut kiln_server::ServerConfig) -> Result<()>,
+    ) -> Result<Throwaway> {
+        let data = std::env::temp_dir().join(format!("kiln-bench-{label}-{}", std::process::id()));
+        std::fs::create_dir_all(&data)?;
+        let kilnd = crate::up::find_kilnd(kilnd)
+            .context("no kilnd (hint: pass --kilnd or set KILN_KILND)")?;
+        let mut cfg = kiln_server::ServerConfig::new(data.clone(), kilnd);
+        cfg.listen = "127.0.0.1:0".parse()?;
+        cfg.warm_pool = 0;
+        configure(&mut cfg)?;
+        let kiln = kiln_server::start(cfg)
+            .await
+            .map_err(|e| anyhow!("starting a throwaway server: {e}"))?;
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (k, sd) = (kiln.clone(), shutdown.clone());
+        let serving = tokio::spawn(async move {
+            let _ = kiln_server::serve(k, sd, move |addr| {
+                let _ = tx.send(addr);
+            })
+            .await;
+        });
+        let addr = rx
+            .await
+            .map_err(|_| anyhow!("the throwaway server did not start"))?;
+        Ok(Throwaway {
+            kiln,
+            url: format!("http://{addr}"),
+            data,
+            shutdown,
+            serving,
+        })
+    }
+
+    /// Stops serving, removes every sandbox and the data dir, releases the runtime.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.serving.await;
+        if let Some(a) = self.kiln.agents.get() {
+            a.shutdown();
+        }
+        for row in self.kiln.store.list(true).await.unwrap_or_default() {
+            let _ = self.kiln.runtime.remove(&row.sandbox.id).await;
+            let _ = self.kiln.store.delete(&row.sandbox.id).await;
+        }
+        let _ = self.kiln.runtime.destroy_all().await;
+        let _ = std::fs::remove_dir_all(&self.data);
+    }
+
+    /// Where scratch files of the bench may go (removed by [`Throwaway::stop`]).
+    pub fn scratch(&self) -> &std::path::Path {
+        &self.data
+    }
+}
+
 /// p50 and p99 in milliseconds.
 #[derive(Debug, Clone, Copy, Serialize, PartialEq)]
 pub struct Percentiles {
@@ -306,11 +383,12 @@ pub async fn run(g: &Global, cmd: BenchCmd) -> Result<i32> {
         BenchCmd::Template(b) => crate::bench_template::run(g, b).await,
         BenchCmd::Api(b) => api_bench(&g.api(), g.data_dir.clone(), b).await,
         BenchCmd::Agent(b) => crate::bench_agent::run(g, b).await,
+        BenchCmd::Devtools(b) => crate::bench_devtools::run(g, b).await,
         BenchCmd::Knowledge(b) => crate::bench_knowledge::run(g, b).await,
     }
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
@@ -412,7 +490,7 @@ fn local_server(api: &Api) -> bool {
     host.starts_with("127.") || host.starts_with("localhost") || host.starts_with("[::1]")
 }
 
-fn progress(json: bool, msg: &str) {
+pub(crate) fn progress(json: bool, msg: &str) {
     if !json {
         eprintln!("bench: {msg}");
     }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use clap::Args;
 use kiln_agent::events::{Event, EventKind};
 use kiln_agent::runner::StartRun;
@@ -16,7 +16,7 @@ use kiln_agent::scripted::{ScriptedServer, Turn};
 use kiln_store::agents::AgentEventRow;
 use serde_json::json;
 
-use crate::bench::{percentiles, Percentiles};
+use crate::bench::{percentiles, Percentiles, Throwaway};
 use crate::Global;
 
 #[derive(Args, Debug)]
@@ -64,9 +64,6 @@ async fn wait_finished(
 }
 
 pub async fn run(g: &Global, b: AgentBench) -> Result<i32> {
-    let data = tempfile_dir()?;
-    let kilnd = crate::up::find_kilnd(b.kilnd.clone())
-        .context("no kilnd (hint: pass --kilnd or set KILN_KILND)")?;
     let images = b.images_dir.clone().unwrap_or_else(|| {
         g.data_dir
             .clone()
@@ -76,42 +73,19 @@ pub async fn run(g: &Global, b: AgentBench) -> Result<i32> {
     let model = ScriptedServer::start(Vec::new()).await?;
     let kid = ScriptedServer::start(Vec::new()).await?;
     kid.repeat_forever(Turn::text("child done"));
-    let mut cfg = kiln_server::ServerConfig::new(data.clone(), kilnd);
-    cfg.listen = "127.0.0.1:0".parse()?;
-    cfg.images_dir = images;
-    cfg.warm_pool = 0;
-    cfg.agents = kiln_agent::config::AgentConfig::from_toml(&format!(
-        "[providers.bench]\nprotocol = \"openai\"\nbase_url = \"{}/v1\"\n[providers.kid]\nprotocol = \"openai\"\nbase_url = \"{}/v1\"\n\
-         [profiles.child]\nmodel = \"kid/m\"\ntools = [\"exec\"]\n[profiles.parent]\nmodel = \"bench/m\"\n[profiles.parent.budget]\nmax_steps = 100000\n",
-        model.url(),
-        kid.url()
-    ))?;
-    let kiln = kiln_server::start(cfg)
-        .await
-        .map_err(|e| anyhow!("starting a throwaway server: {e}"))?;
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let (k, sd) = (kiln.clone(), shutdown.clone());
-    let serving = tokio::spawn(async move {
-        let _ = kiln_server::serve(k, sd, move |addr| {
-            let _ = tx.send(addr);
-        })
-        .await;
-    });
-    let addr = rx
-        .await
-        .map_err(|_| anyhow!("the throwaway server did not start"))?;
-    let result = measure(&kiln, &model, &b, &format!("http://{addr}")).await;
-    shutdown.cancel();
-    let _ = serving.await;
-    let rt = kiln_server::agents::agents(&kiln);
-    rt.shutdown();
-    for row in kiln.store.list(true).await.unwrap_or_default() {
-        let _ = kiln.runtime.remove(&row.sandbox.id).await;
-        let _ = kiln.store.delete(&row.sandbox.id).await;
-    }
-    let _ = kiln.runtime.destroy_all().await;
-    let _ = std::fs::remove_dir_all(&data);
+    let server = Throwaway::start("agent", b.kilnd.clone(), |cfg| {
+        cfg.images_dir = images;
+        cfg.agents = kiln_agent::config::AgentConfig::from_toml(&format!(
+            "[providers.bench]\nprotocol = \"openai\"\nbase_url = \"{}/v1\"\n[providers.kid]\nprotocol = \"openai\"\nbase_url = \"{}/v1\"\n\
+             [profiles.child]\nmodel = \"kid/m\"\ntools = [\"exec\"]\n[profiles.parent]\nmodel = \"bench/m\"\n[profiles.parent.budget]\nmax_steps = 100000\n",
+            model.url(),
+            kid.url()
+        ))?;
+        Ok(())
+    })
+    .await?;
+    let result = measure(&server.kiln, &model, &b, &server.url).await;
+    server.stop().await;
     let report = result?;
     if b.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -152,12 +126,6 @@ pub async fn run(g: &Global, b: AgentBench) -> Result<i32> {
         );
     }
     Ok(0)
-}
-
-fn tempfile_dir() -> Result<PathBuf> {
-    let d = std::env::temp_dir().join(format!("kiln-bench-agent-{}", std::process::id()));
-    std::fs::create_dir_all(&d)?;
-    Ok(d)
 }
 
 async fn measure(

@@ -139,6 +139,7 @@ fn changed_specs(src: &Sources, name: &str, role: &str, dir: &Path) -> Result<So
     Ok(Sources {
         templates: dir.to_path_buf(),
         ansible: src.ansible.clone(),
+        private: None,
     })
 }
 

@@ -22,7 +22,8 @@ pub struct GitArgs {
     #[arg(long)]
     pub json: bool,
     /// User name for clone/push/pull (the password comes from $KILN_GIT_PASSWORD, read here on
-    /// the host and never written into the sandbox)
+    /// the host and never written into the sandbox); without it, credentials stored for the
+    /// remote's host (`kiln git-credential add`) are used
     #[arg(long, env = "KILN_GIT_USERNAME")]
     pub username: Option<String>,
     #[command(subcommand)]
@@ -55,7 +56,8 @@ pub enum GitOp {
         /// Also commit every tracked change
         #[arg(short = 'a', long)]
         all: bool,
-        /// Author as `Name <email>`
+        /// Author as `Name <email>` [default: the organisation's (`kiln org git`), else
+        /// `Kiln Agent <agent@kiln.invalid>`]
         #[arg(long)]
         author: Option<String>,
     },
@@ -92,7 +94,7 @@ pub enum GitOp {
     },
 }
 
-fn parse_author(s: &str) -> Result<Value> {
+pub(crate) fn parse_author(s: &str) -> Result<Value> {
     let (name, rest) = s
         .split_once('<')
         .ok_or_else(|| anyhow!("--author must look like `Name <email>` (got {s:?})"))?;

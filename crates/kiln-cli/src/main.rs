@@ -9,9 +9,11 @@ mod agent;
 mod api;
 mod bench;
 mod bench_agent;
+mod bench_devtools;
 mod bench_knowledge;
 mod bench_template;
 mod devtools;
+mod gitcreds;
 mod knowledge;
 mod sandbox;
 mod shell;
@@ -106,6 +108,10 @@ enum Command {
     /// Print Host entries for ~/.ssh/config (VS Code Remote-SSH, JetBrains Gateway, scp)
     #[command(name = "ssh-config")]
     SshConfig(ssh::SshConfigArgs),
+    /// Credentials for https git hosts, stored by the server for your organisation and used
+    /// by clone, push and pull in its sandboxes (never written into a sandbox)
+    #[command(subcommand, name = "git-credential")]
+    GitCredential(gitcreds::GitCredentialCmd),
     /// Measure the platform through the server's API
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -163,6 +169,7 @@ fn main() {
             Command::SshKey(c) => ssh::ssh_key(&cli.global, c).await,
             Command::Ssh(a) => ssh::ssh(&cli.global, a).await,
             Command::SshConfig(a) => ssh::ssh_config(&cli.global, a).await,
+            Command::GitCredential(c) => gitcreds::git_credential(&cli.global, c).await,
             Command::Bench(c) => bench::run(&cli.global, c).await,
             Command::Completions { shell } => {
                 clap_complete::generate(shell, &mut Cli::command(), "kiln", &mut std::io::stdout());

@@ -1,8 +1,9 @@
-//! `kiln template build|ls|inspect|test|rm|gc`: templates built from Ansible roles into the
+//! `kiln template build|push|ls|inspect|test|rm|gc`: templates built from Ansible roles into the
 //! local image store (one cached layer per role; progress as a bar per layer on a TTY, plain
-//! lines otherwise, NDJSON events with `--json`), and their management. `ls`, `inspect`, `rm`
-//! and `gc` talk to the server unless `--images-dir` names a local store; `test` starts a
-//! sandbox through the server.
+//! lines otherwise, NDJSON events with `--json`), and their management. `push` uploads an
+//! organisation's private template and builds it on the server (same progress). `ls`,
+//! `inspect`, `rm` and `gc` talk to the server unless `--images-dir` names a local store;
+//! `test` starts a sandbox through the server.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -96,7 +97,26 @@ pub enum TemplateCmd {
         #[arg(long, default_value_t = 300.0)]
         timeout: f64,
     },
-    /// Remove a template (its layers stay until `kiln template gc`)
+    /// Upload a private template of your organisation and build it on the server: a spec
+    /// over the shipped roles in the TOML of templates/*.toml (description, parent, roles,
+    /// [vars]); only your organisation sees it (owner or admin key)
+    Push {
+        /// Template name (not one of the public templates)
+        name: String,
+        /// The spec file, `-` for stdin
+        spec: PathBuf,
+        /// Only upload the spec
+        #[arg(long)]
+        no_build: bool,
+        /// Rebuild every layer, ignoring the cache
+        #[arg(long)]
+        no_cache: bool,
+        /// Print the upload's answer and the build events as JSON lines
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a template (its layers stay until `kiln template gc`); your organisation's
+    /// private template goes entirely, a public one only with a system-organisation key
     Rm {
         name: String,
         /// Use this local image store instead of the server
@@ -181,13 +201,14 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
                 println!(
-                    "{:<14} {:<14} {:>6} {:>10} {:<20} {:<8}  ROLES",
-                    "NAME", "IMAGE", "LAYERS", "SIZE", "BUILT", "CACHE"
+                    "{:<14} {:<8} {:<14} {:>6} {:>10} {:<20} {:<8}  ROLES",
+                    "NAME", "VISIBLE", "IMAGE", "LAYERS", "SIZE", "BUILT", "CACHE"
                 );
                 for t in list.templates {
                     println!(
-                        "{:<14} {:<14} {:>6} {:>10} {:<20} {:<8}  {}",
+                        "{:<14} {:<8} {:<14} {:>6} {:>10} {:<20} {:<8}  {}",
                         t.name,
+                        t.visibility,
                         short(&t.image),
                         t.layers,
                         kiln_server::units::format_size(t.size_bytes),
@@ -230,6 +251,13 @@ pub async fn run(g: &Global, cmd: TemplateCmd) -> Result<i32> {
             src,
             timeout,
         } => test(g, &name, &src.sources(), json, timeout).await,
+        TemplateCmd::Push {
+            name,
+            spec,
+            no_build,
+            no_cache,
+            json,
+        } => push(g, &name, &spec, !no_build, no_cache, json).await,
         TemplateCmd::Rm { name, images_dir } => {
             match images_dir {
                 Some(d) => {
@@ -305,23 +333,7 @@ pub fn to_list(list: Vec<TemplateInfo>) -> TemplateList {
     TemplateList {
         templates: list
             .into_iter()
-            .map(|t| kiln_protocol::api::Template {
-                image: t.image.layers.first().cloned().unwrap_or_default(),
-                size_bytes: t.image.size_bytes,
-                created_at_ms: t.image.created_at_ms,
-                layers: t.image.layers.len(),
-                roles: t
-                    .image
-                    .template
-                    .as_ref()
-                    .map(|m| m.roles.iter().map(|r| r.role.clone()).collect())
-                    .unwrap_or_default(),
-                cache: serde_json::to_value(t.cache)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
-                name: t.image.name,
-            })
+            .map(|t| kiln_server::templates::to_template(t, "public"))
             .collect(),
     }
 }
@@ -371,29 +383,37 @@ fn print_manifest(info: &TemplateInfo) {
     }
 }
 
-/// Builds with progress output; shared by `kiln template build`, `kiln up` and the bench.
-pub fn build(
-    images_dir: &std::path::Path,
-    src: &Sources,
-    name: &str,
-    opts: &BuildOptions,
+/// Shows build events: a bar per layer on a TTY, plain lines otherwise, NDJSON with `json`.
+/// Shared by local builds and builds streamed from the server.
+pub struct BuildProgress {
     json: bool,
-) -> Result<ImageRef> {
-    let store = open_store(images_dir)?;
-    let tty = std::io::stderr().is_terminal() && !json;
-    let multi = indicatif::MultiProgress::new();
-    let mut bars: BTreeMap<usize, indicatif::ProgressBar> = BTreeMap::new();
-    let style = indicatif::ProgressStyle::with_template(
-        "{prefix:>10} [{bar:24}] {pos:>3}/{len:<3} {elapsed:>4} {wide_msg}",
-    )
-    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-    .progress_chars("=> ");
-    let mut on = |ev: BuildEvent| {
-        if json {
+    tty: bool,
+    multi: indicatif::MultiProgress,
+    bars: BTreeMap<usize, indicatif::ProgressBar>,
+    style: indicatif::ProgressStyle,
+}
+
+impl BuildProgress {
+    pub fn new(json: bool) -> Self {
+        BuildProgress {
+            json,
+            tty: std::io::stderr().is_terminal() && !json,
+            multi: indicatif::MultiProgress::new(),
+            bars: BTreeMap::new(),
+            style: indicatif::ProgressStyle::with_template(
+                "{prefix:>10} [{bar:24}] {pos:>3}/{len:<3} {elapsed:>4} {wide_msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        }
+    }
+
+    pub fn event(&mut self, ev: BuildEvent) {
+        if self.json {
             println!("{}", serde_json::to_string(&ev).unwrap_or_default());
             return;
         }
-        if !tty {
+        if !self.tty {
             match &ev {
                 BuildEvent::Plan { template, layers } => {
                     eprintln!("[{template}] layers: {}", layers.join(" -> "))
@@ -442,8 +462,8 @@ pub fn build(
                 tasks,
                 ..
             } => {
-                let pb = multi.add(indicatif::ProgressBar::new(tasks.max(1)));
-                pb.set_style(style.clone());
+                let pb = self.multi.add(indicatif::ProgressBar::new(tasks.max(1)));
+                pb.set_style(self.style.clone());
                 pb.set_prefix(role);
                 if cached {
                     pb.set_position(tasks.max(1));
@@ -451,12 +471,12 @@ pub fn build(
                 } else {
                     pb.enable_steady_tick(std::time::Duration::from_millis(200));
                 }
-                bars.insert(index, pb);
+                self.bars.insert(index, pb);
             }
             BuildEvent::Step {
                 index, n, message, ..
             } => {
-                if let Some(pb) = bars.get(&index) {
+                if let Some(pb) = self.bars.get(&index) {
                     if n > pb.length().unwrap_or(0) {
                         pb.set_length(n);
                     }
@@ -472,7 +492,7 @@ pub fn build(
                 seconds,
                 ..
             } => {
-                if let Some(pb) = bars.get(&index) {
+                if let Some(pb) = self.bars.get(&index) {
                     pb.set_position(pb.length().unwrap_or(1));
                     pb.finish_with_message(format!(
                         "{} {} {} {seconds:.1}s",
@@ -484,14 +504,120 @@ pub fn build(
             }
             BuildEvent::Plan { .. } | BuildEvent::Done { .. } => {}
         }
-    };
-    let r = template::build(&store, src, name, opts, &mut on);
-    for pb in bars.values() {
-        if !pb.is_finished() {
-            pb.abandon();
+    }
+
+    /// Leaves unfinished bars (a failed build) where they stopped.
+    pub fn finish(self) {
+        for pb in self.bars.values() {
+            if !pb.is_finished() {
+                pb.abandon();
+            }
         }
     }
+}
+
+/// Builds with progress output; shared by `kiln template build`, `kiln up` and the bench.
+pub fn build(
+    images_dir: &std::path::Path,
+    src: &Sources,
+    name: &str,
+    opts: &BuildOptions,
+    json: bool,
+) -> Result<ImageRef> {
+    let store = open_store(images_dir)?;
+    let mut progress = BuildProgress::new(json);
+    let r = template::build(&store, src, name, opts, &mut |ev| progress.event(ev));
+    progress.finish();
     Ok(r?)
+}
+
+/// One line of a server-side build: an event, or the error that ended it.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum BuildLine {
+    Event(BuildEvent),
+    Error {
+        error: kiln_protocol::api::ErrorDetail,
+    },
+}
+
+/// `kiln template push`: uploads a private template's spec, then builds it on the server.
+async fn push(
+    g: &Global,
+    name: &str,
+    spec_file: &std::path::Path,
+    build: bool,
+    no_cache: bool,
+    json: bool,
+) -> Result<i32> {
+    let text = if spec_file == std::path::Path::new("-") {
+        std::io::read_to_string(std::io::stdin()).context("reading the spec from stdin")?
+    } else {
+        std::fs::read_to_string(spec_file)
+            .with_context(|| format!("cannot read {}", spec_file.display()))?
+    };
+    let spec = kiln_template::spec::parse(&text).map_err(|e| {
+        anyhow!(
+            "{} is not a template spec: {} (hint: description, parent, roles and [vars], as in templates/*.toml)",
+            spec_file.display(),
+            e.message()
+        )
+    })?;
+    let api = g.api();
+    let path = format!("/v1/templates/{}", path_name(name)?);
+    let saved: serde_json::Value = api.json(Method::PUT, &path, Some(&spec)).await?;
+    if !json {
+        eprintln!(
+            "uploaded private template {name}: layers {}",
+            saved["layers"]
+                .as_array()
+                .map(|l| l
+                    .iter()
+                    .filter_map(|v| v.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" -> "))
+                .unwrap_or_default()
+        );
+    } else {
+        println!("{saved}");
+    }
+    if !build {
+        return Ok(0);
+    }
+    let resp = api
+        .send(
+            api.request(Method::POST, &format!("{path}/build"))
+                .query(&[("no_cache", no_cache)]),
+        )
+        .await?;
+    let mut progress = BuildProgress::new(json);
+    let mut failure = None;
+    let mut done = false;
+    api.each_line(resp, |line: BuildLine| {
+        match line {
+            BuildLine::Event(ev) => {
+                done |= matches!(ev, BuildEvent::Done { .. });
+                progress.event(ev);
+            }
+            BuildLine::Error { error } => failure = Some(error),
+        }
+        Ok(true)
+    })
+    .await?;
+    progress.finish();
+    if let Some(e) = failure {
+        return Err(crate::api::ApiFailure {
+            body: kiln_protocol::api::ErrorBody { error: e },
+        }
+        .into());
+    }
+    if !done {
+        bail!("the build stream ended early (hint: see the server's log)");
+    }
+    if !json {
+        println!("{name}");
+    }
+    Ok(0)
 }
 
 /// One role's check result.

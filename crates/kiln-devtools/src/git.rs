@@ -68,6 +68,11 @@ pub struct Credential {
     pub host: Option<String>,
     pub username: String,
     pub password: String,
+    /// Kiln's id of a credential stored on the host (not part of the API); reported by
+    /// [`Git::used_credentials`] once git was given it.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub id: Option<String>,
 }
 
 impl std::fmt::Debug for Credential {
@@ -325,6 +330,8 @@ pub struct Git {
     client: Client,
     user: Option<String>,
     timeout_secs: f64,
+    /// Ids of the credentials (with an id) handed to git so far (shared by clones).
+    used: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 fn reject_option(what: &str, v: &str) -> Result<()> {
@@ -341,7 +348,13 @@ impl Git {
             client,
             user,
             timeout_secs: 600.0,
+            used: Default::default(),
         }
+    }
+
+    /// The ids of the stored credentials git asked for and was given, in order.
+    pub fn used_credentials(&self) -> Vec<String> {
+        self.used.lock().map(|u| u.clone()).unwrap_or_default()
     }
 
     async fn run(&self, cwd: &str, args: &[&str], creds: Option<&[Credential]>) -> Result<Run> {
@@ -393,6 +406,9 @@ impl Git {
                         .iter()
                         .find(|c| c.host.as_deref().is_none_or(|h| host_matches(h, &host)))
                         .map(|c| {
+                            if let (Some(id), Ok(mut used)) = (&c.id, self.used.lock()) {
+                                used.push(id.clone());
+                            }
                             BTreeMap::from([
                                 ("username".to_string(), c.username.clone()),
                                 ("password".to_string(), c.password.clone()),
@@ -848,6 +864,7 @@ mod tests {
             host: Some("h".into()),
             username: "u".into(),
             password: "hunter2".into(),
+            id: None,
         };
         assert!(!format!("{c:?}").contains("hunter2"));
     }

@@ -320,6 +320,10 @@ pub struct Template {
     /// `no_spec` (no template spec, e.g. the debootstrap `debian` image).
     #[serde(default)]
     pub cache: String,
+    /// `public` (a built-in template every organisation sees) or `private` (uploaded by the
+    /// caller's organisation, invisible to others).
+    #[serde(default)]
+    pub visibility: String,
 }
 
 /// `GET /v1/templates`.
@@ -715,4 +719,70 @@ pub struct SshInfo {
     pub port: Option<u16>,
     /// The server's host public key (OpenSSH line), for `known_hosts`.
     pub host_key: Option<String>,
+}
+
+/// A git credential stored for an organisation (`/v1/git-credentials`): used by clone, push
+/// and pull in the organisation's sandboxes for a matching host. The password is never
+/// shown again after it was stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct GitCredential {
+    pub id: String,
+    pub org: String,
+    /// `example.com` or `example.com:8443`.
+    pub host: String,
+    pub username: String,
+    pub created_at_ms: u64,
+    /// The API key that stored it.
+    pub created_by: Option<String>,
+    /// When git last got it from the host.
+    pub last_used_at_ms: Option<u64>,
+}
+
+/// `GET /v1/git-credentials`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+pub struct GitCredentialList {
+    pub credentials: Vec<GitCredential>,
+}
+
+/// `POST /v1/git-credentials`.
+#[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AddGitCredential {
+    /// The https host (`github.com`, `git.example.com:8443`).
+    pub host: String,
+    pub username: String,
+    /// Password or access token; stored encrypted, never returned.
+    pub password: String,
+}
+
+impl std::fmt::Debug for AddGitCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddGitCredential")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// A commit identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GitAuthor {
+    pub name: String,
+    pub email: String,
+}
+
+/// `GET|PUT /v1/orgs/{org}/git`: an organisation's git defaults.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields)]
+pub struct GitDefaults {
+    /// The author of commits whose call names none (`null`: Kiln's own default).
+    #[serde(default)]
+    pub author: Option<GitAuthor>,
 }

@@ -45,7 +45,7 @@ fn key_view(r: &KeyRow) -> ApiKey {
     }
 }
 
-fn system_only(c: &Caller, what: &str) -> ApiResult<()> {
+pub(crate) fn system_only(c: &Caller, what: &str) -> ApiResult<()> {
     if c.system {
         return Ok(());
     }

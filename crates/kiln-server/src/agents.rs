@@ -133,10 +133,14 @@ impl Sandboxes for OrgSandboxes {
     async fn open(&self, id: &str) -> Result<Arc<dyn Sandbox>, SandboxError> {
         let k = self.kiln()?;
         let client = k.client(&self.caller, id).await.map_err(sb_err)?;
+        let author = crate::gitcreds::default_author(&k, &self.caller.org_id)
+            .await
+            .map_err(sb_err)?;
         Ok(Arc::new(ServerSandbox {
             id: id.into(),
             git: Git::new(client.clone(), None),
             client,
+            author,
         }))
     }
 
@@ -152,6 +156,8 @@ pub struct ServerSandbox {
     id: String,
     client: kilnd::client::Client,
     git: Git,
+    /// Commits are authored as the organisation's default author (or Kiln's).
+    author: Identity,
 }
 
 fn cerr(e: kilnd::client::ClientError) -> SandboxError {
@@ -266,16 +272,12 @@ impl Sandbox for ServerSandbox {
                         .await
                         .map_err(gerr)?;
                 }
-                let who = Identity {
-                    name: "Kiln agent".into(),
-                    email: "agent@kiln.invalid".into(),
-                };
                 serde_json::to_value(
                     self.git
                         .commit(
                             &repo,
                             args["message"].as_str().unwrap_or_default(),
-                            &who,
+                            &self.author,
                             false,
                         )
                         .await

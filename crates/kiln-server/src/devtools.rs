@@ -311,20 +311,13 @@ pub struct GitRequest {
     #[serde(default)]
     pub start: Option<String>,
     /// Credentials for clone/push/pull, held by the server for this call and handed to git
-    /// through kilnd's relay (never written into the sandbox).
+    /// through kilnd's relay (never written into the sandbox). They come before the
+    /// organisation's stored credentials (`/v1/git-credentials`) for the same host.
     #[serde(default)]
     pub credentials: Vec<Credential>,
     /// Run git as this sandbox user (default root).
     #[serde(default)]
     pub user: Option<String>,
-}
-
-/// The identity used when a commit names none.
-fn default_author() -> Identity {
-    Identity {
-        name: "Kiln Agent".into(),
-        email: "agent@kiln.invalid".into(),
-    }
 }
 
 fn git_error(e: GitError) -> ApiError {
@@ -335,7 +328,7 @@ fn git_error(e: GitError) -> ApiError {
         ),
         GitError::AuthFailed { .. } => (
             StatusCode::UNPROCESSABLE_ENTITY,
-            Some("pass `credentials` for the remote's host"),
+            Some("store a credential for the remote's host (`kiln git-credential add HOST`) or pass `credentials`"),
         ),
         GitError::NonFastForward { .. } => (StatusCode::CONFLICT, Some("pull first, then push")),
         GitError::MergeConflict { .. } => (
@@ -375,10 +368,16 @@ fn git_error(e: GitError) -> ApiError {
 async fn git(
     State(k): State<AppState>,
     Extension(c): Extension<Caller>,
+    request_id: Option<Extension<crate::http::RequestId>>,
     Path((id, op)): Path<(String, String)>,
-    ApiJson(r): ApiJson<GitRequest>,
+    ApiJson(mut r): ApiJson<GitRequest>,
 ) -> ApiResult<Response> {
     let client = k.client(&c, &id).await?;
+    if matches!(op.as_str(), "clone" | "push" | "pull") {
+        // The call's own credentials first, then the organisation's stored ones.
+        r.credentials
+            .extend(crate::gitcreds::stored_credentials(&k, &c).await?);
+    }
     let g = Git::new(client, r.user.clone());
     let repo = || {
         r.repo.clone().ok_or_else(|| {
@@ -387,94 +386,108 @@ async fn git(
             ))
         })
     };
-    let author = r.author.clone().unwrap_or_else(default_author);
+    // The call's author, else the organisation's default (only commit and pull need one).
+    let author = || async {
+        match r.author.clone() {
+            Some(a) => Ok::<Identity, ApiError>(a),
+            None => crate::gitcreds::default_author(&k, &c.org_id).await,
+        }
+    };
     let remote = r.remote.clone().unwrap_or_else(|| "origin".into());
     metrics::counter!("kiln_git_ops_total", "op" => op.clone()).increment(1);
-    let v: Value = match op.as_str() {
-        "clone" => {
-            let url = r
-                .url
-                .clone()
-                .ok_or_else(|| ApiError::invalid("git clone needs `url`"))?;
-            let cwd = r.repo.clone().unwrap_or_else(|| "/workspace".into());
-            json!(g
-                .clone(
-                    &cwd,
-                    &url,
-                    r.dir.as_deref(),
+    let result: ApiResult<Value> = async {
+        Ok(match op.as_str() {
+            "clone" => {
+                let url = r
+                    .url
+                    .clone()
+                    .ok_or_else(|| ApiError::invalid("git clone needs `url`"))?;
+                let cwd = r.repo.clone().unwrap_or_else(|| "/workspace".into());
+                json!(g
+                    .clone(
+                        &cwd,
+                        &url,
+                        r.dir.as_deref(),
+                        r.branch.as_deref(),
+                        &r.credentials
+                    )
+                    .await
+                    .map_err(git_error)?)
+            }
+            "status" => json!(g.status(&repo()?).await.map_err(git_error)?),
+            "diff" => json!({"files": g.diff(&repo()?, r.staged, &r.paths).await.map_err(git_error)?}),
+            "add" => json!(g.add(&repo()?, &r.paths).await.map_err(git_error)?),
+            "commit" => {
+                let msg = r
+                    .message
+                    .clone()
+                    .ok_or_else(|| ApiError::invalid("git commit needs `message`"))?;
+                json!(g
+                    .commit(&repo()?, &msg, &author().await?, r.all)
+                    .await
+                    .map_err(git_error)?)
+            }
+            "log" => {
+                json!({"commits": g.log(&repo()?, r.n.unwrap_or(20), r.branch.as_deref()).await.map_err(git_error)?})
+            }
+            "branches" => json!({"branches": g.branches(&repo()?).await.map_err(git_error)?}),
+            "branch" => {
+                let name = r
+                    .branch
+                    .clone()
+                    .ok_or_else(|| ApiError::invalid("git branch needs `branch`"))?;
+                g.create_branch(&repo()?, &name, r.start.as_deref())
+                    .await
+                    .map_err(git_error)?;
+                json!({"branches": g.branches(&repo()?).await.map_err(git_error)?})
+            }
+            "checkout" => {
+                let name = r
+                    .branch
+                    .clone()
+                    .ok_or_else(|| ApiError::invalid("git checkout needs `branch`"))?;
+                json!(g
+                    .checkout(&repo()?, &name, r.create)
+                    .await
+                    .map_err(git_error)?)
+            }
+            "push" => json!(g
+                .push(
+                    &repo()?,
+                    &remote,
                     r.branch.as_deref(),
+                    r.set_upstream,
                     &r.credentials
                 )
                 .await
-                .map_err(git_error)?)
-        }
-        "status" => json!(g.status(&repo()?).await.map_err(git_error)?),
-        "diff" => json!({"files": g.diff(&repo()?, r.staged, &r.paths).await.map_err(git_error)?}),
-        "add" => json!(g.add(&repo()?, &r.paths).await.map_err(git_error)?),
-        "commit" => {
-            let msg = r
-                .message
-                .clone()
-                .ok_or_else(|| ApiError::invalid("git commit needs `message`"))?;
-            json!(g
-                .commit(&repo()?, &msg, &author, r.all)
+                .map_err(git_error)?),
+            "pull" => json!(g
+                .pull(
+                    &repo()?,
+                    &remote,
+                    r.branch.as_deref(),
+                    &author().await?,
+                    &r.credentials
+                )
                 .await
-                .map_err(git_error)?)
-        }
-        "log" => {
-            json!({"commits": g.log(&repo()?, r.n.unwrap_or(20), r.branch.as_deref()).await.map_err(git_error)?})
-        }
-        "branches" => json!({"branches": g.branches(&repo()?).await.map_err(git_error)?}),
-        "branch" => {
-            let name = r
-                .branch
-                .clone()
-                .ok_or_else(|| ApiError::invalid("git branch needs `branch`"))?;
-            g.create_branch(&repo()?, &name, r.start.as_deref())
-                .await
-                .map_err(git_error)?;
-            json!({"branches": g.branches(&repo()?).await.map_err(git_error)?})
-        }
-        "checkout" => {
-            let name = r
-                .branch
-                .clone()
-                .ok_or_else(|| ApiError::invalid("git checkout needs `branch`"))?;
-            json!(g
-                .checkout(&repo()?, &name, r.create)
-                .await
-                .map_err(git_error)?)
-        }
-        "push" => json!(g
-            .push(
-                &repo()?,
-                &remote,
-                r.branch.as_deref(),
-                r.set_upstream,
-                &r.credentials
+                .map_err(git_error)?),
+            other => return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_operation",
+                format!("unknown git operation `{other}`"),
             )
-            .await
-            .map_err(git_error)?),
-        "pull" => json!(g
-            .pull(
-                &repo()?,
-                &remote,
-                r.branch.as_deref(),
-                &author,
-                &r.credentials
-            )
-            .await
-            .map_err(git_error)?),
-        other => return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown_operation",
-            format!("unknown git operation `{other}`"),
-        )
-        .hint(
-            "one of clone, status, diff, add, commit, log, branches, branch, checkout, push, pull",
-        )),
-    };
-    Ok(Json(v).into_response())
+            .hint(
+                "one of clone, status, diff, add, commit, log, branches, branch, checkout, push, pull",
+            )),
+        })
+    }
+    .await;
+    let used = g.used_credentials();
+    if !used.is_empty() {
+        let rid = request_id.map(|r| r.0 .0).unwrap_or_default();
+        crate::gitcreds::record_use(&k, &c, &used, &rid).await;
+    }
+    Ok(Json(result?).into_response())
 }
 
 // ---------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ pub fn app(state: AppState) -> Router {
         .merge(crate::agents::routes())
         .merge(crate::knowledge::routes())
         .merge(crate::ssh::keys::routes())
+        .merge(crate::gitcreds::routes())
         .merge(crate::preview::routes())
         .route("/me", get(crate::admin::me))
         .route(
@@ -131,6 +132,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/sandboxes/:id/lsp/ws"),
     ("GET", "/v1/templates"),
     ("GET", "/v1/templates/:name"),
+    ("PUT", "/v1/templates/:name"),
     ("DELETE", "/v1/templates/:name"),
     ("POST", "/v1/templates/:name/build"),
     ("POST", "/v1/templates/gc"),
@@ -165,6 +167,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/ssh-keys"),
     ("POST", "/v1/ssh-keys"),
     ("DELETE", "/v1/ssh-keys/:id"),
+    ("GET", "/v1/git-credentials"),
+    ("POST", "/v1/git-credentials"),
+    ("DELETE", "/v1/git-credentials/:id"),
+    ("GET", "/v1/orgs/:org/git"),
+    ("PUT", "/v1/orgs/:org/git"),
 ];
 
 /// The request id of a request (`x-request-id`), set by [`track`].

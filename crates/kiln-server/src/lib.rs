@@ -11,6 +11,7 @@ pub mod auditlog;
 pub mod config;
 pub mod devtools;
 pub mod error;
+pub mod gitcreds;
 pub mod http;
 pub mod knowledge;
 pub mod metering;

@@ -42,6 +42,8 @@ struct Op {
     body: Body,
     ok: u16,
     ok_body: Body,
+    /// A second success status with the same body (create-or-replace: 201 or 200).
+    ok_also: Option<u16>,
     auth: bool,
     websocket: bool,
 }
@@ -119,6 +121,7 @@ impl Builder {
             body,
             ok,
             ok_body,
+            ok_also: None,
             auth: true,
             websocket: false,
         });
@@ -518,11 +521,26 @@ fn operations(b: &mut Builder) {
         200,
         Json(v),
     );
+    let (req, res) = (
+        b.s::<kiln_template::spec::TemplateSpec>(),
+        b.s::<crate::templates::PrivateTemplate>(),
+    );
+    b.op(
+        "PUT",
+        "/v1/templates/:name",
+        "templates",
+        "Create (201) or replace (200) a private template of the organisation over the shipped roles",
+        vec![],
+        Json(req),
+        201,
+        Json(res),
+    )
+    .ok_also = Some(200);
     b.op(
         "DELETE",
         "/v1/templates/:name",
         "templates",
-        "Remove a template's ref (layers go at the next gc)",
+        "Remove a template: a private one entirely, a public one's ref (system organisation); layers go at the next gc",
         vec![],
         None,
         204,
@@ -806,6 +824,59 @@ fn operations(b: &mut Builder) {
         204,
         None,
     );
+    let v = b.s::<GitCredentialList>();
+    b.op(
+        "GET",
+        "/v1/git-credentials",
+        "devtools",
+        "The organisation's stored git credentials (never their passwords)",
+        vec![],
+        None,
+        200,
+        Json(v),
+    );
+    let (req, res) = (b.s::<AddGitCredential>(), b.s::<GitCredential>());
+    b.op(
+        "POST",
+        "/v1/git-credentials",
+        "devtools",
+        "Store a credential for an https git host (used by clone, push and pull in the organisation's sandboxes)",
+        vec![],
+        Json(req),
+        201,
+        Json(res),
+    );
+    b.op(
+        "DELETE",
+        "/v1/git-credentials/:id",
+        "devtools",
+        "Remove a stored git credential (by id or host)",
+        vec![],
+        None,
+        204,
+        None,
+    );
+    let v = b.s::<GitDefaults>();
+    b.op(
+        "GET",
+        "/v1/orgs/:org/git",
+        "control plane",
+        "An organisation's git defaults (commit author)",
+        vec![],
+        None,
+        200,
+        Json(v.clone()),
+    );
+    b.op(
+        "PUT",
+        "/v1/orgs/:org/git",
+        "control plane",
+        "Set (or with a null author, reset) an organisation's git defaults",
+        vec![],
+        Json(v.clone()),
+        200,
+        Json(v),
+    );
     let (req, res) = (
         b.s::<crate::preview::TokenRequest>(),
         b.s::<crate::preview::PreviewToken>(),
@@ -957,6 +1028,9 @@ fn build() -> Value {
         }
         if op.websocket {
             ok["description"] = "switching protocols to a WebSocket".into();
+        }
+        if let Some(also) = op.ok_also {
+            responses.insert(also.to_string(), ok.clone());
         }
         responses.insert(op.ok.to_string(), ok);
         for range in ["4XX", "5XX"] {

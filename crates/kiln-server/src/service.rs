@@ -246,9 +246,11 @@ impl Kiln {
             .collect())
     }
 
-    fn admit(&self, req: CreateSandbox) -> Result<Admitted, ApiError> {
+    /// Validates a create for `org` (`None`: a warm-pool member); the template is the org's
+    /// private one of that name, else a public one.
+    fn admit(&self, org: Option<&str>, req: CreateSandbox) -> Result<Admitted, ApiError> {
         let template = req.template.unwrap_or_else(|| POOL_TEMPLATE.to_string());
-        let image = self.images.get(&template)?;
+        let (image, private) = crate::templates::image_for(&self.images, org, &template)?;
         let d = &self.cfg.defaults;
         let cpus = req.cpus.unwrap_or(d.cpus);
         if !(cpus.is_finite() && cpus >= 0.01 && cpus <= self.cfg.max_cpus) {
@@ -337,7 +339,7 @@ impl Kiln {
             expires_at_ms,
             labels: req.labels,
             // Pool members have no allow-list; a sandbox with one is always created cold.
-            use_pool: req.pool.unwrap_or(true) && egress.is_none(),
+            use_pool: req.pool.unwrap_or(true) && egress.is_none() && !private,
             egress,
         })
     }
@@ -362,7 +364,7 @@ impl Kiln {
     /// happen in one transaction under the org's lock.
     pub async fn create(&self, caller: &Caller, req: CreateSandbox) -> Result<Sandbox, ApiError> {
         let started = Instant::now();
-        let a = self.admit(req)?;
+        let a = self.admit(Some(&caller.org_id), req)?;
         // The org's own quota is read inside the admission transaction.
         let limits = self.cfg.quota.clone();
         if a.use_pool && self.cfg.warm_pool > 0 {
@@ -612,7 +614,7 @@ impl Kiln {
     pub async fn fill_pool(&self) -> Result<usize, ApiError> {
         let mut added = 0;
         while (self.store.pooled_count(POOL_TEMPLATE, false).await? as usize) < self.cfg.warm_pool {
-            let a = self.admit(CreateSandbox::default())?;
+            let a = self.admit(None, CreateSandbox::default())?;
             self.create_cold(&a, None).await?;
             added += 1;
         }

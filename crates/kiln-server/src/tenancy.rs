@@ -245,6 +245,8 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
         "/me" | "/ssh" => Some(Need::Key),
         // A registered SSH key opens every sandbox of the org: managed like API keys.
         "/ssh-keys" | "/ssh-keys/:id" => rw(Keys),
+        // A stored git credential acts for the whole org too; passwords are never readable.
+        "/git-credentials" | "/git-credentials/:id" => rw(Keys),
         "/sandboxes" | "/sandboxes/:id" | "/sandboxes/:id/pause" | "/sandboxes/:id/resume" => {
             rw(Sandboxes)
         }
@@ -274,7 +276,11 @@ pub fn required(method: &Method, route: &str) -> Option<Need> {
         "/sandboxes/:id/files/watch" => Some(Need::Perm(Perm::read(Files))),
         r if r == "/templates" || r.starts_with("/templates/") => rw(Templates),
         "/keys" | "/keys/:id" => rw(Keys),
-        "/orgs" | "/orgs/:org" | "/orgs/:org/quota" | "/orgs/:org/rate-limits" => rw(Orgs),
+        "/orgs"
+        | "/orgs/:org"
+        | "/orgs/:org/quota"
+        | "/orgs/:org/rate-limits"
+        | "/orgs/:org/git" => rw(Orgs),
         "/audit" => Some(Need::Perm(Perm::read(Audit))),
         "/usage" | "/usage/events" => Some(Need::Perm(Perm::read(Usage))),
         // Agents run commands in sandboxes: reading runs is reading exec, acting is writing it.

@@ -17,7 +17,9 @@ mod migrations;
 mod usage;
 
 pub use usage::{UsageAgg, UsageEventRow, UsageGroup};
+mod git;
 mod ssh_keys;
+pub use git::GitCredentialRow;
 
 use std::collections::BTreeMap;
 use std::path::Path;

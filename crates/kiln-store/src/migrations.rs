@@ -160,6 +160,26 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         CREATE UNIQUE INDEX ssh_keys_org_fp ON ssh_keys(org_id, fingerprint);
         CREATE INDEX ssh_keys_fp ON ssh_keys(fingerprint);",
     ),
+    (
+        9,
+        "CREATE TABLE git_settings (
+            org_id TEXT PRIMARY KEY REFERENCES orgs(id),
+            author_name TEXT,
+            author_email TEXT,
+            updated_at_ms BIGINT NOT NULL
+        );
+        CREATE TABLE git_credentials (
+            id TEXT PRIMARY KEY,
+            org_id TEXT NOT NULL REFERENCES orgs(id),
+            host TEXT NOT NULL,
+            username TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created_at_ms BIGINT NOT NULL,
+            created_by TEXT,
+            last_used_at_ms BIGINT
+        );
+        CREATE UNIQUE INDEX git_credentials_org_host ON git_credentials(org_id, host);",
+    ),
 ];
 
 const PG_LOCK: i64 = 0x6b696c6e; // "kiln"

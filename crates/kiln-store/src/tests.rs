@@ -663,3 +663,69 @@ async fn text_with_a_nul_character_is_refused_by_both_backends() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn git_credentials_and_authors_are_per_org() {
+    on_both(|s| async move {
+        s.create_org(&org("o1")).await.expect("org");
+        s.create_org(&org("o2")).await.expect("org");
+        let c = |id: &str, org_id: &str, host: &str| GitCredentialRow {
+            id: id.into(),
+            org_id: org_id.into(),
+            host: host.into(),
+            username: "bot".into(),
+            secret: "sealed".into(),
+            created_at_ms: 3,
+            created_by: Some("key_a".into()),
+            last_used_at_ms: None,
+        };
+        s.insert_git_credential(&c("gc_1", "o1", "git.example.com"))
+            .await
+            .expect("add");
+        assert!(matches!(
+            s.insert_git_credential(&c("gc_2", "o1", "git.example.com"))
+                .await,
+            Err(StoreError::Conflict(_))
+        ));
+        // Another org may store a credential for the same host.
+        s.insert_git_credential(&c("gc_3", "o2", "git.example.com"))
+            .await
+            .expect("add o2");
+        s.touch_git_credential("gc_1", 9).await.expect("touch");
+        let mut used = c("gc_1", "o1", "git.example.com");
+        used.last_used_at_ms = Some(9);
+        assert_eq!(
+            s.list_git_credentials("o1").await.expect("ls"),
+            vec![used.clone()]
+        );
+        // Not by another org's id; by host (any case) for the owner.
+        assert_eq!(
+            s.remove_git_credential("o1", "gc_3").await.expect("rm"),
+            None
+        );
+        assert_eq!(
+            s.remove_git_credential("o1", "Git.Example.com")
+                .await
+                .expect("rm"),
+            Some(used)
+        );
+        assert!(s.list_git_credentials("o1").await.expect("ls").is_empty());
+        assert_eq!(s.list_git_credentials("o2").await.expect("ls").len(), 1);
+
+        assert_eq!(s.git_author("o1").await.expect("author"), None);
+        s.set_git_author("o1", Some(("Ada", "ada@example.com")), 5)
+            .await
+            .expect("set");
+        s.set_git_author("o1", Some(("Ada L", "ada@example.com")), 6)
+            .await
+            .expect("replace");
+        assert_eq!(
+            s.git_author("o1").await.expect("author"),
+            Some(("Ada L".into(), "ada@example.com".into()))
+        );
+        assert_eq!(s.git_author("o2").await.expect("author"), None);
+        s.set_git_author("o1", None, 7).await.expect("clear");
+        assert_eq!(s.git_author("o1").await.expect("author"), None);
+    })
+    .await;
+}

@@ -174,6 +174,8 @@ pub fn build_base(
     force: bool,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<ImageRef, TemplateError> {
+    // The Debian image is always public, whichever view builds on it.
+    let store = &store.public();
     let mut step = 0u64;
     let mut report = |stage: &str, message: String| {
         step += 1;

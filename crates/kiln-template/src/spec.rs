@@ -28,6 +28,9 @@ pub struct Sources {
     pub templates: PathBuf,
     /// The Ansible tree: `roles/`, `ansible.cfg`.
     pub ansible: PathBuf,
+    /// An organisation's private specs (uploaded through the API), searched before
+    /// `templates`; `None` for the public view.
+    pub private: Option<PathBuf>,
 }
 
 impl Sources {
@@ -55,44 +58,75 @@ impl Sources {
             ansible: ansible
                 .or_else(|| env("KILN_ANSIBLE_DIR"))
                 .unwrap_or_else(|| default("ansible")),
+            private: None,
         }
+    }
+
+    /// The same sources with an organisation's private specs searched first.
+    pub fn with_private(&self, dir: PathBuf) -> Self {
+        Self {
+            private: Some(dir),
+            ..self.clone()
+        }
+    }
+
+    /// Whether `name` has a public spec (in `templates`).
+    pub fn has_public(&self, name: &str) -> bool {
+        self.templates.join(format!("{name}.toml")).is_file()
+    }
+
+    /// The file of `name`'s private spec, if it has one.
+    pub fn private_spec(&self, name: &str) -> Option<PathBuf> {
+        let p = self.private.as_ref()?.join(format!("{name}.toml"));
+        p.is_file().then_some(p)
     }
 
     pub fn roles_dir(&self) -> PathBuf {
         self.ansible.join("roles")
     }
 
-    /// Names of the templates with a spec, sorted.
+    /// Names of the templates with a spec (public and private), sorted.
     pub fn template_names(&self) -> Vec<String> {
-        let mut v: Vec<String> = std::fs::read_dir(&self.templates)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| {
-                        e.file_name()
-                            .to_str()?
-                            .strip_suffix(".toml")
-                            .map(str::to_string)
+        let mut v: Vec<String> = std::iter::once(&self.templates)
+            .chain(self.private.as_ref())
+            .flat_map(|dir| {
+                std::fs::read_dir(dir)
+                    .map(|rd| {
+                        rd.filter_map(|e| e.ok())
+                            .filter_map(|e| {
+                                e.file_name()
+                                    .to_str()?
+                                    .strip_suffix(".toml")
+                                    .map(str::to_string)
+                            })
+                            .collect::<Vec<_>>()
                     })
-                    .collect()
+                    .unwrap_or_default()
             })
-            .unwrap_or_default();
+            .collect();
         v.sort();
+        v.dedup();
         v
     }
 }
 
-/// One `templates/NAME.toml` as written.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+/// One `templates/NAME.toml` as written (also the body of an organisation's upload of a
+/// private template, as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateSpec {
     #[serde(default)]
     pub description: String,
-    /// Parent template; `None` = the Debian base image.
+    /// Parent template; `None` = the Debian base image. For a private template: a public
+    /// template or another private template of the organisation.
     #[serde(default)]
     pub parent: Option<String>,
+    /// Ansible roles (`ansible/roles/*`), bottom first, after the parent's.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Role variables (a private template: only [`TENANT_VARIABLES`], plain values).
     #[serde(default)]
+    #[schemars(with = "BTreeMap<String, serde_json::Value>")]
     pub vars: BTreeMap<String, toml::Value>,
 }
 
@@ -172,7 +206,9 @@ fn load_spec(
     name: &str,
     child: Option<&str>,
 ) -> Result<TemplateSpec, TemplateError> {
-    let path = src.templates.join(format!("{name}.toml"));
+    let path = src
+        .private_spec(name)
+        .unwrap_or_else(|| src.templates.join(format!("{name}.toml")));
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -185,10 +221,142 @@ fn load_spec(
         }
         Err(e) => return Err(io_err(&path)(e)),
     };
-    toml::from_str(&text).map_err(|e| TemplateError::InvalidSpec {
+    parse(&text).map_err(|e| TemplateError::InvalidSpec {
         path: path.display().to_string(),
         message: e.message().to_string(),
     })
+}
+
+/// Parses the TOML of a spec.
+pub fn parse(text: &str) -> Result<TemplateSpec, toml::de::Error> {
+    toml::from_str(text)
+}
+
+/// Variables an organisation's private template may set. A build runs the shipped roles as
+/// root on the host, so what a tenant controls stays small: names of things, never packages,
+/// package indexes or anything Ansible would evaluate (values are also restricted to
+/// [`safe_value`]).
+pub const TENANT_VARIABLES: &[&str] = &[
+    "base_locale",
+    "git_default_branch",
+    "git_user_name",
+    "git_user_email",
+    "ollama_host",
+    "rust_toolchain",
+    "rust_toolchain_source",
+];
+
+/// Whether a tenant's variable value is plain data: letters, digits and ` ._+=:/@,~^-`, no
+/// word starting with `-`, at most 256 bytes. Nothing a shell, Jinja or a command line would
+/// treat specially.
+pub fn safe_value(v: &str) -> bool {
+    v.len() <= 256
+        && v.bytes().all(|b| {
+            b.is_ascii_alphanumeric()
+                || matches!(
+                    b,
+                    b' ' | b'.'
+                        | b'_'
+                        | b'+'
+                        | b'='
+                        | b':'
+                        | b'/'
+                        | b'@'
+                        | b','
+                        | b'~'
+                        | b'^'
+                        | b'-'
+                )
+        })
+        && v.split(' ').all(|w| !w.starts_with('-'))
+}
+
+/// Checks a spec an organisation uploads as its private template `name`: at most 32 roles
+/// of the shipped catalog, a description of at most 500 printable characters, only
+/// [`TENANT_VARIABLES`] with plain values (strings passing [`safe_value`], integers,
+/// booleans), a parent that is not the template itself. The full check (the parent exists
+/// and is visible, dependency order) is [`resolve`] with the organisation's sources.
+pub fn check_private(name: &str, spec: &TemplateSpec) -> Result<(), TemplateError> {
+    let invalid = |message: String| TemplateError::InvalidSpec {
+        path: format!("private template {name}"),
+        message,
+    };
+    if !crate::store::valid_name(name) {
+        return Err(TemplateError::InvalidName(name.to_string()));
+    }
+    if spec.description.chars().count() > 500 || spec.description.chars().any(char::is_control) {
+        return Err(invalid(
+            "the description must be at most 500 characters without control characters".into(),
+        ));
+    }
+    if spec.roles.len() > 32 {
+        return Err(invalid(format!("{} roles; at most 32", spec.roles.len())));
+    }
+    if spec.parent.as_deref() == Some(name) {
+        return Err(invalid("a template cannot be its own parent".into()));
+    }
+    if let Some(p) = &spec.parent {
+        if !crate::store::valid_name(p) {
+            return Err(TemplateError::InvalidName(p.clone()));
+        }
+    }
+    for (k, v) in &spec.vars {
+        if !TENANT_VARIABLES.contains(&k.as_str()) {
+            return Err(invalid(format!(
+                "variable `{k}` cannot be set by a private template (allowed: {})",
+                TENANT_VARIABLES.join(", ")
+            )));
+        }
+        let ok = match v {
+            toml::Value::String(s) => safe_value(s),
+            toml::Value::Integer(_) | toml::Value::Boolean(_) => true,
+            _ => false,
+        };
+        if !ok {
+            return Err(invalid(format!(
+                "variable `{k}`: only plain strings (letters, digits, ` ._+=:/@,~^-`, no word starting with `-`), integers and booleans are allowed"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Renders a spec (as [`check_private`] accepts it) as the TOML [`resolve`] reads.
+pub fn to_toml(spec: &TemplateSpec) -> String {
+    let mut out = format!("description = {}\n", toml_string(&spec.description));
+    if let Some(p) = &spec.parent {
+        out.push_str(&format!("parent = {}\n", toml_string(p)));
+    }
+    let roles: Vec<String> = spec.roles.iter().map(|r| toml_string(r)).collect();
+    out.push_str(&format!("roles = [{}]\n", roles.join(", ")));
+    if !spec.vars.is_empty() {
+        out.push_str("\n[vars]\n");
+        for (k, v) in &spec.vars {
+            let v = match v {
+                toml::Value::String(s) => toml_string(s),
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                // `check_private` admits nothing else; keep the value readable anyway.
+                other => toml_string(&format!("{other:?}")),
+            };
+            out.push_str(&format!("{} = {v}\n", toml_string(k)));
+        }
+    }
+    out
 }
 
 /// `role` and everything it depends on (through `meta/main.yml`), dependencies first.
@@ -390,6 +558,45 @@ fn list_files(root: &Path, dir: &Path, out: &mut BTreeSet<String>) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_specs_are_checked_and_round_trip_as_toml() {
+        let mut spec = TemplateSpec {
+            description: "team \"tools\" \\ x".into(),
+            parent: Some("python".into()),
+            roles: vec!["rust".into()],
+            vars: BTreeMap::from([
+                (
+                    "git_user_name".to_string(),
+                    toml::Value::String("Ada Lovelace".into()),
+                ),
+                (
+                    "rust_toolchain".to_string(),
+                    toml::Value::String("1.80.0".into()),
+                ),
+            ]),
+        };
+        check_private("mine", &spec).expect("valid");
+        let back: TemplateSpec = toml::from_str(&to_toml(&spec)).expect("toml");
+        assert_eq!(back, spec);
+        for (k, v) in [
+            ("python_extra_tools", toml::Value::String("evil".into())),
+            (
+                "git_user_name",
+                toml::Value::String("{{ lookup('pipe','id') }}".into()),
+            ),
+            ("git_user_name", toml::Value::String("a; rm -rf /".into())),
+            ("rust_toolchain", toml::Value::String("--evil".into())),
+            ("ollama_host", toml::Value::Array(vec![])),
+        ] {
+            spec.vars = BTreeMap::from([(k.to_string(), v)]);
+            assert!(check_private("mine", &spec).is_err(), "{k}");
+        }
+        spec.vars.clear();
+        spec.parent = Some("mine".into());
+        assert!(check_private("mine", &spec).is_err());
+        assert!(check_private("Bad Name", &TemplateSpec::default()).is_err());
+    }
 
     #[test]
     fn meta_dependency_forms() {

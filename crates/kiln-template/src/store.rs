@@ -6,12 +6,18 @@
 //! layers/<hex>/rootfs      the layer's files (never written after publish)
 //! layers/<hex>/layer.json  LayerManifest
 //! refs/<name>.json         ImageRef: a template name -> layer stack + build key (+ manifest)
+//! orgs/<org>/refs/         an organisation's private refs (same format, visible to it only)
+//! orgs/<org>/templates/    the specs (NAME.toml) of its private templates
 //! keys/<hex>               role-layer build key -> layer digest (the build cache index)
 //! tmp/                     builds in progress (cleared on open)
 //! lock                     flock: builds hold it shared, gc exclusive
 //! ```
 //! Architecture invariant: a directory under `layers/` is complete and immutable; it appears
 //! only through an atomic rename from `tmp/`.
+//!
+//! Layers and the build cache are shared by everyone (content-addressed); only refs are
+//! namespaced: [`ImageStore::for_org`] is a view whose refs live under `orgs/<org>/refs`, and
+//! gc keeps every layer any namespace refers to.
 
 use std::path::{Path, PathBuf};
 
@@ -79,10 +85,24 @@ pub struct StoreLock {
     _file: std::fs::File,
 }
 
-/// The image store rooted at one directory.
+/// The image store rooted at one directory: the public refs, or (through
+/// [`ImageStore::for_org`]) one organisation's private refs over the same layers.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
     root: PathBuf,
+    /// Where this view's refs live: `refs/`, or `orgs/<org>/refs/`.
+    refs: PathBuf,
+    org: Option<String>,
+}
+
+/// Valid organisation ids for a namespace (`org_...` ids; no path tricks).
+fn valid_org(org: &str) -> bool {
+    !org.is_empty()
+        && org.len() <= 64
+        && !org.starts_with('.')
+        && org
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Valid template names: `[a-z0-9][a-z0-9_-]{0,63}`.
@@ -103,7 +123,11 @@ impl ImageStore {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        let store = Self { root };
+        let store = Self {
+            refs: root.join("refs"),
+            root,
+            org: None,
+        };
         // Interrupted builds are cleared only when no build runs (one holds the lock shared).
         if let Some(_l) = store.try_lock_exclusive()? {
             let tmp = store.root.join("tmp");
@@ -114,6 +138,58 @@ impl ImageStore {
         let tmp = store.root.join("tmp");
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
         Ok(store)
+    }
+
+    /// The view of organisation `org`: its private refs (under `orgs/<org>/refs`) over the
+    /// shared layers and build cache.
+    pub fn for_org(&self, org: &str) -> Result<Self, TemplateError> {
+        if !valid_org(org) {
+            return Err(TemplateError::InvalidName(org.to_string()));
+        }
+        Ok(Self {
+            root: self.root.clone(),
+            refs: self.root.join("orgs").join(org).join("refs"),
+            org: Some(org.to_string()),
+        })
+    }
+
+    /// The public view (the built-in templates and the `debian` image).
+    pub fn public(&self) -> Self {
+        Self {
+            root: self.root.clone(),
+            refs: self.root.join("refs"),
+            org: None,
+        }
+    }
+
+    /// The organisation of this view (`None`: public).
+    pub fn org(&self) -> Option<&str> {
+        self.org.as_deref()
+    }
+
+    /// Where the private template specs of this view's organisation live.
+    pub fn org_specs_dir(&self) -> Option<PathBuf> {
+        self.org
+            .as_ref()
+            .map(|o| self.root.join("orgs").join(o).join("templates"))
+    }
+
+    /// Every ref of every namespace (public and all organisations'): what gc must keep.
+    pub fn all_refs(&self) -> Vec<ImageRef> {
+        let mut out = self.public().list();
+        let orgs = std::fs::read_dir(self.root.join("orgs"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
+        for o in orgs {
+            if let Ok(view) = self.for_org(&o) {
+                out.extend(view.list());
+            }
+        }
+        out
     }
 
     fn lock_file(&self) -> Result<std::fs::File, TemplateError> {
@@ -217,7 +293,7 @@ impl ImageStore {
 
     /// Names of every ref file (built or not), sorted.
     pub fn ref_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.root.join("refs"))
+        let mut names: Vec<String> = std::fs::read_dir(&self.refs)
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
                     .filter_map(|e| {
@@ -238,7 +314,7 @@ impl ImageStore {
         if !valid_name(name) {
             return Err(TemplateError::InvalidName(name.to_string()));
         }
-        let p = self.root.join("refs").join(format!("{name}.json"));
+        let p = self.refs.join(format!("{name}.json"));
         match std::fs::remove_file(&p) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -373,7 +449,8 @@ impl ImageStore {
         if !valid_name(&r.name) {
             return Err(TemplateError::InvalidName(r.name.clone()));
         }
-        let p = self.root.join("refs").join(format!("{}.json", r.name));
+        std::fs::create_dir_all(&self.refs).map_err(io_err(&self.refs))?;
+        let p = self.refs.join(format!("{}.json", r.name));
         let tmp = p.with_extension("json.tmp");
         std::fs::write(&tmp, serde_json::to_vec_pretty(r).unwrap_or_default())
             .map_err(io_err(&tmp))?;
@@ -385,7 +462,7 @@ impl ImageStore {
         if !valid_name(name) {
             return Err(TemplateError::InvalidName(name.to_string()));
         }
-        let p = self.root.join("refs").join(format!("{name}.json"));
+        let p = self.refs.join(format!("{name}.json"));
         let bytes = match std::fs::read(&p) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -403,7 +480,7 @@ impl ImageStore {
         Ok(r)
     }
 
-    /// All named images, sorted by name.
+    /// All named images of this view, sorted by name.
     pub fn list(&self) -> Vec<ImageRef> {
         self.ref_names()
             .iter()
@@ -456,5 +533,24 @@ mod tests {
             Err(TemplateError::InvalidName(_))
         ));
         assert_eq!(store.list().len(), 1);
+
+        // An organisation's refs are its own; the layers are shared; gc sees every namespace.
+        let acme = store.for_org("org_acme").expect("view");
+        assert!(matches!(acme.get("base"), Err(TemplateError::NotBuilt(_))));
+        let mine = ImageRef {
+            name: "mine".into(),
+            ..r.clone()
+        };
+        acme.set_ref(&mine).expect("set private");
+        assert_eq!(acme.get("mine").expect("get"), mine);
+        assert!(matches!(store.get("mine"), Err(TemplateError::NotBuilt(_))));
+        assert!(matches!(
+            store.for_org("org_other").expect("view").get("mine"),
+            Err(TemplateError::NotBuilt(_))
+        ));
+        assert_eq!(store.list().len(), 1);
+        assert_eq!(store.all_refs().len(), 2);
+        assert!(store.for_org("../x").is_err());
+        assert_eq!(acme.public().get("base").expect("public"), r);
     }
 }

@@ -97,6 +97,7 @@ pub fn build(
     let base_key = base::build_key(&base_spec, &mirror);
     let base_cached = !opts.no_cache
         && store
+            .public()
             .get(base::DEBIAN_REF)
             .is_ok_and(|r| r.build_key == base_key);
     on(BuildEvent::LayerStart {
@@ -181,7 +182,11 @@ pub fn build(
                         &upper,
                         Some(parent.clone()),
                         &key,
-                        &format!("ansible role {role} (template {name})"),
+                        &match store.org() {
+                            // Layers are shared: a private template's name stays private.
+                            Some(_) => format!("ansible role {role} (a private template)"),
+                            None => format!("ansible role {role} (template {name})"),
+                        },
                     )?;
                     store.set_key(&key, &l.digest)?;
                     Ok(l)
@@ -374,10 +379,8 @@ pub struct GcReport {
 pub fn gc(store: &ImageStore, keep: &BTreeSet<String>) -> Result<GcReport, TemplateError> {
     let _lock = store.lock(true)?;
     let mut used: BTreeSet<String> = keep.clone();
-    for n in store.ref_names() {
-        if let Ok(r) = store.get(&n) {
-            used.extend(r.layers.iter().cloned());
-        }
+    for r in store.all_refs() {
+        used.extend(r.layers);
     }
     used.extend(mounted_layers(store.root()));
     let mut report = GcReport::default();

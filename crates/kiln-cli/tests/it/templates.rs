@@ -336,3 +336,95 @@ fn node_rust_polyglot_templates() {
     );
     s.remove_all();
 }
+
+#[test]
+fn private_template_push_and_git_settings_from_the_cli() {
+    let s = Server::start(&["--warm-pool", "0"]);
+    let name = format!("cli-{}", salt());
+    let spec = spec_dir(
+        "spec",
+        "description = \"team base\"\nparent = \"base\"\n[vars]\ngit_user_name = \"Team Bot\"\n",
+    );
+    let file = spec.path().join("spec.toml");
+    let f = file.to_str().expect("path");
+    // Upload and build on the server: progress lines, the name on stdout.
+    let o = s.run(&["template", "push", &name, f]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout).trim(), name);
+    assert!(text(&o.stderr).contains("ready:"), "{}", text(&o.stderr));
+    let o = s.run(&["template", "ls"]);
+    let line = text(&o.stdout)
+        .lines()
+        .find(|l| l.starts_with(&name))
+        .map(str::to_string)
+        .unwrap_or_default();
+    assert!(line.contains("private"), "{}", text(&o.stdout));
+    let o = s.run(&[
+        "run",
+        "--template",
+        &name,
+        "--",
+        "git",
+        "config",
+        "--system",
+        "user.name",
+    ]);
+    assert_eq!(text(&o.stdout).trim(), "Team Bot", "{}", text(&o.stderr));
+    // Bad specs and public names are one line each.
+    let bad = spec_dir(
+        "bad",
+        "parent = \"base\"\n[vars]\npython_extra_tools = [\"x\"]\n",
+    );
+    let o = s.run(&[
+        "template",
+        "push",
+        &name,
+        bad.path().join("bad.toml").to_str().expect("p"),
+    ]);
+    one_line_error(&o, 125, "cannot be set by a private template");
+    let o = s.run(&["template", "push", "python", f, "--no-build"]);
+    one_line_error(&o, 125, "is a public template");
+    let o = s.run(&["template", "rm", &name]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+
+    // Stored git credentials: the password from stdin, never printed again.
+    let o = s.run_stdin(
+        &[
+            "git-credential",
+            "add",
+            "git.example.com",
+            "--username",
+            "bot",
+            "--password-stdin",
+        ],
+        b"hunter2-token\n",
+    );
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let o = s.run(&["git-credential", "ls", "--json"]);
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("git.example.com") && !out.contains("hunter2"),
+        "{out}"
+    );
+    let o = s.run(&[
+        "git-credential",
+        "add",
+        "git.example.com",
+        "--username",
+        "bot",
+    ]);
+    one_line_error(&o, 125, "--password-stdin");
+    let o = s.run(&["git-credential", "rm", "git.example.com"]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // The organisation's default author.
+    let o = s.run(&["org", "git", "--author", "Team Bot <bot@example.com>"]);
+    assert_eq!(text(&o.stdout).trim(), "author Team Bot <bot@example.com>");
+    let o = s.run(&["org", "git", "--reset"]);
+    assert!(
+        text(&o.stdout).contains("Kiln's default"),
+        "{}",
+        text(&o.stdout)
+    );
+    s.remove_all();
+    assert!(s.stop().success());
+}

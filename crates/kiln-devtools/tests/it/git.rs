@@ -8,8 +8,8 @@ use std::process::Command;
 use kiln_devtools::git::{Credential, Identity};
 use kiln_devtools::{Git, GitError};
 
-use crate::server::GitServer;
 use crate::Daemon;
+use kiln_devtools::gitserver::GitServer;
 
 fn sh(dir: &Path, script: &str) -> String {
     let out = Command::new("sh")
@@ -34,6 +34,7 @@ fn creds(password: &str) -> Vec<Credential> {
         host: Some("127.0.0.1".into()),
         username: "alice".into(),
         password: password.into(),
+        id: None,
     }]
 }
 
@@ -49,7 +50,7 @@ async fn clone_commit_push_pull_with_typed_errors() {
          printf 'line one\\nline two\\n' > README.md && git add README.md && git commit -q -m 'Initial commit' && \
          git push -q ../srv/project.git main",
     );
-    let server = GitServer::start(&root, "alice", "right-token");
+    let server = GitServer::start(&root, "alice", "right-token").expect("git server");
     let url = format!("{}/project.git", server.url);
 
     let d = Daemon::start().await;

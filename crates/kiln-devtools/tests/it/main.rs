@@ -1,12 +1,11 @@
 //! Integration tests of kiln-devtools: real git driven through a real kilnd (serving a temp
 //! socket on the host, as in kilnd's own tests), against a real git smart-HTTP server on
-//! loopback (`git http-backend` behind a small Basic-auth CGI bridge in `server`), and the
+//! loopback (`git http-backend` behind a small Basic-auth CGI bridge, `kiln_devtools::gitserver`), and the
 //! real language servers of the templates in real sandboxes (`sandbox`, `lsp`).
 
 mod git;
 mod lsp;
 mod sandbox;
-mod server;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

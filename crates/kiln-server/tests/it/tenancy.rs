@@ -27,7 +27,7 @@ pub async fn call(
     }
 }
 
-async fn call_full(
+pub async fn call_full(
     s: &TestServer,
     key: &str,
     method: &str,
@@ -50,6 +50,19 @@ async fn call_full(
     let r = rb.send().await.expect("send");
     let status = r.status().as_u16();
     (status, r.text().await.unwrap_or_default())
+}
+
+/// A call that must answer 201; its JSON body.
+pub async fn created(
+    s: &TestServer,
+    key: &str,
+    method: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let (st, text) = call_full(s, key, method, path, Some(body)).await;
+    assert_eq!(st, 201, "{method} {path}: {text}");
+    serde_json::from_str(&text).expect("json")
 }
 
 pub async fn new_org(s: &TestServer, name: &str) -> OrgCreated {
@@ -83,6 +96,7 @@ fn body_for(method: &str, route: &str) -> Option<serde_json::Value> {
         ("PUT", r) if r.ends_with("/quota") => Some(json!({"sandboxes": 1000})),
         ("PUT", r) if r.ends_with("/rate-limits") => Some(serde_json::Value::Null),
         ("PUT", r) if r.ends_with("/egress") => Some(json!({"allow": null})),
+        ("PUT", r) if r.ends_with("/git") => Some(json!({"author": null})),
         ("POST", r) if r.ends_with("/git/:op") => Some(json!({"repo": "/workspace"})),
         ("POST", r) if r.ends_with("/lsp/:op") => Some(json!({"path": "/workspace/a.py"})),
         ("POST", r) if r.ends_with("/approvals/:call") => Some(json!({"approve": true})),
@@ -107,19 +121,25 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
             .expect("keys");
     let a_key = a_keys.keys[0].id.clone();
     let org_a = s.kiln.system_org.clone();
-    let (st, body) = call_full(
+    let a_ssh_key = created(
         &s,
         &owner_a,
         "POST",
         "/v1/ssh-keys",
-        Some(&json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICI1ft6dcHM8fmHeVF4mengMBbxuj0Z9hy32wxkWwIOD matrix"})),
+        &json!({"public_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAICI1ft6dcHM8fmHeVF4mengMBbxuj0Z9hy32wxkWwIOD matrix"}),
     )
-    .await;
-    assert_eq!(st, 201, "{body}");
-    let a_ssh_key = serde_json::from_str::<serde_json::Value>(&body).expect("json")["id"]
+    .await["id"]
         .as_str()
         .expect("id")
         .to_string();
+    // A stored git credential and a private template (spec only) of A.
+    let cred = json!({"host": "git.example.com", "username": "a", "password": "secret-of-a"});
+    let a_git_cred = created(&s, &owner_a, "POST", "/v1/git-credentials", &cred).await["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let spec = json!({"description": "A's own", "parent": "base"});
+    created(&s, &owner_a, "PUT", "/v1/templates/idx-a", &spec).await;
     let b = new_org(&s, "tenant-b").await;
     let key_b = b.key.expect("owner key").secret;
     // A knowledge index of A (lexical only: no model needed to search it).
@@ -138,6 +158,8 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
                     &a_key
                 } else if route.starts_with("/v1/ssh-keys") {
                     &a_ssh_key
+                } else if route.starts_with("/v1/git-credentials") {
+                    &a_git_cred
                 } else {
                     &sb.id
                 },
@@ -161,7 +183,12 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
             && !path.contains(&a_key)
             && !path.contains("idx-a")
             && !path.contains(&a_ssh_key)
+            && !path.contains(&a_git_cred)
         {
+            continue;
+        }
+        // A PUT of a template name creates the caller's own private template: checked below.
+        if (*method, *route) == ("PUT", "/v1/templates/:name") {
             continue;
         }
         let body = body_for(method, route)
@@ -171,7 +198,8 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
             .replace(&sb.id, "<sb-a>")
             .replace(&org_a, "<org-a>")
             .replace(&a_key, "<key-a>")
-            .replace(&a_ssh_key, "<ssh-key-a>");
+            .replace(&a_ssh_key, "<ssh-key-a>")
+            .replace(&a_git_cred, "<git-cred-a>");
         out.push_str(&format!("{method} {shown} -> {got}\n"));
     }
     expect![[r#"
@@ -228,6 +256,9 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
         POST /v1/indexes/idx-a/search -> 404 index_not_found
         POST /v1/indexes/idx-a/context -> 404 index_not_found
         DELETE /v1/ssh-keys/<ssh-key-a> -> 404 ssh_key_not_found
+        DELETE /v1/git-credentials/<git-cred-a> -> 404 git_credential_not_found
+        GET /v1/orgs/<org-a>/git -> 404 org_not_found
+        PUT /v1/orgs/<org-a>/git -> 404 org_not_found
     "#]]
     .assert_eq(&out);
     // Creating in another org and listing show nothing of A either.
@@ -241,6 +272,29 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
     assert!(!orgs.contains(&org_a), "{orgs}");
     let (_, indexes) = call_full(&s, &key_b, "GET", "/v1/indexes", None).await;
     assert_eq!(indexes, r#"{"indexes":[]}"#);
+    let (_, creds) = call_full(&s, &key_b, "GET", "/v1/git-credentials", None).await;
+    assert_eq!(creds, r#"{"credentials":[]}"#);
+    let (_, templates) = call_full(&s, &key_b, "GET", "/v1/templates", None).await;
+    assert!(!templates.contains("idx-a"), "{templates}");
+    let got = call(
+        &s,
+        &key_b,
+        "POST",
+        "/v1/sandboxes",
+        Some(&json!({"template": "idx-a"})),
+    )
+    .await;
+    assert_eq!(got, "404 template_not_found");
+    // B's PUT of the same name makes B's own template; A's stays A's.
+    let mine = json!({"description": "B's own", "parent": "base"});
+    let got = call(&s, &key_b, "PUT", "/v1/templates/idx-a", Some(&mine)).await;
+    assert_eq!(got, "201");
+    let got = call(&s, &key_b, "DELETE", "/v1/templates/idx-a", None).await;
+    assert_eq!(got, "204");
+    let got = call(&s, &key_b, "DELETE", "/v1/templates/idx-a", None).await;
+    assert_eq!(got, "404 template_not_found");
+    let got = call(&s, &owner_a, "DELETE", "/v1/templates/idx-a", None).await;
+    assert_eq!(got, "204", "A's template was still there");
     // B cannot index a directory of the server's host at all (only the system organisation
     // may): a tenant must not read the host's files through an index.
     let got = call(&s, &key_b, "POST", "/v1/indexes", Some(&idx)).await;

@@ -74,6 +74,7 @@ impl TestSources {
         Sources {
             templates: self.dir.path().join("templates"),
             ansible: self.dir.path().join("ansible"),
+            private: None,
         }
     }
 }

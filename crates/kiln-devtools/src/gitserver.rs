@@ -1,6 +1,8 @@
-//! A git smart-HTTP server for tests: `git http-backend` as CGI behind a tiny threaded
-//! HTTP/1.1 server that demands Basic auth for every request (no keep-alive, bodies by
-//! Content-Length, which is what git sends for small pushes).
+//! A git smart-HTTP server for tests (this crate's and the server's): the real
+//! `git http-backend` as CGI behind a tiny threaded HTTP/1.1 server that demands Basic auth
+//! for every request (no keep-alive, bodies by Content-Length, which is what git sends for
+//! small pushes). Not for production: it serves every repository under its root to one
+//! user, on a thread per connection, until the process ends.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -15,10 +17,20 @@ pub struct GitServer {
 }
 
 impl GitServer {
-    /// Serves the bare repositories under `root` to `user:password`.
-    pub fn start(root: &Path, user: &str, password: &str) -> GitServer {
-        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let url = format!("http://127.0.0.1:{}", l.local_addr().expect("addr").port());
+    /// Serves the bare repositories under `root` to `user:password` on a loopback port.
+    pub fn start(root: &Path, user: &str, password: &str) -> std::io::Result<GitServer> {
+        Self::start_on("127.0.0.1", root, user, password)
+    }
+
+    /// The same on `ip` (e.g. a bridge address sandboxes reach), on a free port.
+    pub fn start_on(
+        ip: &str,
+        root: &Path,
+        user: &str,
+        password: &str,
+    ) -> std::io::Result<GitServer> {
+        let l = TcpListener::bind((ip, 0))?;
+        let url = format!("http://{ip}:{}", l.local_addr()?.port());
         let expected = format!(
             "Basic {}",
             base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
@@ -32,7 +44,7 @@ impl GitServer {
                 });
             }
         });
-        GitServer { url }
+        Ok(GitServer { url })
     }
 }
 
