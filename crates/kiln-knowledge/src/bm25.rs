@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use tantivy::collector::TopDocs;
-use tantivy::directory::MmapDirectory;
+use tantivy::directory::{Directory, MmapDirectory};
 use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
 use tantivy::schema::{
     Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING,
@@ -139,6 +139,12 @@ pub struct Bm25 {
 impl Bm25 {
     pub fn open(dir: &Path) -> Result<Bm25, Error> {
         std::fs::create_dir_all(dir)?;
+        let mdir = MmapDirectory::open(dir).map_err(|e| Error::Search(e.to_string()))?;
+        Self::open_in(Box::new(mdir))
+    }
+
+    /// The index in any tantivy directory (an encrypted index's is a `seal::SealedDirectory`).
+    pub fn open_in(directory: Box<dyn Directory>) -> Result<Bm25, Error> {
         let mut sb = Schema::builder();
         let rowid = sb.add_i64_field("rowid", INDEXED | FAST);
         let _path = sb.add_text_field("path", STRING);
@@ -150,8 +156,7 @@ impl Bm25 {
         let text = sb.add_text_field("text", opts.clone());
         let symbol = sb.add_text_field("symbol", opts);
         let schema = sb.build();
-        let mdir = MmapDirectory::open(dir).map_err(|e| Error::Search(e.to_string()))?;
-        let index = Index::open_or_create(mdir, schema)?;
+        let index = Index::open_or_create(directory, schema)?;
         index
             .tokenizers()
             .register("code", TextAnalyzer::from(CodeTokenizer));

@@ -10,4 +10,5 @@ mod embedding;
 mod engine;
 mod eval;
 mod redaction;
+mod sources;
 mod util;
