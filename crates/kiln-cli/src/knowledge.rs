@@ -16,8 +16,9 @@ pub enum IndexCmd {
     /// Create an index of a source: a directory of the server's host (operator only), a git
     /// URL, or a sandbox (followed live). Then `kiln index sync NAME`
     Create(CreateArgs),
-    /// Bring an index up to date with its source (only changed files are read; only new chunk
-    /// texts are embedded); `--watch` keeps it current
+    /// Bring an index up to date with its source (a git source is fetched first; only changed
+    /// files are read; only new chunk texts are embedded); `--watch` keeps it current. A
+    /// sandbox index is also followed by the server itself, without --watch
     Sync(SyncArgs),
     /// List the indexes of your organisation
     Ls {
@@ -254,10 +255,7 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
                 println!("revision       {r}");
             }
             if let Some(f) = v["following"].as_bool() {
-                println!(
-                    "following      {}",
-                    if f { "yes (live)" } else { "no" }
-                );
+                println!("following      {}", if f { "yes (live)" } else { "no" });
             }
             if let Some(e) = v["source_error"].as_str() {
                 println!("source error   {e}");
@@ -339,8 +337,12 @@ fn source_line(i: &Value) -> String {
 }
 
 fn summary(r: &Value) -> String {
+    let at = r["revision"]
+        .as_str()
+        .map(|c| format!(" at {}", &c[..c.len().min(12)]))
+        .unwrap_or_default();
     format!(
-        "{} files: {} added, {} changed, {} deleted, {} unchanged; {} chunks added, {} removed; {} secrets redacted; {} ms",
+        "{} files{at}: {} added, {} changed, {} deleted, {} unchanged; {} chunks added, {} removed; {} secrets redacted; {} ms",
         r["files"], r["added"], r["changed"], r["deleted"], r["unchanged"], r["chunks_added"],
         r["chunks_removed"], r["redactions"], r["millis"]
     )

@@ -221,8 +221,7 @@ pub fn check_url(url: &str, policy: GitPolicy) -> Result<Protocol, Error> {
         // `127.1`, `2130706433`, `0x7f.0.0.1`: address notations curl accepts but that are not
         // plain dotted quads.
         let odd_numeric = literal.is_none()
-            && (lower.bytes().all(|b| b.is_ascii_digit() || b == b'.')
-                || lower.starts_with("0x"));
+            && (lower.bytes().all(|b| b.is_ascii_digit() || b == b'.') || lower.starts_with("0x"));
         let private = odd_numeric
             || lower == "localhost"
             || lower.ends_with(".localhost")
@@ -252,7 +251,8 @@ pub fn check_ref(r: &str) -> Result<(), Error> {
         || r.contains("..")
         || r.contains("//")
         || r.contains("@{")
-        || r.bytes().any(|b| b.is_ascii_control() || b" ~^:?*[\\".contains(&b));
+        || r.bytes()
+            .any(|b| b.is_ascii_control() || b" ~^:?*[\\".contains(&b));
     if bad {
         return Err(Error::Invalid(format!(
             "`{r}` is not a branch or tag name git accepts"
@@ -349,7 +349,10 @@ fn run(mut cmd: Command, what: &str) -> Result<Vec<u8>, Error> {
         .collect();
     let mut msg = tail[tail.len().saturating_sub(2)..].join("; ");
     if msg.len() > 400 {
-        let cut = (0..=400).rev().find(|i| msg.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (0..=400)
+            .rev()
+            .find(|i| msg.is_char_boundary(*i))
+            .unwrap_or(0);
         msg.truncate(cut);
     }
     Err(Error::Source(format!("{what}: {}", shown(&msg))))
@@ -389,7 +392,12 @@ impl Repo {
     /// reported when the index is created, not at its first sync.
     pub fn probe(&self) -> Result<(), Error> {
         let mut c = git(self.protocol);
-        c.args(["ls-remote", "--end-of-options", &self.url, self.remote_ref()]);
+        c.args([
+            "ls-remote",
+            "--end-of-options",
+            &self.url,
+            self.remote_ref(),
+        ]);
         let out = run(c, &format!("reaching {}", shown(&self.url)))?;
         if out.iter().all(u8::is_ascii_whitespace) {
             return Err(Error::Invalid(format!(
@@ -423,17 +431,24 @@ impl Repo {
         ]);
         run(c, &format!("fetching {}", shown(&self.url)))?;
         let mut c = git(self.protocol);
-        c.arg("-C")
-            .arg(&self.dir)
-            .args(["rev-parse", "--verify", &format!("{HEAD_REF}^{{commit}}")]);
+        c.arg("-C").arg(&self.dir).args([
+            "rev-parse",
+            "--verify",
+            &format!("{HEAD_REF}^{{commit}}"),
+        ]);
         let commit = String::from_utf8_lossy(&run(c, "reading the fetched commit")?)
             .trim()
             .to_string();
         // Objects of earlier commits are dropped once there are enough of them.
         let mut c = git(self.protocol);
-        c.arg("-C")
-            .arg(&self.dir)
-            .args(["-c", "gc.auto=6700", "gc", "--auto", "--quiet", "--prune=now"]);
+        c.arg("-C").arg(&self.dir).args([
+            "-c",
+            "gc.auto=6700",
+            "gc",
+            "--auto",
+            "--quiet",
+            "--prune=now",
+        ]);
         run(c, "compacting the clone")?;
         Ok(commit)
     }
@@ -557,17 +572,15 @@ impl Tree for GitTree {
     }
 
     fn list(&self, dir: &str) -> io::Result<Vec<Entry>> {
-        self.dirs
-            .get(dir)
-            .cloned()
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{dir}: no such directory")))
+        self.dirs.get(dir).cloned().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{dir}: no such directory"))
+        })
     }
 
     fn read(&self, rel: &str) -> io::Result<Vec<u8>> {
-        let id = self
-            .blobs
-            .get(rel)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{rel}: no such file")))?;
+        let id = self.blobs.get(rel).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::NotFound, format!("{rel}: no such file"))
+        })?;
         let mut guard = self.cat.lock();
         if guard.is_none() {
             *guard = Some(self.cat_file()?);

@@ -25,9 +25,9 @@ pub mod walk;
 pub use chunk::{Chunk, SymbolKind};
 pub use embed::{EmbedConfig, Embedder};
 pub use engine::{CreateOptions, Engine, IndexInfo, IndexStats, SyncReport};
-pub use source::{Source, Tree};
 pub use lang::Language;
 pub use search::{Hit, SearchParams};
+pub use source::{Source, Tree};
 
 /// Errors of the knowledge engine. `NotFound` covers another organisation's index too.
 #[derive(Debug, thiserror::Error)]

@@ -127,16 +127,13 @@ fn opt_text_out(
 fn vector_out(seal: Option<&Sealer>, b: &[u8]) -> rusqlite::Result<Vec<f32>> {
     match seal {
         None => Ok(blob_to_vec(b)),
-        Some(s) => s
-            .open(b"vector", b)
-            .map(|p| blob_to_vec(&p))
-            .map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    1,
-                    rusqlite::types::Type::Blob,
-                    e.to_string().into(),
-                )
-            }),
+        Some(s) => s.open(b"vector", b).map(|p| blob_to_vec(&p)).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(
+                1,
+                rusqlite::types::Type::Blob,
+                e.to_string().into(),
+            )
+        }),
     }
 }
 
@@ -394,7 +391,10 @@ impl ChunkStore for SqliteStore {
             .prepare("SELECT rowid, vector FROM chunks WHERE vector IS NOT NULL")?;
         let seal = self.sealer();
         let rows = st.query_map([], |r| {
-            Ok((r.get::<_, i64>(0)?, vector_out(seal, r.get_ref(1)?.as_blob()?)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                vector_out(seal, r.get_ref(1)?.as_blob()?)?,
+            ))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

@@ -238,7 +238,11 @@ fn visit<T: Tree + ?Sized>(
             .iter()
             .any(|e| e.name == name && e.kind == EntryKind::File)
     };
-    let read = |name: &str| has(name).then(|| tree.read(&join(dir, name)).ok()).flatten();
+    let read = |name: &str| {
+        has(name)
+            .then(|| tree.read(&join(dir, name)).ok())
+            .flatten()
+    };
     let has_git = entries
         .iter()
         .any(|e| e.name == ".git" && e.kind == EntryKind::Dir);

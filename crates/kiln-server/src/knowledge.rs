@@ -152,6 +152,9 @@ pub(crate) struct CreateIndex {
     embed: Option<EmbedConfig>,
 }
 
+/// The most bytes a sync reads of one sandbox file (the walk's size limit is 1 MiB).
+const MAX_READ: u64 = 4 << 20;
+
 /// A sandbox directory, read through its kilnd (blocking calls on the server's runtime).
 struct SandboxTree {
     client: kilnd::client::Client,
@@ -210,9 +213,16 @@ impl Tree for SandboxTree {
                 .read_file(&self.abs(rel))
                 .await
                 .map_err(io_err)?;
-            let mut out = Vec::with_capacity(stat.size as usize);
+            let mut out = Vec::with_capacity(stat.size.min(MAX_READ) as usize);
             while let Some(chunk) = data.next_chunk().await {
                 out.extend_from_slice(&chunk?);
+                // The walk skipped large files; one that grew since is skipped too.
+                if out.len() as u64 > MAX_READ {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{rel} grew past {MAX_READ} bytes while being read"),
+                    ));
+                }
             }
             Ok(out)
         })
@@ -266,69 +276,69 @@ async fn create(
     ApiJson(req): ApiJson<CreateIndex>,
 ) -> Result<Response, ApiError> {
     if req.git_ref.is_some() && req.git.is_none() {
-        return Err(ApiError::invalid("`ref` goes with a `git` source")
-            .hint("e.g. {\"name\":\"app\",\"git\":\"https://example.com/app.git\",\"ref\":\"main\"}"));
+        return Err(ApiError::invalid("`ref` goes with a `git` source").hint(
+            "e.g. {\"name\":\"app\",\"git\":\"https://example.com/app.git\",\"ref\":\"main\"}",
+        ));
     }
-    let source = match (req.path, req.git, req.sandbox) {
-        // A host directory is the operator's to give: a tenant must not read the server's
-        // files through an index.
-        (Some(_), None, None) if !caller.system => {
-            return Err(ApiError::new(
+    let source =
+        match (req.path, req.git, req.sandbox) {
+            // A host directory is the operator's to give: a tenant must not read the server's
+            // files through an index.
+            (Some(_), None, None) if !caller.system => return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "source_forbidden",
                 "only keys of the system organisation may index a directory of the server's host",
             )
-            .hint("ask the operator to index it for you, or index a git URL or a sandbox"))
-        }
-        (Some(path), None, None) => Source::Path { path },
-        (None, Some(url), None) => Source::Git {
-            url,
-            git_ref: req.git_ref,
-        },
-        (path, None, Some(sandbox)) => {
-            let path = path.unwrap_or_else(|| "/workspace".to_string());
-            if !path.starts_with('/') || path.contains('\0') {
-                return Err(ApiError::invalid(format!(
-                    "sandbox path `{path}` must be absolute"
-                ))
-                .hint("e.g. /workspace"));
-            }
-            // The caller's own sandbox only (another org's is a 404), running on this server.
-            let client = k.client(&caller, &sandbox).await?;
-            match client.stat(&path).await {
-                Ok(st) if st.kind == FileKind::Dir => {}
-                Ok(_) => {
+            .hint("ask the operator to index it for you, or index a git URL or a sandbox")),
+            (Some(path), None, None) => Source::Path { path },
+            (None, Some(url), None) => Source::Git {
+                url,
+                git_ref: req.git_ref,
+            },
+            (path, None, Some(sandbox)) => {
+                let path = path.unwrap_or_else(|| "/workspace".to_string());
+                if !path.starts_with('/') || path.contains('\0') {
                     return Err(ApiError::invalid(format!(
-                        "`{path}` in sandbox `{sandbox}` is not a directory"
-                    )))
-                }
-                Err(err) if err.code() == Some(DaemonErrorCode::NotFound) => {
-                    return Err(ApiError::invalid(format!(
-                        "sandbox `{sandbox}` has no directory `{path}`"
+                        "sandbox path `{path}` must be absolute"
                     ))
-                    .hint("create it first, or give another --path"))
+                    .hint("e.g. /workspace"));
                 }
-                Err(err) => return Err(k.daemon_error(&sandbox, err).await),
+                // The caller's own sandbox only (another org's is a 404), running on this server.
+                let client = k.client(&caller, &sandbox).await?;
+                match client.stat(&path).await {
+                    Ok(st) if st.kind == FileKind::Dir => {}
+                    Ok(_) => {
+                        return Err(ApiError::invalid(format!(
+                            "`{path}` in sandbox `{sandbox}` is not a directory"
+                        )))
+                    }
+                    Err(err) if err.code() == Some(DaemonErrorCode::NotFound) => {
+                        return Err(ApiError::invalid(format!(
+                            "sandbox `{sandbox}` has no directory `{path}`"
+                        ))
+                        .hint("create it first, or give another --path"))
+                    }
+                    Err(err) => return Err(k.daemon_error(&sandbox, err).await),
+                }
+                Source::Sandbox {
+                    sandbox,
+                    // kilnd's normal form (no trailing or doubled slashes).
+                    path: format!(
+                        "/{}",
+                        path.split('/')
+                            .filter(|c| !c.is_empty() && *c != ".")
+                            .collect::<Vec<_>>()
+                            .join("/")
+                    ),
+                }
             }
-            Source::Sandbox {
-                sandbox,
-                // kilnd's normal form (no trailing or doubled slashes).
-                path: format!(
-                    "/{}",
-                    path.split('/')
-                        .filter(|c| !c.is_empty() && *c != ".")
-                        .collect::<Vec<_>>()
-                        .join("/")
-                ),
+            _ => {
+                return Err(
+                    ApiError::invalid("give exactly one source: path, git or sandbox")
+                        .hint("e.g. {\"name\":\"app\",\"git\":\"https://example.com/app.git\"}"),
+                )
             }
-        }
-        _ => {
-            return Err(
-                ApiError::invalid("give exactly one source: path, git or sandbox")
-                    .hint("e.g. {\"name\":\"app\",\"git\":\"https://example.com/app.git\"}"),
-            )
-        }
-    };
+        };
     let opts = CreateOptions {
         encrypted: req.encrypted,
         git: if caller.system {
@@ -346,9 +356,17 @@ async fn create(
     let org = caller.org_id.clone();
     let name = req.name.clone();
     let follow = source.clone();
-    let info = blocking(move || e.create_with(&org, &req.name, source, embed, opts)).await?;
+    let is_git = matches!(source, Source::Git { .. });
+    let info = blocking(move || e.create_with(&org, &req.name, source, embed, opts))
+        .await
+        .map_err(|err| match err.hint {
+            None if is_git && err.code == "invalid_argument" => err.hint(
+                "give a git URL such as https://git.example.com/org/repo.git and, with `ref`, a branch or tag name",
+            ),
+            _ => err,
+        })?;
     if let Source::Sandbox { sandbox, path } = follow {
-        start_follower(&k, &kn, &caller.org_id, &name, &sandbox, &path);
+        start_follower(&k, &kn, &caller.org_id, &name, &sandbox, &path, false);
     }
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
@@ -373,7 +391,8 @@ pub fn start_followers(k: &AppState, shutdown: CancellationToken) {
         Ok(all) => {
             for (org, cfg) in all {
                 if let Source::Sandbox { sandbox, path } = &cfg.source {
-                    start_follower(k, &kn, &org, &cfg.name, sandbox, path);
+                    // Changes made while the server was down are caught up with a sync.
+                    start_follower(k, &kn, &org, &cfg.name, sandbox, path, true);
                 }
             }
         }
@@ -381,7 +400,15 @@ pub fn start_followers(k: &AppState, shutdown: CancellationToken) {
     }
 }
 
-fn start_follower(k: &AppState, kn: &Arc<Knowledge>, org: &str, name: &str, sb: &str, path: &str) {
+fn start_follower(
+    k: &AppState,
+    kn: &Arc<Knowledge>,
+    org: &str,
+    name: &str,
+    sb: &str,
+    path: &str,
+    catch_up: bool,
+) {
     let parent = match kn.shutdown.lock() {
         Ok(s) => s.clone(),
         Err(_) => return,
@@ -390,8 +417,7 @@ fn start_follower(k: &AppState, kn: &Arc<Knowledge>, org: &str, name: &str, sb: 
     let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let token = parent.child_token();
     if let Ok(mut f) = kn.followers.lock() {
-        if let Some((_, old)) = f.insert((org.to_string(), name.to_string()), (id, token.clone()))
-        {
+        if let Some((_, old)) = f.insert((org.to_string(), name.to_string()), (id, token.clone())) {
             old.cancel();
         }
     }
@@ -403,7 +429,7 @@ fn start_follower(k: &AppState, kn: &Arc<Knowledge>, org: &str, name: &str, sb: 
         path.to_string(),
     );
     tokio::spawn(async move {
-        follow(&k, &kn.engine, &org, &name, &sb, &path, &token).await;
+        follow(&k, &kn.engine, &org, &name, &sb, &path, catch_up, &token).await;
         // Unless a newer follower took its place.
         if let Ok(mut f) = kn.followers.lock() {
             let key = (org, name);
@@ -442,7 +468,8 @@ const SETTLE_MAX: Duration = Duration::from_secs(2);
 /// of changes (outside vendored and build directories) a sync that re-reads the changed files.
 /// The watch is re-armed (and the index re-synced, changes may have been missed) when it
 /// breaks: a paused sandbox, a kilnd restart. Ends when the sandbox or the index is removed,
-/// or the server stops.
+/// or the server stops. With `catch_up` (a server start), the first arming syncs too.
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     k: &Kiln,
     e: &Engine,
@@ -450,10 +477,11 @@ async fn follow(
     name: &str,
     sb: &str,
     path: &str,
+    catch_up: bool,
     stop: &CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(500);
-    let mut rearmed = false;
+    let mut rearmed = catch_up;
     loop {
         if stop.is_cancelled() {
             return;
@@ -573,10 +601,9 @@ async fn follow_sync(
     force: HashSet<String>,
 ) -> bool {
     let (e, o, n, t) = (e.clone(), org.to_string(), name.to_string(), tree.clone());
-    let r = tokio::task::spawn_blocking(move || {
-        e.sync_from(&o, &n, Some(t.as_ref()), &force, &|_| {})
-    })
-    .await;
+    let r =
+        tokio::task::spawn_blocking(move || e.sync_from(&o, &n, Some(t.as_ref()), &force, &|_| {}))
+            .await;
     match r {
         Ok(Ok(report)) => {
             metrics::counter!("kiln_knowledge_follow_syncs_total").increment(1);

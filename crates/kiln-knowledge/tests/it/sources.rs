@@ -10,8 +10,8 @@ use std::time::Duration;
 use expect_test::expect;
 use kiln_knowledge::git::testing::{git_in, GitDaemon};
 use kiln_knowledge::git::{check_url, GitPolicy};
-use kiln_knowledge::search::Mode;
 use kiln_knowledge::seal::MasterKey;
+use kiln_knowledge::search::Mode;
 use kiln_knowledge::source::{LocalTree, Tree};
 use kiln_knowledge::walk::{walk_tree, WalkOptions};
 use kiln_knowledge::{CreateOptions, EmbedConfig, Engine, Error, SearchParams, Source};
@@ -53,7 +53,11 @@ fn tree_walker_applies_the_same_rules_as_the_host_walker() {
     write(r, "sub/deeper/notes.md", "# ignored by kiln\n");
     write(r, "sub/deeper/code.rs", "fn f() {}\n");
     write(r, ".kilnignore", "!drop2.log\n");
-    write(r, "drop2.log", "kilnignore re-includes what gitignore drops\n");
+    write(
+        r,
+        "drop2.log",
+        "kilnignore re-includes what gitignore drops\n",
+    );
     write(r, ".ignore", "private/\n");
     write(r, "private/p.py", "p = 1\n");
     write(r, "node_modules/m/index.js", "module.exports = 1\n");
@@ -290,9 +294,18 @@ fn git_source_syncs_commits_renames_and_deletes_incrementally() {
     assert_eq!((r.files, r.added), (3, 3), "{r:?}");
     let first_commit = git_in(&repo, &["rev-parse", "HEAD"]).trim().to_string();
     assert_eq!(r.revision.as_deref(), Some(first_commit.as_str()));
-    assert_eq!(hit_paths(&e, "acme", "up", "invoice total"), ["billing/invoice.py"]);
-    e.wait_embedded("acme", "up", Duration::from_secs(30)).unwrap();
-    let embedded_first = seen.lock().unwrap().iter().map(|s| s.inputs.len()).sum::<usize>();
+    assert_eq!(
+        hit_paths(&e, "acme", "up", "invoice total"),
+        ["billing/invoice.py"]
+    );
+    e.wait_embedded("acme", "up", Duration::from_secs(30))
+        .unwrap();
+    let embedded_first = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.inputs.len())
+        .sum::<usize>();
     // The clone lives in the index's own directory; it is bare and shallow.
     let clone = data.path().join("orgs/acme/indexes/up/source.git");
     assert!(clone.join("shallow").is_file());
@@ -309,7 +322,11 @@ fn git_source_syncs_commits_renames_and_deletes_incrementally() {
     );
     git_in(&repo, &["mv", "net/retry.rs", "net/backoff.rs"]);
     git_in(&repo, &["rm", "-q", "README.md"]);
-    write(&repo, "docs/guide.md", "# Guide\n\nHow a discount is applied.\n");
+    write(
+        &repo,
+        "docs/guide.md",
+        "# Guide\n\nHow a discount is applied.\n",
+    );
     git_in(&repo, &["add", "-A"]);
     git_in(&repo, &["commit", "-qm", "second"]);
     let r = e.sync("acme", "up", &|_| {}).unwrap();
@@ -319,12 +336,26 @@ fn git_source_syncs_commits_renames_and_deletes_incrementally() {
         "{r:?}"
     );
     assert_ne!(r.revision.as_deref(), Some(first_commit.as_str()));
-    assert_eq!(hit_paths(&e, "acme", "up", "apply discount"), ["billing/invoice.py", "docs/guide.md"]);
-    assert_eq!(hit_paths(&e, "acme", "up", "retry backoff"), ["net/backoff.rs"]);
-    assert!(hit_paths(&e, "acme", "up", "upstream billing retries").iter().all(|p| p != "README.md"));
+    assert_eq!(
+        hit_paths(&e, "acme", "up", "apply discount"),
+        ["billing/invoice.py", "docs/guide.md"]
+    );
+    assert_eq!(
+        hit_paths(&e, "acme", "up", "retry backoff"),
+        ["net/backoff.rs"]
+    );
+    assert!(hit_paths(&e, "acme", "up", "upstream billing retries")
+        .iter()
+        .all(|p| p != "README.md"));
     // Only new chunk texts were embedded: the renamed file's chunk came from the cache.
-    e.wait_embedded("acme", "up", Duration::from_secs(30)).unwrap();
-    let embedded_now = seen.lock().unwrap().iter().map(|s| s.inputs.len()).sum::<usize>();
+    e.wait_embedded("acme", "up", Duration::from_secs(30))
+        .unwrap();
+    let embedded_now = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.inputs.len())
+        .sum::<usize>();
     let s = e.stats("acme", "up").unwrap();
     assert!(s.embedding_cache.hits >= 1, "{s:?}");
     assert!(
@@ -389,7 +420,8 @@ fn encrypted_index_leaves_no_plaintext_in_the_data_dir() {
         )
         .unwrap();
         e.sync("acme", "p", &|_| {}).unwrap();
-        e.wait_embedded("acme", "p", Duration::from_secs(120)).unwrap();
+        e.wait_embedded("acme", "p", Duration::from_secs(120))
+            .unwrap();
     }
     assert!(!grep_hits(plain.path(), b"zanzibarquux").is_empty());
 
@@ -413,9 +445,12 @@ fn encrypted_index_leaves_no_plaintext_in_the_data_dir() {
         .unwrap();
     assert!(info.encrypted);
     e.sync("acme", "enc", &|_| {}).unwrap();
-    e.wait_embedded("acme", "enc", Duration::from_secs(120)).unwrap();
+    e.wait_embedded("acme", "enc", Duration::from_secs(120))
+        .unwrap();
     // Answers are in clear for the organisation, with every retriever and filter.
-    let hits = e.search("acme", "enc", &bm25("zanzibarquux handler")).unwrap();
+    let hits = e
+        .search("acme", "enc", &bm25("zanzibarquux handler"))
+        .unwrap();
     assert_eq!(hits[0].path, "zanzibarquux/handlers.py");
     assert_eq!(hits[0].symbol.as_deref(), Some("zanzibarquux_handler"));
     assert!(hits[0].text.contains("The zanzibarquux marker"));
@@ -431,7 +466,8 @@ fn encrypted_index_leaves_no_plaintext_in_the_data_dir() {
     );
     let r = e.sync("acme", "enc", &|_| {}).unwrap();
     assert_eq!((r.changed, r.unchanged), (1, 1));
-    e.wait_embedded("acme", "enc", Duration::from_secs(120)).unwrap();
+    e.wait_embedded("acme", "enc", Duration::from_secs(120))
+        .unwrap();
     let stats_before = e.stats("acme", "enc").unwrap();
     drop(e);
     for needle in [
@@ -464,7 +500,11 @@ fn encrypted_index_leaves_no_plaintext_in_the_data_dir() {
     let e = Engine::new(data.path(), &model_dir()).unwrap();
     e.set_master_key(MasterKey::from_secret(b"another secret entirely, 32 byte"));
     let err = e.search("acme", "enc", &bm25("status")).unwrap_err();
-    assert!(err.to_string().contains("does not open with this server's key"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("does not open with this server's key"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -473,8 +513,14 @@ fn encrypted_index_keys_are_per_organisation() {
     let (a, b) = (key.org("acme"), key.org("globex"));
     let sealed = a.seal(b"text", b"hello");
     assert_eq!(a.open(b"text", &sealed).unwrap(), b"hello");
-    assert!(b.open(b"text", &sealed).is_err(), "another org's key opens it");
-    assert!(a.open(b"path", &sealed).is_err(), "a text passes for a path");
+    assert!(
+        b.open(b"text", &sealed).is_err(),
+        "another org's key opens it"
+    );
+    assert!(
+        a.open(b"path", &sealed).is_err(),
+        "a text passes for a path"
+    );
     assert_ne!(a.seal(b"text", b"hello"), sealed, "random nonces");
     assert_eq!(a.seal_det(b"path", b"x"), a.seal_det(b"path", b"x"));
     assert_ne!(a.seal_det(b"path", b"x"), b.seal_det(b"path", b"x"));
