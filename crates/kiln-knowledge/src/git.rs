@@ -264,6 +264,13 @@ pub fn check_ref(r: &str) -> Result<(), Error> {
 /// How long one git command may run.
 const GIT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// [`git`] run in repository `dir`.
+fn git_in_repo(protocol: Protocol, dir: &Path) -> Command {
+    let mut c = git(protocol);
+    c.arg("-C").arg(dir);
+    c
+}
+
 /// A git command with the server's and user's configuration ignored, no prompts, no hooks and
 /// only `protocol` allowed.
 fn git(protocol: Protocol) -> Command {
@@ -418,8 +425,8 @@ impl Repo {
                 .arg(&self.dir);
             run(c, "creating the clone")?;
         }
-        let mut c = git(self.protocol);
-        c.arg("-C").arg(&self.dir).args([
+        let mut c = git_in_repo(self.protocol, &self.dir);
+        c.args([
             "fetch",
             "--quiet",
             "--depth=1",
@@ -430,18 +437,14 @@ impl Repo {
             &format!("+{}:{HEAD_REF}", self.remote_ref()),
         ]);
         run(c, &format!("fetching {}", shown(&self.url)))?;
-        let mut c = git(self.protocol);
-        c.arg("-C").arg(&self.dir).args([
-            "rev-parse",
-            "--verify",
-            &format!("{HEAD_REF}^{{commit}}"),
-        ]);
+        let mut c = git_in_repo(self.protocol, &self.dir);
+        c.args(["rev-parse", "--verify", &format!("{HEAD_REF}^{{commit}}")]);
         let commit = String::from_utf8_lossy(&run(c, "reading the fetched commit")?)
             .trim()
             .to_string();
         // Objects of earlier commits are dropped once there are enough of them.
-        let mut c = git(self.protocol);
-        c.arg("-C").arg(&self.dir).args([
+        let mut c = git_in_repo(self.protocol, &self.dir);
+        c.args([
             "-c",
             "gc.auto=6700",
             "gc",
@@ -455,10 +458,8 @@ impl Repo {
 
     /// The files of `commit`.
     pub fn tree(&self, commit: &str) -> Result<GitTree, Error> {
-        let mut c = git(self.protocol);
-        c.arg("-C")
-            .arg(&self.dir)
-            .args(["ls-tree", "-r", "-l", "-z", "--full-tree", commit]);
+        let mut c = git_in_repo(self.protocol, &self.dir);
+        c.args(["ls-tree", "-r", "-l", "-z", "--full-tree", commit]);
         let out = run(c, "listing the commit")?;
         let mut dirs: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
         let mut blobs = BTreeMap::new();
@@ -547,10 +548,8 @@ pub struct GitTree {
 
 impl GitTree {
     fn cat_file(&self) -> io::Result<CatFile> {
-        let mut c = git(self.protocol);
-        c.arg("-C")
-            .arg(&self.dir)
-            .args(["cat-file", "--batch"])
+        let mut c = git_in_repo(self.protocol, &self.dir);
+        c.args(["cat-file", "--batch"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null());

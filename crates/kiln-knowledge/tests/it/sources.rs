@@ -300,12 +300,8 @@ fn git_source_syncs_commits_renames_and_deletes_incrementally() {
     );
     e.wait_embedded("acme", "up", Duration::from_secs(30))
         .unwrap();
-    let embedded_first = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| s.inputs.len())
-        .sum::<usize>();
+    let embedded = || -> usize { seen.lock().unwrap().iter().map(|s| s.inputs.len()).sum() };
+    let embedded_first = embedded();
     // The clone lives in the index's own directory; it is bare and shallow.
     let clone = data.path().join("orgs/acme/indexes/up/source.git");
     assert!(clone.join("shallow").is_file());
@@ -350,12 +346,7 @@ fn git_source_syncs_commits_renames_and_deletes_incrementally() {
     // Only new chunk texts were embedded: the renamed file's chunk came from the cache.
     e.wait_embedded("acme", "up", Duration::from_secs(30))
         .unwrap();
-    let embedded_now = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| s.inputs.len())
-        .sum::<usize>();
+    let embedded_now = embedded();
     let s = e.stats("acme", "up").unwrap();
     assert!(s.embedding_cache.hits >= 1, "{s:?}");
     assert!(

@@ -216,13 +216,15 @@ async fn git_and_encrypted_sources_and_the_errors_tenants_get() {
     let repo = base.path().join("repo");
     std::fs::create_dir_all(repo.join("src")).expect("mkdir");
     git_in(&repo, &["init", "-q"]);
-    std::fs::write(
-        repo.join("src/ledger.py"),
+    let commit = |path: &str, text: &str| {
+        std::fs::write(repo.join(path), text).expect("write");
+        git_in(&repo, &["add", "-A"]);
+        git_in(&repo, &["commit", "-qm", path]);
+    };
+    commit(
+        "src/ledger.py",
         "def reconcile_ledger(entries):\n    return sorted(entries)\n",
-    )
-    .expect("write");
-    git_in(&repo, &["add", "-A"]);
-    git_in(&repo, &["commit", "-qm", "one"]);
+    );
     let daemon = GitDaemon::start(base.path()).expect("git daemon");
     let url = format!("{}/repo", daemon.url);
 
@@ -244,13 +246,10 @@ async fn git_and_encrypted_sources_and_the_errors_tenants_get() {
     assert_eq!(done["type"], "done", "{done}");
     assert_eq!(done["report"]["added"], 1);
     assert_eq!(found(&s, "up", "reconcile ledger").await, ["src/ledger.py"]);
-    std::fs::write(
-        repo.join("src/audit.py"),
+    commit(
+        "src/audit.py",
         "def audit_trail(entries):\n    return list(entries)\n",
-    )
-    .expect("write");
-    git_in(&repo, &["add", "-A"]);
-    git_in(&repo, &["commit", "-qm", "two"]);
+    );
     let done = sync(&s, "up").await;
     assert_eq!(
         (&done["report"]["added"], &done["report"]["unchanged"]),
