@@ -16,6 +16,7 @@ runsc        0.0~20221219.0-2+b3        7183537aca11632026e71d4b2140f463c8e9a433
 ansible-core 2.14.18-0+deb12u2          5f80e76b962daae74535ca5a2b910678acfd9ca2d902d2a94127a59e158f7a77
 ansible      7.7.0+dfsg-3+deb12u1       625d3724fe2e75bfcdf8710a1549af473163cc5971350ac5d785c6ad1dec4af3
 openssh-client 1:9.2p1-2+deb12u10       42c250b8b9110382488c53c066a960bc564ddac2cb9e449f47b6cdbb5fc1cb60
+git          1:2.39.5-0+deb12u3         637a85ddd6247fab13bdd0592f2f39aff04ce4dbf0655d3ab553ac359a38ce6f
 "
 # mmdebstrap bootstraps the Debian base layer (debootstrap is the selectable alternative and the
 # benchmark's baseline). Tools that come with every Debian system but must be there: losetup and mount (util-linux /
@@ -24,6 +25,8 @@ openssh-client 1:9.2p1-2+deb12u10       42c250b8b9110382488c53c066a960bc564ddac2
 # ansible-core runs the template roles; ansible brings the community.general collection, whose
 # `chroot` connection plugin builds each role layer (ansible-core alone has no chroot connection).
 # openssh-client (ssh, scp, sftp) is what the tests of the SSH front door connect with.
+# git fetches the git sources of knowledge indexes (the server runs it); its `git daemon` is
+# the real git server the tests of git sources fetch from.
 BASE_TOOLS="losetup mount"
 
 check_only=0

@@ -13,10 +13,12 @@ use crate::Global;
 
 #[derive(Subcommand)]
 pub enum IndexCmd {
-    /// Create an index of a source (then `kiln index sync NAME`)
+    /// Create an index of a source: a directory of the server's host (operator only), a git
+    /// URL, or a sandbox (followed live). Then `kiln index sync NAME`
     Create(CreateArgs),
-    /// Bring an index up to date with its source (only changed files are read; only new chunk
-    /// texts are embedded); `--watch` keeps it current
+    /// Bring an index up to date with its source (a git source is fetched first; only changed
+    /// files are read; only new chunk texts are embedded); `--watch` keeps it current. A
+    /// sandbox index is also followed by the server itself, without --watch
     Sync(SyncArgs),
     /// List the indexes of your organisation
     Ls {
@@ -30,7 +32,7 @@ pub enum IndexCmd {
         json: bool,
     },
     /// Remove an index and everything derived from its source (chunks, vectors, BM25 files,
-    /// cached embeddings no other index uses, the redaction report)
+    /// a git source's clone, cached embeddings no other index uses, the redaction report)
     Rm { name: String },
 }
 
@@ -45,18 +47,39 @@ pub enum Provider {
 }
 
 #[derive(Args)]
+#[command(after_help = "Examples:
+  kiln index create app --path /srv/app                  # a directory of the server (operator)
+  kiln index create lib --git https://host/lib.git --ref main
+  kiln index create ws --sandbox sb-abc123               # its /workspace, followed live
+  kiln index create ws --sandbox sb-abc123 --path /workspace/api --encrypt
+
+A git source is fetched shallow into the index's directory on the server; `kiln index sync`
+fetches again and re-reads only files whose blob changed. Tenants may use https://, http://
+and git:// URLs of public hosts; file://, local paths, SSH and private addresses are the
+operator's. A sandbox source must be a sandbox of your organisation; the server follows its
+files through kilnd's watch, so edits are searchable within seconds. If the sandbox is
+removed the index is kept (searchable as it last was) and a sync answers `source_gone`.
+--encrypt seals chunk text, symbols, paths, vectors and the BM25 files with your
+organisation's key (derived from the server's secret; never stored).")]
 pub struct CreateArgs {
     /// Index name (letters, digits, `-`, `_`, `.`)
     pub name: String,
-    /// A directory on the server's machine
-    #[arg(long, conflicts_with_all = ["git", "sandbox"])]
+    /// A directory on the server's machine; with --sandbox, the directory inside the sandbox
+    /// [default with --sandbox: /workspace]
+    #[arg(long, conflicts_with = "git")]
     pub path: Option<std::path::PathBuf>,
-    /// A git URL, cloned by Kiln (not built yet)
+    /// A git URL, fetched by the server (shallow)
     #[arg(long, conflicts_with = "sandbox")]
     pub git: Option<String>,
-    /// A sandbox's /workspace, followed live (not built yet)
+    /// With --git: the branch or tag [default: the remote's HEAD]
+    #[arg(long = "ref", requires = "git")]
+    pub git_ref: Option<String>,
+    /// A sandbox of your organisation, followed live
     #[arg(long)]
     pub sandbox: Option<String>,
+    /// Encrypt the index at rest with your organisation's key
+    #[arg(long)]
+    pub encrypt: bool,
     /// Embedding provider
     #[arg(long, value_enum, default_value = "local")]
     pub embed: Provider,
@@ -129,8 +152,14 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
     let api = g.api();
     match cmd {
         IndexCmd::Create(a) => {
-            let mut body = json!({ "name": a.name });
+            let mut body = json!({ "name": a.name, "encrypted": a.encrypt });
             match (&a.path, &a.git, &a.sandbox) {
+                (p, None, Some(s)) => {
+                    body["sandbox"] = json!(s);
+                    if let Some(p) = p {
+                        body["path"] = json!(p.display().to_string());
+                    }
+                }
                 (Some(p), _, _) => {
                     let abs = std::fs::canonicalize(p).with_context(|| {
                         format!(
@@ -140,9 +169,13 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
                     })?;
                     body["path"] = json!(abs.display().to_string());
                 }
-                (_, Some(u), _) => body["git"] = json!(u),
-                (_, _, Some(s)) => body["sandbox"] = json!(s),
-                _ => bail!("give a source: --path DIR, --git URL or --sandbox ID"),
+                (_, Some(u), _) => {
+                    body["git"] = json!(u);
+                    if let Some(r) = &a.git_ref {
+                        body["ref"] = json!(r);
+                    }
+                }
+                _ => bail!("give a source: --path DIR, --git URL or --sandbox ID (hint: see `kiln index create --help`)"),
             }
             body["embed"] = match a.embed {
                 Provider::Local => json!({"provider": "local"}),
@@ -202,7 +235,7 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
                     i["files"],
                     i["chunks"],
                     i["embedded"],
-                    i["source"]["path"].as_str().unwrap_or_default()
+                    source_line(i)
                 );
             }
             Ok(0)
@@ -217,10 +250,16 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
             }
             let i = &v["info"];
             println!("index          {}", i["name"].as_str().unwrap_or_default());
-            println!(
-                "source         {}",
-                i["source"]["path"].as_str().unwrap_or_default()
-            );
+            println!("source         {}", source_line(i));
+            if let Some(r) = v["revision"].as_str() {
+                println!("revision       {r}");
+            }
+            if let Some(f) = v["following"].as_bool() {
+                println!("following      {}", if f { "yes (live)" } else { "no" });
+            }
+            if let Some(e) = v["source_error"].as_str() {
+                println!("source error   {e}");
+            }
             println!(
                 "embeddings     {}",
                 i["embed"]["provider"].as_str().unwrap_or_default()
@@ -278,9 +317,32 @@ pub async fn index(g: &Global, cmd: IndexCmd) -> Result<i32> {
     }
 }
 
+/// The source of an index as one line: a path, `git URL@ref`, `sandbox ID:PATH`, and
+/// `(encrypted)`.
+fn source_line(i: &Value) -> String {
+    let s = &i["source"];
+    let text = |k: &str| s[k].as_str().unwrap_or_default().to_string();
+    let mut line = match s["type"].as_str() {
+        Some("git") => match s["ref"].as_str() {
+            Some(r) => format!("git {}@{r}", text("url")),
+            None => format!("git {}", text("url")),
+        },
+        Some("sandbox") => format!("sandbox {}:{}", text("sandbox"), text("path")),
+        _ => text("path"),
+    };
+    if i["encrypted"].as_bool() == Some(true) {
+        line.push_str(" (encrypted)");
+    }
+    line
+}
+
 fn summary(r: &Value) -> String {
+    let at = r["revision"]
+        .as_str()
+        .map(|c| format!(" at {}", &c[..c.len().min(12)]))
+        .unwrap_or_default();
     format!(
-        "{} files: {} added, {} changed, {} deleted, {} unchanged; {} chunks added, {} removed; {} secrets redacted; {} ms",
+        "{} files{at}: {} added, {} changed, {} deleted, {} unchanged; {} chunks added, {} removed; {} secrets redacted; {} ms",
         r["files"], r["added"], r["changed"], r["deleted"], r["unchanged"], r["chunks_added"],
         r["chunks_removed"], r["redactions"], r["millis"]
     )

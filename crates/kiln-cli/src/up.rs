@@ -97,6 +97,11 @@ pub struct UpArgs {
     /// OPENAI_API_KEY, OLLAMA_HOST, ANTHROPIC_BASE_URL + ANTHROPIC_API_KEY
     #[arg(long = "agent-config", env = "KILN_AGENT_CONFIG")]
     pub agent_config: Option<PathBuf>,
+    /// Let tenants index git repositories on loopback, private and link-local addresses (a
+    /// git server on your LAN); off by default, as such URLs reach the server's own network.
+    /// The system organisation may always
+    #[arg(long, env = "KILN_GIT_PRIVATE_HOSTS")]
+    pub git_private_hosts: bool,
 }
 
 pub(crate) fn find_kilnd(explicit: Option<PathBuf>) -> Result<PathBuf> {
@@ -192,6 +197,7 @@ pub async fn run(data_dir: Option<PathBuf>, a: UpArgs) -> Result<i32> {
         cfg.max_ttl =
             Some(kiln_server::units::parse_duration(t).map_err(|e| anyhow!("--max-ttl: {e}"))?);
     }
+    cfg.git_private_hosts = a.git_private_hosts;
     cfg.database_url = a.database_url.clone();
     cfg.secret_path = a.secret_file.clone();
     cfg.quota = kiln_store::Limits {

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use tantivy::collector::TopDocs;
-use tantivy::directory::MmapDirectory;
+use tantivy::directory::{Directory, MmapDirectory};
 use tantivy::query::{BooleanQuery, BoostQuery, Occur, Query, TermQuery};
 use tantivy::schema::{
     Field, IndexRecordOption, Schema, TextFieldIndexing, TextOptions, FAST, INDEXED, STRING,
@@ -178,6 +178,12 @@ pub struct Bm25 {
 impl Bm25 {
     pub fn open(dir: &Path) -> Result<Bm25, Error> {
         std::fs::create_dir_all(dir)?;
+        let mdir = MmapDirectory::open(dir).map_err(|e| Error::Search(e.to_string()))?;
+        Self::open_in(Box::new(mdir))
+    }
+
+    /// The index in any tantivy directory (an encrypted index's is a `seal::SealedDirectory`).
+    pub fn open_in(directory: Box<dyn Directory>) -> Result<Bm25, Error> {
         let mut sb = Schema::builder();
         let rowid = sb.add_i64_field("rowid", INDEXED | FAST);
         let _path = sb.add_text_field("path", STRING);
@@ -189,14 +195,17 @@ impl Bm25 {
         let text = sb.add_text_field("text", opts.clone());
         let symbol = sb.add_text_field("symbol", opts);
         let schema = sb.build();
-        let mdir = MmapDirectory::open(dir).map_err(|e| Error::Search(e.to_string()))?;
-        let index = Index::open_or_create(mdir, schema)?;
+        // The term format lives in the directory itself (sealed with it when encrypted).
+        let format_file = Path::new("FORMAT");
+        let format = directory
+            .atomic_read(format_file)
+            .map(|b| String::from_utf8_lossy(&b).to_string())
+            .unwrap_or_default();
+        let index = Index::open_or_create(directory, schema)?;
         index
             .tokenizers()
             .register("code", TextAnalyzer::from(CodeTokenizer));
         let writer = index.writer_with_num_threads(1, 32_000_000)?;
-        let format_file = dir.join("FORMAT");
-        let format = std::fs::read_to_string(&format_file).unwrap_or_default();
         let reader = index
             .reader_builder()
             .reload_policy(ReloadPolicy::Manual)
@@ -217,7 +226,9 @@ impl Bm25 {
                 bm.commit()?;
                 bm.stale = true;
             }
-            std::fs::write(&format_file, FORMAT)?;
+            bm.index
+                .directory()
+                .atomic_write(format_file, FORMAT.as_bytes())?;
         }
         Ok(bm)
     }

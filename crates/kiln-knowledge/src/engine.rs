@@ -1,7 +1,9 @@
 //! The engine: indexes per organisation under `<root>/orgs/<org>/indexes/<name>/`, sync (walk,
 //! mtime fast path, content hashes, Merkle tree, redaction, chunking, BM25), the background
 //! embedding worker (batched, L2 cache first), search with the L1 cache, context assembly,
-//! stats and erasure.
+//! stats and erasure. A sync reads its source through a `Tree`: a host directory, the commit
+//! a git source just fetched, or (given by the server) a sandbox's workspace. An encrypted
+//! index seals its store and BM25 files with its organisation's key (`seal`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,22 +20,19 @@ use crate::bm25::Bm25;
 use crate::chunk::{chunk_file, ChunkLimits, SymbolKind};
 use crate::context::{assemble, Context};
 use crate::embed::{chunk_body, EmbedConfig, Embedder, HttpEmbedder, MiniLm, CHUNK_INPUT_FORMAT};
+use crate::git::{GitPolicy, Repo};
 use crate::lang::Language;
 use crate::merkle;
 use crate::redact::{redact, Redaction};
+use crate::seal::{MasterKey, SealedDirectory, Sealer};
 use crate::search::{fuse, Fusion, Hit, Mode, QueryCache, SearchParams};
+use crate::source::{LocalTree, Tree};
 use crate::store::{ChunkStore, EmbeddingCache, FileRecord, Pending, SqliteStore};
 use crate::vector::{VectorIndex, GRAPH_FILE};
-use crate::walk::{classify, walk, FileContent, Skipped, WalkOptions};
+use crate::walk::{classify, FileContent, Skipped, WalkOptions};
 use crate::Error;
 
-/// Where an index reads from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum Source {
-    /// A directory on the server's host.
-    Path { path: String },
-}
+pub use crate::source::Source;
 
 /// An index's configuration (`config.json` in its directory).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -42,6 +41,27 @@ pub struct IndexConfig {
     pub source: Source,
     pub embed: EmbedConfig,
     pub created_at: u64,
+    /// Chunk text, symbols, paths, vectors and BM25 files sealed with the org's key.
+    #[serde(default)]
+    pub encrypted: bool,
+}
+
+/// Options of [`Engine::create_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct CreateOptions {
+    /// Encrypt the index at rest with its organisation's key (needs a master key).
+    pub encrypted: bool,
+    /// What a git URL may point at.
+    pub git: GitPolicy,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            encrypted: false,
+            git: GitPolicy::TRUSTED,
+        }
+    }
 }
 
 /// What `ls` shows.
@@ -51,6 +71,8 @@ pub struct IndexInfo {
     pub source: Source,
     pub embed: EmbedConfig,
     pub created_at: u64,
+    #[serde(default)]
+    pub encrypted: bool,
     pub files: u64,
     pub chunks: u64,
     pub embedded: u64,
@@ -87,6 +109,10 @@ pub struct IndexStats {
     pub query_cache: CacheStats,
     pub embedding_cache: CacheStats,
     pub embedding_error: Option<String>,
+    /// The commit a git source was last synced at.
+    pub revision: Option<String>,
+    /// Why the source cannot be synced any more (a removed sandbox), if so.
+    pub source_error: Option<String>,
     pub redactions: Vec<Redaction>,
 }
 
@@ -107,6 +133,9 @@ pub struct SyncReport {
     pub redactions: u64,
     pub changed_dirs: Vec<String>,
     pub merkle_root: String,
+    /// The commit synced (git sources).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
     pub millis: u64,
 }
 
@@ -135,6 +164,8 @@ struct Handle {
     org: String,
     config: IndexConfig,
     dir: PathBuf,
+    /// The organisation's sealer when the index is encrypted.
+    seal: Option<Arc<Sealer>>,
     store: Mutex<SqliteStore>,
     bm25: RwLock<Bm25>,
     vectors: RwLock<VectorIndex>,
@@ -163,6 +194,7 @@ struct Inner {
     l2: Mutex<HashMap<String, Arc<Mutex<EmbeddingCache>>>>,
     work: Mutex<Option<mpsc::Sender<Arc<Handle>>>>,
     fusion: RwLock<Fusion>,
+    master: RwLock<Option<MasterKey>>,
 }
 
 /// The knowledge engine of one server (cheap to clone).
@@ -209,6 +241,7 @@ impl Engine {
             l2: Mutex::new(HashMap::new()),
             work: Mutex::new(None),
             fusion: RwLock::new(Fusion::default()),
+            master: RwLock::new(None),
         });
         let (tx, rx) = mpsc::channel::<Arc<Handle>>();
         *inner.work.lock() = Some(tx);
@@ -231,6 +264,22 @@ impl Engine {
         Ok(Engine { inner })
     }
 
+    /// Sets the key encrypted indexes are sealed with (the server derives it from its secret).
+    /// Without it, encrypted indexes can be neither created nor opened.
+    pub fn set_master_key(&self, key: MasterKey) {
+        *self.inner.master.write() = Some(key);
+    }
+
+    fn sealer(&self, org: &str) -> Result<Arc<Sealer>, Error> {
+        match self.inner.master.read().as_ref() {
+            Some(k) => Ok(Arc::new(k.org(org))),
+            None => Err(Error::Invalid(
+                "encryption at rest needs the server's knowledge key, and this engine has none"
+                    .into(),
+            )),
+        }
+    }
+
     /// Overrides the fusion (the evaluation sweeps weights).
     pub fn set_fusion(&self, f: Fusion) {
         *self.inner.fusion.write() = f;
@@ -244,13 +293,26 @@ impl Engine {
         self.org_dir(org).join("indexes").join(name)
     }
 
-    /// Creates an index (it is empty until the first sync).
+    /// Creates an index (it is empty until the first sync), trusted and unencrypted.
     pub fn create(
         &self,
         org: &str,
         name: &str,
         source: Source,
         embed: EmbedConfig,
+    ) -> Result<IndexInfo, Error> {
+        self.create_with(org, name, source, embed, CreateOptions::default())
+    }
+
+    /// Creates an index. A git source is checked against `opts.git` and asked for its ref
+    /// (so a wrong URL or branch fails here); a sandbox source is checked by the server.
+    pub fn create_with(
+        &self,
+        org: &str,
+        name: &str,
+        source: Source,
+        embed: EmbedConfig,
+        opts: CreateOptions,
     ) -> Result<IndexInfo, Error> {
         valid_name("organisation", org)?;
         valid_name("index name", name)?;
@@ -263,6 +325,21 @@ impl Engine {
                     )));
                 }
             }
+            Source::Git { url, git_ref } => {
+                crate::git::check_url(url, opts.git)?;
+                // Probed outside the index directory: nothing is stored if it fails.
+                Repo::new(&self.inner.root, url, git_ref.as_deref())?.probe()?;
+            }
+            Source::Sandbox { sandbox, path } => {
+                if sandbox.is_empty() || !path.starts_with('/') {
+                    return Err(Error::Invalid(format!(
+                        "sandbox source `{sandbox}:{path}` needs a sandbox id and an absolute path"
+                    )));
+                }
+            }
+        }
+        if opts.encrypted {
+            self.sealer(org)?;
         }
         if let EmbedConfig::Ollama { url, .. } | EmbedConfig::Openai { url, .. } = &embed {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -281,6 +358,7 @@ impl Engine {
             source,
             embed,
             created_at: now(),
+            encrypted: opts.encrypted,
         };
         let tmp = dir.join("config.json.tmp");
         std::fs::write(
@@ -306,8 +384,19 @@ impl Engine {
                 .map_err(|e| Error::Storage(format!("config.json: {e}")))?,
             Err(_) => return Err(Error::NotFound(name.to_string())),
         };
-        let store = SqliteStore::open(&dir.join("index.sqlite"))?;
-        let mut bm25 = Bm25::open(&dir.join("bm25"))?;
+        let seal = if config.encrypted {
+            Some(self.sealer(org)?)
+        } else {
+            None
+        };
+        let store = SqliteStore::open_sealed(&dir.join("index.sqlite"), seal.clone())?;
+        let mut bm25 = match &seal {
+            Some(s) => Bm25::open_in(Box::new(SealedDirectory::open(
+                &dir.join("bm25"),
+                s.clone(),
+            )?))?,
+            None => Bm25::open(&dir.join("bm25"))?,
+        };
         let refill = bm25.needs_refill();
         let mut meta = HashMap::new();
         for c in store.all_chunks()? {
@@ -340,6 +429,7 @@ impl Engine {
             org: org.to_string(),
             config,
             dir,
+            seal,
             store: Mutex::new(store),
             bm25: RwLock::new(bm25),
             vectors: RwLock::new(vectors),
@@ -383,6 +473,7 @@ impl Engine {
             source: h.config.source.clone(),
             embed: h.config.embed.clone(),
             created_at: h.config.created_at,
+            encrypted: h.config.encrypted,
             files: c.files,
             chunks: c.chunks,
             embedded: c.embedded,
@@ -423,6 +514,45 @@ impl Engine {
         Ok(out)
     }
 
+    /// The configuration of every index of every organisation (read from `config.json`
+    /// only: nothing is opened), as (organisation, configuration).
+    pub fn sources_all(&self) -> Result<Vec<(String, IndexConfig)>, Error> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(self.inner.root.join("orgs")) else {
+            return Ok(out);
+        };
+        let mut orgs: Vec<String> = rd
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|o| valid_name("organisation", o).is_ok())
+            .collect();
+        orgs.sort();
+        for org in orgs {
+            for name in self.names(&org) {
+                let Ok(b) = std::fs::read(self.index_dir(&org, &name).join("config.json")) else {
+                    continue;
+                };
+                match serde_json::from_slice::<IndexConfig>(&b) {
+                    Ok(c) => out.push((org.clone(), c)),
+                    Err(e) => tracing::warn!(index = %name, error = %e, "unreadable config.json"),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records (or clears) why the index's source cannot be synced (shown by `stats`).
+    pub fn set_source_error(
+        &self,
+        org: &str,
+        name: &str,
+        error: Option<&str>,
+    ) -> Result<(), Error> {
+        let h = self.handle(org, name)?;
+        let mut st = h.store.lock();
+        st.set_meta("source_error", error.unwrap_or(""))
+    }
+
     /// Brings the index up to date with its source. Lexical search sees the result when this
     /// returns; vectors follow on the background worker.
     pub fn sync(
@@ -431,13 +561,48 @@ impl Engine {
         name: &str,
         progress: &dyn Fn(SyncProgress),
     ) -> Result<SyncReport, Error> {
+        self.sync_from(org, name, None, &HashSet::new(), progress)
+    }
+
+    /// [`Self::sync`] reading from `tree` (a sandbox's workspace, given by the server; host
+    /// directories and git sources are read by the engine itself when `tree` is `None`).
+    /// Files in `force` are read even if their size and stamp did not change (a watch saw them
+    /// change within the stamp's resolution).
+    pub fn sync_from(
+        &self,
+        org: &str,
+        name: &str,
+        tree: Option<&dyn Tree>,
+        force: &HashSet<String>,
+        progress: &dyn Fn(SyncProgress),
+    ) -> Result<SyncReport, Error> {
         let h = self.handle(org, name)?;
         let _guard = h.sync_lock.lock();
         let started = Instant::now();
-        let Source::Path { path } = &h.config.source;
-        let root = PathBuf::from(path);
-        let (files, skipped): (_, Skipped) = walk(&root, &WalkOptions::default())
-            .map_err(|e| Error::Source(format!("{path}: {e}")))?;
+        let owned: Box<dyn Tree>;
+        let mut revision = None;
+        let tree: &dyn Tree = match (tree, &h.config.source) {
+            (Some(t), _) => t,
+            (None, Source::Path { path }) => {
+                owned = Box::new(LocalTree::new(path));
+                &*owned
+            }
+            (None, Source::Git { url, git_ref }) => {
+                let repo = Repo::new(&h.dir.join("source.git"), url, git_ref.as_deref())?;
+                let commit = repo.fetch()?;
+                owned = Box::new(repo.tree(&commit)?);
+                revision = Some(commit);
+                &*owned
+            }
+            (None, Source::Sandbox { sandbox, .. }) => {
+                return Err(Error::Invalid(format!(
+                    "index `{name}` follows sandbox `{sandbox}`: the server syncs it (POST /v1/indexes/{name}/sync)"
+                )))
+            }
+        };
+        let (files, skipped): (_, Skipped) = tree
+            .walk(&WalkOptions::default())
+            .map_err(|e| Error::Source(format!("{}: {e}", tree.describe())))?;
         let old: HashMap<String, FileRecord> = h
             .store
             .lock()
@@ -467,16 +632,19 @@ impl Engine {
             seen.insert(f.rel.clone());
             let prev = old.get(&f.rel);
             if let Some(o) = prev {
-                if o.size == f.size && o.mtime_ns == f.mtime_ns {
+                if o.size == f.size && o.mtime_ns == f.mtime_ns && !force.contains(&f.rel) {
                     report.unchanged += 1;
                     new_hashes.push((f.rel.clone(), o.hash.clone()));
                     continue;
                 }
             }
-            let Ok(bytes) = std::fs::read(&f.abs) else {
+            let Ok(bytes) = tree.read(&f.rel) else {
                 continue;
             };
-            let hash = hex::encode(Sha256::digest(&bytes));
+            let hash = match &h.seal {
+                None => hex::encode(Sha256::digest(&bytes)),
+                Some(s) => s.keyed_hash(b"file", &bytes),
+            };
             let record = FileRecord {
                 path: f.rel.clone(),
                 size: f.size,
@@ -538,6 +706,10 @@ impl Engine {
         h.store
             .lock()
             .set_meta("merkle_root", &report.merkle_root)?;
+        if let Some(r) = &revision {
+            h.store.lock().set_meta("revision", r)?;
+        }
+        report.revision = revision;
         if touched_index {
             self.bump(&h)?;
             self.enqueue(&h);
@@ -651,7 +823,7 @@ impl Engine {
             {
                 let c = cache.lock();
                 for p in &pending {
-                    match c.get(&model, &p.id)? {
+                    match c.get(&model, &p.id, h.seal.as_deref())? {
                         Some(v) => ready.push((p.rowid, v)),
                         None => misses.push(p),
                     }
@@ -676,7 +848,7 @@ impl Engine {
                     .zip(&vecs)
                     .map(|(p, v)| (p.id.clone(), v.clone()))
                     .collect();
-                cache.lock().put(&model, &rows)?;
+                cache.lock().put(&model, &rows, h.seal.as_deref())?;
                 metrics::counter!("kiln_knowledge_chunks_embedded_total")
                     .increment(batch.len() as u64);
                 ready.extend(batch.iter().zip(vecs).map(|(p, v)| (p.rowid, v)));
@@ -946,6 +1118,8 @@ impl Engine {
                 h.l2_misses.load(Ordering::Relaxed),
             ),
             embedding_error,
+            revision: store.meta("revision")?,
+            source_error: store.meta("source_error")?.filter(|e| !e.is_empty()),
             redactions: store.redactions()?,
         };
         Ok(stats)

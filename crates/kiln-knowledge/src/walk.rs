@@ -1,9 +1,15 @@
 //! Walking a source tree: gitignore semantics plus `.kilnignore`, and the files never indexed
-//! (binaries, vendored and generated code, anything over the size limit).
+//! (binaries, vendored and generated code, anything over the size limit). `walk` walks a host
+//! directory with the `ignore` crate; `walk_tree` applies the same rules to any `Tree` (a git
+//! commit, a sandbox's workspace through kilnd), one directory listing at a time.
 
 use std::path::{Path, PathBuf};
 
+use ignore::gitignore::{Gitignore, GitignoreBuilder};
+use ignore::Match;
+
 use crate::lang::Language;
+use crate::source::{EntryKind, Tree};
 
 /// Directories whose content is vendored or produced by a build; never indexed.
 const SKIP_DIRS: &[&str] = &[
@@ -23,6 +29,11 @@ const SKIP_DIRS: &[&str] = &[
     ".next",
     "coverage",
 ];
+
+/// Whether a directory of this name is never walked (vendored or build output).
+pub fn skipped_dir(name: &str) -> bool {
+    SKIP_DIRS.contains(&name)
+}
 
 /// File names that are generated (lock files, minified bundles, protobuf output).
 fn generated_name(name: &str) -> bool {
@@ -61,6 +72,7 @@ impl Default for WalkOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub struct WalkedFile {
     pub rel: String,
+    /// The file on the host (`walk`); the relative path again for `walk_tree`.
     pub abs: PathBuf,
     pub size: u64,
     pub mtime_ns: i64,
@@ -137,6 +149,152 @@ pub fn walk(root: &Path, opts: &WalkOptions) -> std::io::Result<(Vec<WalkedFile>
     }
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok((out, skipped))
+}
+
+/// The ignore files of one directory level, by precedence (the `ignore` crate's order).
+struct Level {
+    kiln: Gitignore,
+    dot_ignore: Gitignore,
+    git: Gitignore,
+    exclude: Gitignore,
+    has_git: bool,
+}
+
+/// Builds the matcher of an ignore file's `text` found in directory `dir` (`""` = root).
+fn matcher(dir: &str, text: Option<Vec<u8>>) -> Gitignore {
+    let Some(text) = text else {
+        return Gitignore::empty();
+    };
+    let mut b = GitignoreBuilder::new(Path::new("/").join(dir));
+    for line in String::from_utf8_lossy(&text).lines() {
+        // A bad pattern is skipped, as git does.
+        let _ = b.add_line(None, line);
+    }
+    b.build().unwrap_or_else(|_| Gitignore::empty())
+}
+
+/// Whether `rel` is ignored: per kind of ignore file the deepest match decides, and
+/// `.kilnignore` beats `.ignore`, which beats `.gitignore`, which beats `.git/info/exclude`.
+fn ignored(levels: &[Level], rel: &str, is_dir: bool) -> bool {
+    let path = Path::new("/").join(rel);
+    // The deepest match among one kind of ignore file (git's stop at a repository's root).
+    let kind = |pick: fn(&Level) -> &Gitignore, git_only: bool| -> Option<bool> {
+        let mut saw_git = false;
+        for l in levels.iter().rev() {
+            if git_only && saw_git {
+                break;
+            }
+            match pick(l).matched(&path, is_dir) {
+                Match::None => {}
+                m => return Some(m.is_ignore()),
+            }
+            saw_git |= l.has_git;
+        }
+        None
+    };
+    kind(|l| &l.kiln, false)
+        .or_else(|| kind(|l| &l.dot_ignore, false))
+        .or_else(|| kind(|l| &l.git, true))
+        .or_else(|| kind(|l| &l.exclude, true))
+        .unwrap_or(false)
+}
+
+fn join(dir: &str, name: &str) -> String {
+    if dir.is_empty() {
+        name.to_string()
+    } else {
+        format!("{dir}/{name}")
+    }
+}
+
+/// Walks any [`Tree`] with the rules of [`walk`]: one `list` per directory not ignored, the
+/// ignore files read as they are met. An unreadable root is an error; a directory that
+/// vanishes during the walk is skipped.
+pub fn walk_tree<T: Tree + ?Sized>(
+    tree: &T,
+    opts: &WalkOptions,
+) -> std::io::Result<(Vec<WalkedFile>, Skipped)> {
+    let mut out = Vec::new();
+    let mut skipped = Skipped::default();
+    let mut levels: Vec<Level> = Vec::new();
+    let root = tree.list("")?;
+    visit(tree, "", root, opts, &mut levels, &mut out, &mut skipped);
+    out.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok((out, skipped))
+}
+
+fn visit<T: Tree + ?Sized>(
+    tree: &T,
+    dir: &str,
+    mut entries: Vec<crate::source::Entry>,
+    opts: &WalkOptions,
+    levels: &mut Vec<Level>,
+    out: &mut Vec<WalkedFile>,
+    skipped: &mut Skipped,
+) {
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    let has = |name: &str| {
+        entries
+            .iter()
+            .any(|e| e.name == name && e.kind == EntryKind::File)
+    };
+    let read = |name: &str| {
+        has(name)
+            .then(|| tree.read(&join(dir, name)).ok())
+            .flatten()
+    };
+    let has_git = entries
+        .iter()
+        .any(|e| e.name == ".git" && e.kind == EntryKind::Dir);
+    levels.push(Level {
+        kiln: matcher(dir, read(".kilnignore")),
+        dot_ignore: matcher(dir, read(".ignore")),
+        git: matcher(dir, read(".gitignore")),
+        exclude: if has_git {
+            matcher(dir, tree.read(&join(dir, ".git/info/exclude")).ok())
+        } else {
+            Gitignore::empty()
+        },
+        has_git,
+    });
+    for e in entries {
+        let rel = join(dir, &e.name);
+        match e.kind {
+            EntryKind::Dir => {
+                if SKIP_DIRS.contains(&e.name.as_str()) || ignored(levels, &rel, true) {
+                    continue;
+                }
+                if let Ok(children) = tree.list(&rel) {
+                    visit(tree, &rel, children, opts, levels, out, skipped);
+                }
+            }
+            EntryKind::File => {
+                if ignored(levels, &rel, false) {
+                    continue;
+                }
+                if e.name == ".kilnignore" || e.name == ".gitignore" {
+                    continue;
+                }
+                if generated_name(&e.name) {
+                    skipped.generated += 1;
+                    continue;
+                }
+                if e.size > opts.max_file_bytes {
+                    skipped.too_large += 1;
+                    continue;
+                }
+                out.push(WalkedFile {
+                    language: Language::detect(&rel),
+                    abs: PathBuf::from(&rel),
+                    rel,
+                    size: e.size,
+                    mtime_ns: e.stamp,
+                });
+            }
+            EntryKind::Other => {}
+        }
+    }
+    levels.pop();
 }
 
 /// What reading a walked file gives: its text, or why it is left out.

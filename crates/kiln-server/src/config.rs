@@ -70,6 +70,10 @@ pub struct ServerConfig {
     pub ssh_listen: Option<SocketAddr>,
     /// Wildcard preview domain: `{port}-{id}.{domain}` is proxied to that sandbox port.
     pub preview_domain: Option<String>,
+    /// Tenants' git sources may point at loopback, private and link-local addresses (a
+    /// self-hosted git server on the LAN); off by default, as such URLs reach the server's
+    /// own network.
+    pub git_private_hosts: bool,
 }
 
 impl ServerConfig {
@@ -109,6 +113,7 @@ impl ServerConfig {
             agents: kiln_agent::config::AgentConfig::default(),
             ssh_listen: None,
             preview_domain: None,
+            git_private_hosts: false,
         }
     }
 

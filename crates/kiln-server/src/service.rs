@@ -130,8 +130,14 @@ impl Kiln {
     /// The sandbox `id` as `caller` may see it: only sandboxes of the caller's organisation;
     /// anything else (another org's, a warm-pool member, nothing) is the same 404.
     pub async fn sandbox_row(&self, caller: &Caller, id: &str) -> Result<SandboxRow, ApiError> {
+        self.org_sandbox_row(&caller.org_id, id).await
+    }
+
+    /// [`Self::sandbox_row`] for work done on behalf of an organisation outside a request (the
+    /// knowledge follower of a sandbox index).
+    pub async fn org_sandbox_row(&self, org_id: &str, id: &str) -> Result<SandboxRow, ApiError> {
         match self.store.get(id).await? {
-            Some(row) if !row.pooled && row.org_id == caller.org_id => Ok(row),
+            Some(row) if !row.pooled && row.org_id == org_id => Ok(row),
             _ => Err(ApiError::sandbox_not_found(id)),
         }
     }
@@ -634,6 +640,7 @@ impl Kiln {
 
     /// Background loops: the warm-pool filler and the TTL reaper. They end with `shutdown`.
     pub fn spawn_background(self: &Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        crate::knowledge::start_followers(self, shutdown.child_token());
         let k = self.clone();
         let sd = shutdown.clone();
         tokio::spawn(async move {

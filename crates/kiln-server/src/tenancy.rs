@@ -345,6 +345,20 @@ impl KeyHasher {
         }
     }
 
+    /// A key for another purpose, derived from the secret: HMAC-SHA256(secret, `purpose`).
+    /// The knowledge engine's master key is `derive("kiln knowledge")`.
+    pub fn derive(&self, purpose: &str) -> Vec<u8> {
+        match Hmac::<Sha256>::new_from_slice(&self.secret) {
+            Ok(mut m) => {
+                m.update(b"kiln derive\0");
+                m.update(purpose.as_bytes());
+                m.finalize().into_bytes().to_vec()
+            }
+            // HMAC accepts keys of any length; unreachable, but never panic.
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// HMAC-SHA256(secret, key), hex.
     pub fn hash(&self, key: &str) -> String {
         let mut m = match Hmac::<Sha256>::new_from_slice(&self.secret) {

@@ -10,5 +10,6 @@ mod embedding;
 mod engine;
 mod eval;
 mod redaction;
+mod sources;
 mod util;
 mod vector;

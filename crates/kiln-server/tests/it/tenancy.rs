@@ -299,6 +299,10 @@ async fn isolation_matrix_every_endpoint_answers_404_to_another_org() {
     // may): a tenant must not read the host's files through an index.
     let got = call(&s, &key_b, "POST", "/v1/indexes", Some(&idx)).await;
     assert_eq!(got, "403 source_forbidden");
+    // Nor A's sandbox: indexing it is the same 404 as any other look at it.
+    let of_a = json!({"name": "idx-b", "sandbox": sb.id});
+    let got = call(&s, &key_b, "POST", "/v1/indexes", Some(&of_a)).await;
+    assert_eq!(got, "404 sandbox_not_found");
     let (st, _) = call_full(&s, &owner_a, "GET", "/v1/indexes/idx-a", None).await;
     assert_eq!(st, 200);
     // A's sandbox is untouched and still works for A.
