@@ -160,6 +160,14 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         CREATE UNIQUE INDEX ssh_keys_org_fp ON ssh_keys(org_id, fingerprint);
         CREATE INDEX ssh_keys_fp ON ssh_keys(fingerprint);",
     ),
+    (
+        9,
+        "ALTER TABLE usage_events ADD COLUMN agent_run TEXT NOT NULL DEFAULT '';
+        ALTER TABLE usage_events ADD COLUMN model TEXT NOT NULL DEFAULT '';
+        ALTER TABLE usage_events ADD COLUMN input_tokens BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE usage_events ADD COLUMN output_tokens BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE usage_events ADD COLUMN cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0;",
+    ),
 ];
 
 const PG_LOCK: i64 = 0x6b696c6e; // "kiln"
