@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, Content, ServerCapabilities, ServerConfig};
+use rmcp::model::{CallToolResult, ContentBlock as Content, ServerCapabilities, ServerConfig};
 use rmcp::{tool, tool_handler, tool_router, ServerHandler, ServiceExt};
 
 #[derive(Debug, serde::Deserialize, schemars::JsonSchema)]
@@ -40,6 +40,7 @@ struct NoArgs {}
 #[derive(Clone)]
 pub struct TestServer {
     calls: Arc<AtomicU64>,
+    #[expect(dead_code, reason = "read by the code #[tool_handler] generates")]
     tool_router: ToolRouter<Self>,
 }
 

@@ -352,7 +352,7 @@ impl Registry {
             .collect();
         Registry {
             builtins,
-            plugins: BTreeMap::new(),
+            ..Registry::default()
         }
     }
 
