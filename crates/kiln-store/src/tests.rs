@@ -568,7 +568,7 @@ async fn usage_events_are_idempotent_and_aggregate_by_bucket_and_group() {
             .await
             .expect("report");
         expect_test::expect![[r#"
-            10 sb-a   sb=30 cpu=3 mem=7.5 disk=15 n=1
+            10 sb-a   sb=30 cpu=3 mem=7.5 disk=15 n=4
             11 sb-b   sb=10 cpu=1 mem=2.5 disk=5 n=1
         "#]]
         .assert_eq(&fmt(window));
