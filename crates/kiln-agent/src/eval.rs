@@ -175,7 +175,11 @@ struct HumanEvalLine {
 pub fn load_humaneval(jsonl: &Path) -> Result<Suite, EvalError> {
     let text = std::fs::read_to_string(jsonl).map_err(|e| io(jsonl, e))?;
     let mut tasks = Vec::new();
-    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let p: HumanEvalLine = serde_json::from_str(line).map_err(|e| EvalError::Invalid {
             path: format!("{}:{}", jsonl.display(), i + 1),
             error: e.to_string(),
@@ -300,8 +304,7 @@ mod tests {
 
     #[test]
     fn the_shipped_suite_loads_and_covers_three_languages() {
-        let s = load(repo_evals().join("kiln").to_str().unwrap_or_default(), None)
-            .expect("suite");
+        let s = load(repo_evals().join("kiln").to_str().unwrap_or_default(), None).expect("suite");
         assert!(s.tasks.len() >= 20, "{} tasks", s.tasks.len());
         for lang in ["python", "typescript", "rust"] {
             let n = s.tasks.iter().filter(|t| t.language == lang).count();
@@ -323,7 +326,10 @@ mod tests {
             s.tasks.iter().map(|t| t.kind.as_str()).collect();
         expect_test::expect![[r#"{"fix-test", "implement", "refactor", "type-error"}"#]]
             .assert_eq(&format!("{kinds:?}"));
-        assert!(matches!(load("nope-suite", None), Err(EvalError::NoSuite(_))));
+        assert!(matches!(
+            load("nope-suite", None),
+            Err(EvalError::NoSuite(_))
+        ));
     }
 
     #[test]
@@ -374,7 +380,17 @@ mod tests {
             seconds: 2.0,
             ..TaskResult::default()
         };
-        let s = summarize("kiln", "m/x", &[r("a", true, 2), r("b", false, 3), r("c", true, 1), r("d", true, 4)], 5.0);
+        let s = summarize(
+            "kiln",
+            "m/x",
+            &[
+                r("a", true, 2),
+                r("b", false, 3),
+                r("c", true, 1),
+                r("d", true, 4),
+            ],
+            5.0,
+        );
         assert_eq!((s.tasks, s.passed, s.success_rate), (4, 3, 0.75));
         assert_eq!((s.steps, s.input_tokens, s.output_tokens), (10, 1000, 100));
         assert!((s.cost_usd - 0.01).abs() < 1e-9);

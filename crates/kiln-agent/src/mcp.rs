@@ -230,7 +230,10 @@ impl McpServer {
         let v = serde_json::to_value(&r).map_err(|e| e.to_string())?;
         let text = render_result(&v);
         if v["isError"].as_bool().unwrap_or(false) {
-            Err(truncate(&format!("the tool reported an error: {text}"), budget))
+            Err(truncate(
+                &format!("the tool reported an error: {text}"),
+                budget,
+            ))
         } else {
             Ok(truncate(&text, budget))
         }
@@ -400,13 +403,18 @@ fn validate_in(root: &Value, s: &Value, v: &Value, path: &str, depth: u32) -> Re
         let target = r
             .strip_prefix("#/")
             .map(|p| {
-                p.split('/')
-                    .try_fold(root, |node, key| node.get(key.replace("~1", "/").replace("~0", "~")))
+                p.split('/').try_fold(root, |node, key| {
+                    node.get(key.replace("~1", "/").replace("~0", "~"))
+                })
             })
             .unwrap_or(None);
         match target {
             Some(t) => validate_in(root, t, v, path, depth + 1)?,
-            None => return Err(format!("{path}: the schema's reference `{r}` cannot be resolved")),
+            None => {
+                return Err(format!(
+                    "{path}: the schema's reference `{r}` cannot be resolved"
+                ))
+            }
         }
     }
     match s.get("type") {
@@ -523,7 +531,10 @@ fn validate_in(root: &Value, s: &Value, v: &Value, path: &str, depth: u32) -> Re
             .filter_map(|sub| validate_in(root, sub, v, path, depth + 1).err())
             .collect();
         if errs.len() == any.len() && !any.is_empty() {
-            return Err(format!("{path} matches none of the allowed forms ({})", errs.join("; ")));
+            return Err(format!(
+                "{path} matches none of the allowed forms ({})",
+                errs.join("; ")
+            ));
         }
     }
     if let Some(Value::Array(one)) = s.get("oneOf") {

@@ -281,11 +281,8 @@ impl Runtime {
             return Vec::new();
         }
         let env = self.env.clone();
-        let (hub, errors) = crate::mcp::McpHub::connect(
-            &self.config.mcp,
-            Arc::new(move |k: &str| env(k)),
-        )
-        .await;
+        let (hub, errors) =
+            crate::mcp::McpHub::connect(&self.config.mcp, Arc::new(move |k: &str| env(k))).await;
         for t in hub.tools() {
             if hub.deferred {
                 self.register_deferred_tool(t);
@@ -606,8 +603,9 @@ impl Runtime {
             )
         };
         match self.store.append_usage(&e).await {
-            Ok(true) => metrics::counter!("kiln_usage_events_total", "type" => TOKENS_EVENT)
-                .increment(1),
+            Ok(true) => {
+                metrics::counter!("kiln_usage_events_total", "type" => TOKENS_EVENT).increment(1)
+            }
             Ok(false) => metrics::counter!("kiln_usage_replays_total").increment(1),
             Err(err) => {
                 tracing::error!(id = %e.id, error = %err, "metering: cannot record agent usage")

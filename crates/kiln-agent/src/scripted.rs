@@ -218,10 +218,7 @@ fn next_turn(
         .and_then(|v| v.to_str().ok())
         .map(|s| s.trim_start_matches("Bearer ").to_string());
     let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
-    let routed = g
-        .routes
-        .iter()
-        .position(|(key, _)| mentions(&body, key));
+    let routed = g.routes.iter().position(|(key, _)| mentions(&body, key));
     g.requests.push(Recorded {
         path: path.into(),
         body,

@@ -438,7 +438,10 @@ impl Registry {
                 let desc = spec.description.to_lowercase();
                 let score = words
                     .iter()
-                    .map(|w| 2 * usize::from(name.contains(w.as_str())) + usize::from(desc.contains(w.as_str())))
+                    .map(|w| {
+                        2 * usize::from(name.contains(w.as_str()))
+                            + usize::from(desc.contains(w.as_str()))
+                    })
                     .sum();
                 (score, spec)
             })

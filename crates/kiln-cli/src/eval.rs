@@ -142,7 +142,11 @@ async fn run_suite(api: &Api, a: RunArgs) -> Result<i32> {
         suite.tasks.truncate(n);
     }
     if suite.tasks.is_empty() {
-        bail!("no task of `{}` matches (hint: `kiln eval ls {}`)", a.suite, a.suite);
+        bail!(
+            "no task of `{}` matches (hint: `kiln eval ls {}`)",
+            a.suite,
+            a.suite
+        );
     }
     let wall = kiln_server::units::parse_duration(&a.max_time)
         .map_err(|e| anyhow!("--max-time {}: {e} (hint: e.g. 90s, 10m)", a.max_time))?;
@@ -296,7 +300,10 @@ async fn run_task(api: &Api, t: &EvalTask, o: &Opts) -> TaskResult {
         r.detail = Some(format!(
             "sandbox {} kept{}",
             sb.id,
-            r.detail.as_deref().map(|d| format!("; {d}")).unwrap_or_default()
+            r.detail
+                .as_deref()
+                .map(|d| format!("; {d}"))
+                .unwrap_or_default()
         ));
     }
     r.seconds = t0.elapsed().as_secs_f64();

@@ -579,7 +579,10 @@ async fn usage_events_are_idempotent_and_aggregate_by_bucket_and_group() {
             .is_empty());
         let evs = s.usage_events("o1", 0, 100 * H, 2).await.expect("events");
         let all = s.usage_events("o1", 0, 100 * H, 100).await.expect("events");
-        let t = all.iter().find(|e| e.id == "run-1:tokens:9").expect("token event");
+        let t = all
+            .iter()
+            .find(|e| e.id == "run-1:tokens:9")
+            .expect("token event");
         assert_eq!((t.input_tokens, t.model.as_str()), (500, "m/a"));
         assert_eq!(
             evs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),

@@ -22,7 +22,9 @@ async fn exercise(a: &dyn Bus, b: &dyn Bus, tag: &str) {
     // Sent before the receiver ever looked: kept until it does.
     a.send(&child, msg(&parent, "first")).await.expect("send");
     a.send(&child, msg(&parent, "second")).await.expect("send");
-    b.send(&parent, msg(&child, "hello parent")).await.expect("send");
+    b.send(&parent, msg(&child, "hello parent"))
+        .await
+        .expect("send");
     assert_eq!(
         b.drain(&child).await,
         vec![msg(&parent, "first"), msg(&parent, "second")]
@@ -42,7 +44,10 @@ async fn the_local_and_the_nats_bus_deliver_once_in_order() {
     // The local bus has no id rules; exercise its delivery only.
     local.send("run-x", msg("p", "1")).await.expect("send");
     local.send("run-x", msg("p", "2")).await.expect("send");
-    assert_eq!(local.drain("run-x").await, vec![msg("p", "1"), msg("p", "2")]);
+    assert_eq!(
+        local.drain("run-x").await,
+        vec![msg("p", "1"), msg("p", "2")]
+    );
     assert!(local.drain("run-x").await.is_empty());
 
     let cfg = BusConfig::Nats {
@@ -61,7 +66,13 @@ async fn the_local_and_the_nats_bus_deliver_once_in_order() {
         stream: None,
     }
     .build();
-    let e = bad.send("run-x", msg("p", "x")).await.expect_err("no server");
-    assert!(e.starts_with("cannot reach NATS at nats://127.0.0.1:9"), "{e}");
+    let e = bad
+        .send("run-x", msg("p", "x"))
+        .await
+        .expect_err("no server");
+    assert!(
+        e.starts_with("cannot reach NATS at nats://127.0.0.1:9"),
+        "{e}"
+    );
     assert!(bad.drain("run-x").await.is_empty());
 }

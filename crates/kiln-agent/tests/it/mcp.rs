@@ -44,26 +44,38 @@ impl kiln_agent::tools::Sandbox for NoSandbox {
         _: &str,
         _: std::time::Duration,
     ) -> Result<kiln_agent::tools::ExecOutput, kiln_agent::tools::SandboxError> {
-        Err(kiln_agent::tools::SandboxError::Failed("no sandbox here".into()))
+        Err(kiln_agent::tools::SandboxError::Failed(
+            "no sandbox here".into(),
+        ))
     }
     async fn read_file(&self, _: &str) -> Result<Vec<u8>, kiln_agent::tools::SandboxError> {
-        Err(kiln_agent::tools::SandboxError::Failed("no sandbox here".into()))
+        Err(kiln_agent::tools::SandboxError::Failed(
+            "no sandbox here".into(),
+        ))
     }
     async fn write_file(&self, _: &str, _: &[u8]) -> Result<(), kiln_agent::tools::SandboxError> {
-        Err(kiln_agent::tools::SandboxError::Failed("no sandbox here".into()))
+        Err(kiln_agent::tools::SandboxError::Failed(
+            "no sandbox here".into(),
+        ))
     }
     async fn list(
         &self,
         _: &str,
         _: u32,
     ) -> Result<Vec<kiln_agent::tools::Entry>, kiln_agent::tools::SandboxError> {
-        Err(kiln_agent::tools::SandboxError::Failed("no sandbox here".into()))
+        Err(kiln_agent::tools::SandboxError::Failed(
+            "no sandbox here".into(),
+        ))
     }
     async fn git(&self, _: &str, _: Value) -> Result<Value, kiln_agent::tools::SandboxError> {
-        Err(kiln_agent::tools::SandboxError::Failed("no sandbox here".into()))
+        Err(kiln_agent::tools::SandboxError::Failed(
+            "no sandbox here".into(),
+        ))
     }
     async fn lsp(&self, _: &str, _: Value) -> Result<Value, kiln_agent::tools::SandboxError> {
-        Err(kiln_agent::tools::SandboxError::Failed("no sandbox here".into()))
+        Err(kiln_agent::tools::SandboxError::Failed(
+            "no sandbox here".into(),
+        ))
     }
 }
 
@@ -116,7 +128,9 @@ async fn the_in_tree_server_over_stdio_and_streamable_http() {
     "#]]
     .assert_debug_eq(&names);
     let add = tool(&hub, "remote__add").spec();
-    assert!(add.description.starts_with("[MCP server remote] Add two integers"));
+    assert!(add
+        .description
+        .starts_with("[MCP server remote] Add two integers"));
     assert_eq!(add.parameters["required"], json!(["a", "b"]));
 
     let c = ctx();
@@ -140,7 +154,10 @@ async fn the_in_tree_server_over_stdio_and_streamable_http() {
             e,
             format!("invalid arguments for `{server}__add`: arguments.a must be integer, not string; nothing was sent")
         );
-        let e = t("add").run(&c, json!({"a": 1})).await.expect_err("missing");
+        let e = t("add")
+            .run(&c, json!({"a": 1}))
+            .await
+            .expect_err("missing");
         assert!(e.contains("arguments.b is required"), "{e}");
         assert_eq!(t("count").run(&c, json!({})).await.expect("count"), before);
         // A tool's error result is an error for the model.
@@ -171,13 +188,20 @@ async fn a_dead_stdio_server_is_restarted_before_the_next_call() {
     );
     // Kill the server process behind the client's back.
     let pids = std::process::Command::new("pgrep")
-        .args(["-P", &std::process::id().to_string(), "-f", "kiln-mcp-testserver"])
+        .args([
+            "-P",
+            &std::process::id().to_string(),
+            "-f",
+            "kiln-mcp-testserver",
+        ])
         .output()
         .expect("pgrep");
     let pids = String::from_utf8_lossy(&pids.stdout).to_string();
     assert!(!pids.trim().is_empty(), "no child server found");
     for pid in pids.split_whitespace() {
-        let _ = std::process::Command::new("kill").args(["-9", pid]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", pid])
+            .status();
     }
     // The call that finds it dead fails or reconnects; within a few calls a fresh process
     // answers (its counter starts again), and no call ran twice.
@@ -196,9 +220,8 @@ async fn a_dead_stdio_server_is_restarted_before_the_next_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_npm_filesystem_server_and_tool_search() {
     let dir = std::env::var("KILN_MCP_SERVERS_DIR").unwrap_or_else(|_| "/opt/kiln-mcp".into());
-    let script = format!(
-        "{dir}/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js"
-    );
+    let script =
+        format!("{dir}/node_modules/@modelcontextprotocol/server-filesystem/dist/index.js");
     assert!(
         std::path::Path::new(&script).is_file(),
         "{script} is missing: run scripts/install-mcp-servers.sh (make deps does)"
@@ -229,7 +252,9 @@ async fn the_npm_filesystem_server_and_tool_search() {
     let (hub, errors) = McpHub::connect(&cfg, no_env()).await;
     assert_eq!(errors.len(), 1, "{errors:?}");
     assert!(
-        errors[0].to_string().starts_with("MCP server `broken`: cannot start `/nonexistent/mcp-server`"),
+        errors[0]
+            .to_string()
+            .starts_with("MCP server `broken`: cannot start `/nonexistent/mcp-server`"),
         "{}",
         errors[0]
     );
@@ -258,7 +283,10 @@ async fn the_npm_filesystem_server_and_tool_search() {
         .run(&c, json!({"path": "/etc/hostname"}))
         .await
         .expect_err("outside the root");
-    assert!(e.contains("outside allowed directories") || e.contains("Access denied"), "{e}");
+    assert!(
+        e.contains("outside allowed directories") || e.contains("Access denied"),
+        "{e}"
+    );
     let e = tool(&hub, "fs__read_text_file")
         .run(&c, json!({"path": 7}))
         .await

@@ -129,19 +129,28 @@ fn eval_suites_run_end_to_end_with_the_scripted_model() {
     let n = tasks.len() as u64;
     let s0 = &summary[0];
     assert_eq!(s0["type"], "summary");
-    assert_eq!((s0["tasks"].as_u64(), s0["passed"].as_u64()), (Some(n), Some(n - 1)));
+    assert_eq!(
+        (s0["tasks"].as_u64(), s0["passed"].as_u64()),
+        (Some(n), Some(n - 1))
+    );
     let rate = s0["success_rate"].as_f64().expect("rate");
     assert!((rate - (n - 1) as f64 / n as f64).abs() < 1e-9, "{s0}");
     // Two scripted turns of 100 in / 20 out per solved task, one for the task that gave up.
     let input = 200 * (n - 1) + 100;
     let output = 40 * (n - 1) + 20;
     assert_eq!(s0["steps"], 2 * (n - 1) + 1);
-    assert_eq!((s0["input_tokens"].as_u64(), s0["output_tokens"].as_u64()), (Some(input), Some(output)));
+    assert_eq!(
+        (s0["input_tokens"].as_u64(), s0["output_tokens"].as_u64()),
+        (Some(input), Some(output))
+    );
     let cost = (input as f64 + 2.0 * output as f64) / 1e6;
-    assert!((s0["cost_usd"].as_f64().expect("cost") - cost).abs() < 1e-9, "{s0}");
+    assert!(
+        (s0["cost_usd"].as_f64().expect("cost") - cost).abs() < 1e-9,
+        "{s0}"
+    );
     // Every sandbox is gone.
-    let ls: Value = serde_json::from_slice(&s.run(&["sandbox", "ls", "--json"]).stdout)
-        .expect("ls json");
+    let ls: Value =
+        serde_json::from_slice(&s.run(&["sandbox", "ls", "--json"]).stdout).expect("ls json");
     assert_eq!(ls["sandboxes"].as_array().map(Vec::len), Some(0), "{ls}");
 
     // The runs' tokens and cost were metered into the control plane's usage, per run.
@@ -158,7 +167,11 @@ fn eval_suites_run_end_to_end_with_the_scripted_model() {
         .collect();
     assert_eq!(runs.len() as u64, n, "{u}");
     let o = s.run(&["usage", "--by", "model"]);
-    assert!(text(&o.stdout).contains("scripted/m"), "{}", text(&o.stdout));
+    assert!(
+        text(&o.stdout).contains("scripted/m"),
+        "{}",
+        text(&o.stdout)
+    );
 
     // HumanEval: the first three problems; two get their canonical solution, one a wrong one.
     let datasets = env_path("KILN_DATASET_DIR");
@@ -192,7 +205,10 @@ fn eval_suites_run_end_to_end_with_the_scripted_model() {
     assert_eq!(o.status.code(), Some(0), "{out}{}", text(&o.stderr));
     assert_eq!(out.matches("PASS ").count(), 2, "{out}");
     assert_eq!(out.matches("FAIL ").count(), 1, "{out}");
-    assert!(out.contains("humaneval: 2/3 tasks passed (66.7 %)"), "{out}");
+    assert!(
+        out.contains("humaneval: 2/3 tasks passed (66.7 %)"),
+        "{out}"
+    );
 
     crate::one_line_error(
         &s.run(&["eval", "run", "no-such-suite", "--model", "scripted/m"]),
