@@ -749,6 +749,31 @@ async fn a_run_resumes_from_its_log_after_a_restart() {
         m.requests()[2].body["messages"].as_array().map(|a| a.len()),
         Some(6)
     );
+    // Its model calls were metered once each, though the resumed run re-metered its log.
+    let u: Value = s
+        .http
+        .get(s.url("/v1/usage/events?from=0"))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let ids: Vec<&str> = u["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["data"]["agent_run"] == id.as_str())
+        .filter_map(|e| e["id"].as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            format!("{id}:tokens:3"),
+            format!("{id}:tokens:8"),
+            format!("{id}:tokens:15")
+        ]
+    );
     // Following the stream of a finished run ends.
     let text = s
         .http
@@ -926,7 +951,11 @@ async fn mcp_tools_are_found_checked_and_governed_like_built_in_ones() {
     let lead = ScriptedServer::start(vec![
         // Not loaded yet: a malformed call the model is told how to repair.
         Turn::call("a0", "calc__add", json!({"a": 1, "b": 1})),
-        Turn::call("a1", "search_tools", json!({"query": "add integers"})),
+        Turn::call(
+            "a1",
+            "search_tools",
+            json!({"query": "add integers, inject", "limit": 5}),
+        ),
         Turn::calls(&[
             ("a2", "calc__add", json!({"a": 2, "b": 3})),
             ("a3", "calc__add", json!({"a": "two", "b": 3})),
