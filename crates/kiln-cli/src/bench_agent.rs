@@ -180,6 +180,7 @@ async fn measure(
     let row = rt
         .start(
             &org,
+            "bench",
             StartRun {
                 task: "bench".into(),
                 profile: Some("parent".into()),
@@ -294,6 +295,7 @@ async fn measure(
     let row = rt
         .start(
             &org,
+            "bench",
             StartRun {
                 task: "spawn".into(),
                 profile: Some("parent".into()),
