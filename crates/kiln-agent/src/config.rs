@@ -129,9 +129,21 @@ pub fn glob_match(pattern: &str, s: &str) -> bool {
 }
 
 impl Policy {
-    /// The decision for a call of `tool`; `command` is the command line for `exec`.
+    /// The decision for a call of `tool`; `command` is the command line for `exec`. A tool
+    /// key may be a `*` pattern (`fs__*` covers every tool of MCP server `fs`); an exact key
+    /// wins over patterns, and among patterns the most restrictive decision.
     pub fn decide(&self, tool: &str, command: Option<&str>) -> Decision {
-        let mut d = *self.tools.get(tool).unwrap_or(&self.default);
+        let pattern = self
+            .tools
+            .iter()
+            .filter(|(k, _)| k.contains('*') && glob_match(k, tool))
+            .map(|(_, d)| *d)
+            .max();
+        let mut d = *self
+            .tools
+            .get(tool)
+            .or(pattern.as_ref())
+            .unwrap_or(&self.default);
         if let Some(cmd) = command {
             if let Some(r) = self.commands.iter().find(|r| glob_match(&r.pattern, cmd)) {
                 d = d.max(r.decision);
@@ -232,6 +244,10 @@ pub struct AgentConfig {
     pub profiles: BTreeMap<String, Profile>,
     /// Concurrent runs per organisation.
     pub max_concurrent_runs_per_org: Option<u64>,
+    /// The message bus between agents (`kind = "local"`, the default, or `kind = "nats"`).
+    pub bus: crate::bus::BusConfig,
+    /// MCP servers whose tools agents may use.
+    pub mcp: crate::mcp::McpConfig,
 }
 
 const READ_TOOLS: &[&str] = &[
@@ -377,6 +393,24 @@ mod tests {
             chain.decide("exec", Some("ls")),
         ];
         expect_test::expect!["[Allow, Ask, Deny, Deny, Allow]"].assert_eq(&format!("{got:?}"));
+        // MCP tools by pattern: an exact key wins over a pattern.
+        let mcp = PolicyChain::default().with(Policy {
+            default: Decision::Allow,
+            tools: [
+                ("fs__*".to_string(), Decision::Ask),
+                ("fs__read_text_file".to_string(), Decision::Allow),
+                ("*__delete*".to_string(), Decision::Deny),
+            ]
+            .into(),
+            commands: vec![],
+        });
+        let got = [
+            mcp.decide("fs__write_file", None),
+            mcp.decide("fs__read_text_file", None),
+            mcp.decide("fs__delete_file", None),
+            mcp.decide("calc__add", None),
+        ];
+        expect_test::expect!["[Ask, Allow, Deny, Allow]"].assert_eq(&format!("{got:?}"));
         assert!(glob_match("git push*", "git push origin"));
         assert!(!glob_match("git push*", "git status"));
         assert!(glob_match("*curl*", "sh -c 'curl x'"));

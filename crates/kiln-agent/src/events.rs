@@ -107,6 +107,10 @@ pub enum EventKind {
         used: f64,
         limit: f64,
     },
+    /// `search_tools` found these deferred tools; they are offered from the next step on.
+    ToolsLoaded {
+        tools: Vec<String>,
+    },
     Condensation {
         summary: String,
         /// Messages kept verbatim after the summary.
@@ -140,6 +144,7 @@ impl EventKind {
             EventKind::SubAgentSpawned { .. } => "sub_agent_spawned",
             EventKind::SubAgentFinished { .. } => "sub_agent_finished",
             EventKind::BudgetWarning { .. } => "budget_warning",
+            EventKind::ToolsLoaded { .. } => "tools_loaded",
             EventKind::Condensation { .. } => "condensation",
             EventKind::Finished { .. } => "finished",
         }
@@ -174,6 +179,8 @@ pub struct RunState {
     pub model: String,
     pub text_tools: bool,
     pub tools: Vec<String>,
+    /// Deferred tools found by `search_tools` (offered from then on).
+    pub loaded_tools: Vec<String>,
     pub parent_id: Option<String>,
     pub messages: Vec<Message>,
     /// Calls of the last response without an end yet.
@@ -355,6 +362,13 @@ impl RunState {
                 }
             }
             EventKind::BudgetWarning { budget, .. } => self.warned.push(budget.clone()),
+            EventKind::ToolsLoaded { tools } => {
+                for t in tools {
+                    if !self.loaded_tools.contains(t) {
+                        self.loaded_tools.push(t.clone());
+                    }
+                }
+            }
             EventKind::Condensation {
                 summary,
                 kept,

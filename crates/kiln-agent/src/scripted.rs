@@ -5,7 +5,9 @@
 //!
 //! Each request takes the next turn of the script, whatever protocol it arrived on; an
 //! exhausted script answers 500 with an error body, so a test that expected fewer model calls
-//! fails loudly.
+//! fails loudly. Routed scripts ([`ScriptedServer::route`]) serve concurrent runs: a request
+//! any of whose strings (e.g. the task message) contains a route's key takes that route's
+//! next turn.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -113,6 +115,8 @@ pub struct Recorded {
 #[derive(Default)]
 struct Inner {
     turns: VecDeque<Turn>,
+    /// (key, script): requests mentioning the key take turns from its script.
+    routes: Vec<(String, VecDeque<Turn>)>,
     /// When set, the script repeats this turn forever once `turns` is empty (benchmarks).
     forever: Option<Turn>,
     requests: Vec<Recorded>,
@@ -172,6 +176,14 @@ impl ScriptedServer {
         self.lock().turns.extend(turns);
     }
 
+    /// Requests that contain `key` in any string (a task's text, say) take their turns from
+    /// `turns` instead of the main script.
+    pub fn route(&self, key: &str, turns: impl IntoIterator<Item = Turn>) {
+        self.lock()
+            .routes
+            .push((key.to_string(), turns.into_iter().collect()));
+    }
+
     /// Answers with `turn` whenever the script is empty.
     pub fn repeat_forever(&self, turn: Turn) {
         self.lock().forever = Some(turn);
@@ -206,12 +218,17 @@ fn next_turn(
         .and_then(|v| v.to_str().ok())
         .map(|s| s.trim_start_matches("Bearer ").to_string());
     let mut g = inner.lock().unwrap_or_else(|e| e.into_inner());
+    let routed = g.routes.iter().position(|(key, _)| mentions(&body, key));
     g.requests.push(Recorded {
         path: path.into(),
         body,
         credential,
     });
-    match g.turns.pop_front().or_else(|| g.forever.clone()) {
+    let next = match routed {
+        Some(i) => g.routes[i].1.pop_front(),
+        None => g.turns.pop_front(),
+    };
+    match next.or_else(|| g.forever.clone()) {
         Some(t) => Ok(t),
         None => Err(Box::new(
             (
@@ -220,6 +237,16 @@ fn next_turn(
         )
             .into_response(),
         )),
+    }
+}
+
+/// Whether any string in `v` contains `key`.
+fn mentions(v: &Value, key: &str) -> bool {
+    match v {
+        Value::String(s) => s.contains(key),
+        Value::Array(a) => a.iter().any(|x| mentions(x, key)),
+        Value::Object(o) => o.values().any(|x| mentions(x, key)),
+        _ => false,
     }
 }
 

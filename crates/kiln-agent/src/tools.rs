@@ -4,7 +4,7 @@
 //! over kilnd and kiln-devtools); further tools (knowledge search, MCP servers) plug in
 //! through [`Tool`] and [`Registry::register`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -249,6 +249,28 @@ pub struct CloseAgent {
     pub agent: String,
 }
 
+/// The tool that finds deferred (MCP) tools and loads them for later steps.
+pub const SEARCH_TOOLS: &str = "search_tools";
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SearchTools {
+    /// Words describing the tool you need, e.g. `read file` or `weather`.
+    pub query: String,
+    /// At most this many tools (default 5, at most 20).
+    pub limit: Option<usize>,
+}
+
+fn search_spec() -> ToolSpec {
+    ToolSpec {
+        name: SEARCH_TOOLS.into(),
+        description: "Find more tools (from MCP servers) by describing what you need; the tools \
+            found can be called from the next step on."
+            .into(),
+        parameters: schema::<SearchTools>(),
+    }
+}
+
 fn schema<T: JsonSchema>() -> Value {
     let mut v = schemars::generate::SchemaSettings::draft07()
         .with(|s| s.inline_subschemas = true)
@@ -294,10 +316,19 @@ pub fn builtin_specs() -> Vec<ToolSpec> {
 }
 
 /// Tools offered to a run: the built-ins (optionally restricted) and plugged-in tools.
+/// Deferred plugins (MCP tools beyond the tool budget) are offered only once `search_tools`
+/// found them ([`Registry::search`], [`Registry::set_loaded`]).
 #[derive(Clone, Default)]
 pub struct Registry {
     builtins: Vec<ToolSpec>,
     plugins: BTreeMap<String, Arc<dyn Tool>>,
+    deferred: BTreeSet<String>,
+    loaded: BTreeSet<String>,
+}
+
+/// Whether `name` is allowed by a list of names and `*` patterns (`fs__*`).
+pub fn allowed_by(list: &[String], name: &str) -> bool {
+    list.iter().any(|p| glob_match(p, name))
 }
 
 /// A call that could not run: the arguments did not validate, or the tool is unknown.
@@ -321,7 +352,7 @@ impl Registry {
             .collect();
         Registry {
             builtins,
-            plugins: BTreeMap::new(),
+            ..Registry::default()
         }
     }
 
@@ -329,13 +360,32 @@ impl Registry {
         self.plugins.insert(tool.spec().name, tool);
     }
 
-    /// Keeps only tools that `allowed` names (a child never gets more than its parent).
-    pub fn restrict(&mut self, allowed: &[String]) {
-        self.builtins
-            .retain(|s| allowed.iter().any(|n| n == &s.name));
-        self.plugins.retain(|n, _| allowed.iter().any(|a| a == n));
+    /// Registers a tool the model finds through `search_tools` instead of seeing it up front.
+    pub fn register_deferred(&mut self, tool: Arc<dyn Tool>) {
+        let name = tool.spec().name;
+        self.deferred.insert(name.clone());
+        self.plugins.insert(name, tool);
     }
 
+    /// Keeps only tools that `allowed` names or matches (a child never gets more than its
+    /// parent).
+    pub fn restrict(&mut self, allowed: &[String]) {
+        self.builtins.retain(|s| allowed_by(allowed, &s.name));
+        self.plugins.retain(|n, _| allowed_by(allowed, n));
+        let plugins = &self.plugins;
+        self.deferred.retain(|n| plugins.contains_key(n));
+    }
+
+    /// Makes these deferred tools callable (the run's `tools_loaded` events).
+    pub fn set_loaded(&mut self, names: &[String]) {
+        self.loaded = names
+            .iter()
+            .filter(|n| self.deferred.contains(*n))
+            .cloned()
+            .collect();
+    }
+
+    /// Every tool the run may use (deferred ones included).
     pub fn names(&self) -> Vec<String> {
         self.builtins
             .iter()
@@ -344,16 +394,61 @@ impl Registry {
             .collect()
     }
 
+    /// What the model is offered now: built-ins, plugins that are not deferred, deferred
+    /// ones already found, and `search_tools` while any are deferred.
     pub fn specs(&self) -> Vec<ToolSpec> {
-        self.builtins
+        let mut v: Vec<ToolSpec> = self
+            .builtins
             .iter()
             .cloned()
-            .chain(self.plugins.values().map(|t| t.spec()))
-            .collect()
+            .chain(
+                self.plugins
+                    .iter()
+                    .filter(|(n, _)| !self.deferred.contains(*n) || self.loaded.contains(*n))
+                    .map(|(_, t)| t.spec()),
+            )
+            .collect();
+        if !self.deferred.is_empty() {
+            v.push(search_spec());
+        }
+        v
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.builtins.iter().any(|s| s.name == name) || self.plugins.contains_key(name)
+        self.builtins.iter().any(|s| s.name == name)
+            || self.plugins.contains_key(name)
+            || (name == SEARCH_TOOLS && !self.deferred.is_empty())
+    }
+
+    /// Deferred tools matching `query` (words scored over name and description), best
+    /// first.
+    pub fn search(&self, query: &str, limit: usize) -> Vec<ToolSpec> {
+        let words: Vec<String> = query
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| !w.is_empty())
+            .map(str::to_lowercase)
+            .collect();
+        let mut hits: Vec<(usize, ToolSpec)> = self
+            .deferred
+            .iter()
+            .filter_map(|n| self.plugins.get(n))
+            .map(|t| {
+                let spec = t.spec();
+                let name = spec.name.to_lowercase().replace('_', " ");
+                let desc = spec.description.to_lowercase();
+                let score = words
+                    .iter()
+                    .map(|w| {
+                        2 * usize::from(name.contains(w.as_str()))
+                            + usize::from(desc.contains(w.as_str()))
+                    })
+                    .sum();
+                (score, spec)
+            })
+            .filter(|(score, _)| *score > 0)
+            .collect();
+        hits.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.name.cmp(&b.1.name)));
+        hits.into_iter().take(limit).map(|(_, s)| s).collect()
     }
 
     /// Parses a call's arguments: JSON first (else `Malformed`), then the tool's type.
@@ -361,7 +456,16 @@ impl Registry {
         if !self.has(name) {
             return Err(CallError::Malformed(format!(
                 "unknown tool `{name}`; available: {}",
-                self.names().join(", ")
+                self.specs()
+                    .iter()
+                    .map(|s| s.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        if self.deferred.contains(name) && !self.loaded.contains(name) {
+            return Err(CallError::Malformed(format!(
+                "tool `{name}` is not loaded yet: find it with `{SEARCH_TOOLS}` first"
             )));
         }
         let v: Value = serde_json::from_str(if raw.trim().is_empty() { "{}" } else { raw })

@@ -126,8 +126,9 @@ pub struct UsageArgs {
     /// End (exclusive), same forms [default: now]
     #[arg(long)]
     pub to: Option<String>,
-    /// Split each bucket by key, sandbox or template
-    #[arg(long, value_parser = ["key", "sandbox", "template"])]
+    /// Split each bucket by key, sandbox, template, agent run or model (the last two show
+    /// only agent token usage)
+    #[arg(long, value_parser = ["key", "sandbox", "template", "agent", "model"])]
     pub by: Option<String>,
     /// Bucket size
     #[arg(long, default_value = "hour", value_parser = ["hour", "day"])]
@@ -437,7 +438,8 @@ fn query_string(pairs: &[(&str, Option<&str>)]) -> String {
     }
 }
 
-/// `kiln usage`: metered usage by hour or day (optionally by key, sandbox or template), or
+/// `kiln usage`: metered usage by hour or day (optionally by key, sandbox, template, agent
+/// run or model), sandbox time and agent tokens with their cost, or
 /// the raw events.
 pub async fn usage(g: &Global, a: UsageArgs) -> Result<i32> {
     let api = g.api();
@@ -457,20 +459,30 @@ pub async fn usage(g: &Global, a: UsageArgs) -> Result<i32> {
             return Ok(0);
         }
         println!(
-            "{:<24} {:<26} {:<16} {:>9} {:>8} {:>9} {:>9}",
-            "TIME", "TYPE", "SANDBOX", "SB-SEC", "CPU-SEC", "MEM-GiBs", "DISK-GiBs"
+            "{:<24} {:<26} {:<16} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9}",
+            "TIME",
+            "TYPE",
+            "SANDBOX",
+            "SB-SEC",
+            "CPU-SEC",
+            "MEM-GiBs",
+            "DISK-GiBs",
+            "TOKENS",
+            "COST"
         );
         for e in &list.events {
             let d = &e.data;
             println!(
-                "{:<24} {:<26} {:<16} {:>9.1} {:>8.2} {:>9.3} {:>9.3}",
+                "{:<24} {:<26} {:<16} {:>9.1} {:>8.2} {:>9.3} {:>9.3} {:>9} {:>9.4}",
                 e.time,
                 e.kind,
                 d.sandbox,
                 d.sandbox_seconds,
                 d.cpu_seconds,
                 d.memory_gib_seconds,
-                d.disk_gib_seconds
+                d.disk_gib_seconds,
+                d.input_tokens + d.output_tokens,
+                d.cost_usd
             );
         }
         return Ok(0);
@@ -491,7 +503,7 @@ pub async fn usage(g: &Global, a: UsageArgs) -> Result<i32> {
     }
     let group = a.by.as_deref().map(str::to_uppercase).unwrap_or_default();
     println!(
-        "{:<24} {:<18} {:>10} {:>9} {:>10} {:>10}",
+        "{:<24} {:<18} {:>10} {:>9} {:>10} {:>10} {:>10} {:>10} {:>9}",
         if a.granularity == "day" {
             "DAY"
         } else {
@@ -501,24 +513,28 @@ pub async fn usage(g: &Global, a: UsageArgs) -> Result<i32> {
         "SB-SEC",
         "CPU-SEC",
         "MEM-GiBs",
-        "DISK-GiBs"
+        "DISK-GiBs",
+        "TOKENS-IN",
+        "TOKENS-OUT",
+        "COST-USD"
     );
-    for b in &r.buckets {
-        let u = &b.usage;
+    let line = |start: &str, group: &str, u: &kiln_protocol::api::UsageTotals| {
         println!(
-            "{:<24} {:<18} {:>10.1} {:>9.2} {:>10.3} {:>10.3}",
-            b.start,
-            b.group.as_deref().unwrap_or(""),
+            "{:<24} {:<18} {:>10.1} {:>9.2} {:>10.3} {:>10.3} {:>10} {:>10} {:>9.4}",
+            start,
+            group,
             u.sandbox_seconds,
             u.cpu_seconds,
             u.memory_gib_seconds,
-            u.disk_gib_seconds
-        );
+            u.disk_gib_seconds,
+            u.input_tokens,
+            u.output_tokens,
+            u.cost_usd
+        )
+    };
+    for b in &r.buckets {
+        line(&b.start, b.group.as_deref().unwrap_or(""), &b.usage);
     }
-    let t = &r.total;
-    println!(
-        "{:<24} {:<18} {:>10.1} {:>9.2} {:>10.3} {:>10.3}",
-        "TOTAL", "", t.sandbox_seconds, t.cpu_seconds, t.memory_gib_seconds, t.disk_gib_seconds
-    );
+    line("TOTAL", "", &r.total);
     Ok(0)
 }

@@ -191,10 +191,21 @@ async fn create_sandbox(api: &Api, template: &str, network: bool) -> Result<Sand
 }
 
 async fn sh(api: &Api, sb: &str, script: &str) -> Result<(i32, String)> {
+    sh_timeout(api, sb, script, None).await
+}
+
+/// Runs `sh -c script` in a sandbox (killed after `timeout_secs`); returns the exit code
+/// (124 when it timed out) and stdout and stderr interleaved.
+pub(crate) async fn sh_timeout(
+    api: &Api,
+    sb: &str,
+    script: &str,
+    timeout_secs: Option<f64>,
+) -> Result<(i32, String)> {
     let resp = api
         .send(
             api.request(Method::POST, &format!("/v1/sandboxes/{sb}/exec"))
-                .json(&json!({"cmd": ["sh", "-c", script]})),
+                .json(&json!({"cmd": ["sh", "-c", script], "timeout_secs": timeout_secs})),
         )
         .await?;
     let mut out = String::new();
@@ -205,7 +216,13 @@ async fn sh(api: &Api, sb: &str, script: &str) -> Result<(i32, String)> {
             | kiln_protocol::api::ExecEvent::Stderr { data, .. } => {
                 out.push_str(&String::from_utf8_lossy(&data))
             }
-            kiln_protocol::api::ExecEvent::Exit(st) => code = st.exit_code.unwrap_or(-1),
+            kiln_protocol::api::ExecEvent::Exit(st) => {
+                code = if st.timed_out {
+                    124
+                } else {
+                    st.exit_code.unwrap_or(-1)
+                }
+            }
             _ => {}
         }
         Ok(true)
@@ -231,7 +248,7 @@ fn tar_dir(dir: &Path) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-async fn upload(api: &Api, sb: &str, path: &str, data: Vec<u8>) -> Result<()> {
+pub(crate) async fn upload(api: &Api, sb: &str, path: &str, data: Vec<u8>) -> Result<()> {
     api.send(
         api.request(
             Method::PUT,

@@ -148,6 +148,7 @@ async fn measure(
     let row = rt
         .start(
             &org,
+            "bench",
             StartRun {
                 task: "bench".into(),
                 profile: Some("parent".into()),
@@ -262,6 +263,7 @@ async fn measure(
     let row = rt
         .start(
             &org,
+            "bench",
             StartRun {
                 task: "spawn".into(),
                 profile: Some("parent".into()),

@@ -13,6 +13,7 @@ mod bench_devtools;
 mod bench_knowledge;
 mod bench_template;
 mod devtools;
+mod eval;
 mod gitcreds;
 mod knowledge;
 mod sandbox;
@@ -87,12 +88,16 @@ enum Command {
     Key(admin::KeyCmd),
     /// Read the audit log (owner, admin, auditor)
     Audit(admin::AuditArgs),
-    /// Metered usage (sandbox-, CPU-, memory- and disk-seconds) by hour or day, or the raw
-    /// usage events (owner, admin, auditor)
+    /// Metered usage (sandbox-, CPU-, memory- and disk-seconds, agents' LLM tokens and cost)
+    /// by hour or day, or the raw usage events (owner, admin, auditor)
     Usage(admin::UsageArgs),
     /// Agent runs: run a task, list, show, logs, approve, stop, replay
     #[command(subcommand)]
     Agent(agent::AgentCmd),
+    /// Evaluation suites: run a suite of tasks (evals/kiln, humaneval) against a model in
+    /// fresh sandboxes and report success rate, steps, tokens, cost and time
+    #[command(subcommand)]
+    Eval(eval::EvalCmd),
     /// Knowledge indexes: create, sync (--watch), ls, stats, rm
     #[command(subcommand)]
     Index(knowledge::IndexCmd),
@@ -163,6 +168,7 @@ fn main() {
             Command::Audit(a) => admin::audit(&cli.global, a).await,
             Command::Usage(a) => admin::usage(&cli.global, a).await,
             Command::Agent(c) => agent::run(&cli.global, c).await,
+            Command::Eval(c) => eval::run(&cli.global, c).await,
             Command::Index(c) => knowledge::index(&cli.global, c).await,
             Command::Search(a) => knowledge::search(&cli.global, a).await,
             Command::Context(a) => knowledge::context(&cli.global, a).await,

@@ -546,10 +546,11 @@ pub struct UsageEvent {
     pub id: String,
     /// The server that measured it, `kiln://<host id>`.
     pub source: String,
-    /// `dev.kiln.sandbox.{started,usage,paused,resumed,stopped}`.
+    /// `dev.kiln.sandbox.{started,usage,paused,resumed,stopped}`, or `dev.kiln.agent.tokens`
+    /// for one model call of an agent run.
     #[serde(rename = "type")]
     pub kind: String,
-    /// `org/<org>/key/<key>/sandbox/<sandbox>`.
+    /// `org/<org>/key/<key>/sandbox/<sandbox>`, or `org/<org>/key/<key>/agent/<run>`.
     pub subject: String,
     /// RFC 3339.
     pub time: String,
@@ -571,6 +572,17 @@ pub struct UsageData {
     pub cpu_seconds: f64,
     pub memory_gib_seconds: f64,
     pub disk_gib_seconds: f64,
+    /// Agent token events: the run and model of the call, its tokens and cost in USD.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_run: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    #[serde(default)]
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub cost_usd: f64,
 }
 
 /// `GET /v1/usage/events`.
@@ -588,6 +600,14 @@ pub struct UsageTotals {
     pub cpu_seconds: f64,
     pub memory_gib_seconds: f64,
     pub disk_gib_seconds: f64,
+    /// LLM tokens of agent runs (input / output) and their cost in USD (the agent config's
+    /// price table).
+    #[serde(default)]
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
+    #[serde(default)]
+    pub cost_usd: f64,
     /// Events summed.
     pub events: u64,
 }
@@ -599,7 +619,8 @@ pub struct UsageBucket {
     /// Start of the bucket, RFC 3339.
     pub start: String,
     pub start_ms: u64,
-    /// The key id, sandbox id or template this row is for (absent without `by`).
+    /// The key id, sandbox id, template, agent run or model this row is for (absent without
+    /// `by`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     #[serde(flatten)]
@@ -615,7 +636,7 @@ pub struct UsageReport {
     pub to_ms: u64,
     /// `hour` or `day`.
     pub granularity: String,
-    /// `key`, `sandbox` or `template` when grouped.
+    /// `key`, `sandbox`, `template`, `agent` or `model` when grouped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
     pub buckets: Vec<UsageBucket>,

@@ -401,7 +401,10 @@ async fn start_run(
     ApiJson(req): ApiJson<StartRun>,
 ) -> ApiResult<Response> {
     let rt = agents(&k);
-    let row = rt.start(&c.org_id, req).await.map_err(agent_error)?;
+    let row = rt
+        .start(&c.org_id, &c.key_id, req)
+        .await
+        .map_err(agent_error)?;
     let row = k.store.agent_run(&c.org_id, &row.id).await?.unwrap_or(row);
     Ok((StatusCode::CREATED, Json(Run::from(row))).into_response())
 }

@@ -189,6 +189,10 @@ pub async fn start(cfg: ServerConfig) -> Result<Arc<Kiln>, ServerError> {
     kiln.reconcile()
         .await
         .map_err(|e| ServerError::Reconcile(e.to_string()))?;
+    // The tools of the configured MCP servers (a server that fails is logged and left out).
+    for e in agents::agents(&kiln).connect_mcp().await {
+        tracing::error!(error = %e, "MCP server unavailable; its tools are not offered");
+    }
     // Unfinished agent runs of this server continue from their event logs.
     match agents::agents(&kiln).resume_all().await {
         Ok(0) => {}
@@ -235,6 +239,9 @@ pub async fn serve(
     })
     .await;
     shutdown.cancel();
+    if let Some(a) = kiln.agents.get() {
+        a.close_mcp().await;
+    }
     // Close every open usage window and store every queued audit entry, so a clean stop
     // loses no accounting at all.
     kiln.meter_all().await;

@@ -9,7 +9,12 @@
 //! is the cgroup's cumulative counter, so the window after a crash still counts every
 //! CPU-second; memory and disk are point samples times the window length.
 //!
-//! What it does not do: price anything, or meter warm-pool members (they belong to no org;
+//! Agent runs meter their own model calls (`dev.kiln.agent.tokens`, see
+//! `kiln_agent::runner`): one event per model call with the run's org and key, id
+//! `<run>:tokens:<event seq>`, so a run resumed after a restart re-meters its log without
+//! counting anything twice.
+//!
+//! What it does not do: price sandbox time, or meter warm-pool members (they belong to no org;
 //! a claimed member is metered from its claim).
 
 use std::collections::HashMap;
@@ -45,21 +50,16 @@ pub struct Meter {
 impl Kiln {
     fn usage_event(&self, row: &SandboxRow, kind: &str, id: String, now: u64) -> UsageEventRow {
         UsageEventRow {
-            id,
-            source: format!("kiln://{}", self.store.host()),
-            kind: kind.into(),
-            time_ms: now,
-            org_id: row.org_id.clone(),
             key_id: row.key_id.clone().unwrap_or_default(),
             sandbox_id: row.sandbox.id.clone(),
             template: row.sandbox.template.clone(),
-            start_ms: now,
-            end_ms: now,
-            sandbox_seconds: 0.0,
-            cpu_seconds: 0.0,
-            memory_gib_seconds: 0.0,
-            disk_gib_seconds: 0.0,
-            cpu_total_ns: None,
+            ..UsageEventRow::new(
+                id,
+                format!("kiln://{}", self.store.host()),
+                kind,
+                &row.org_id,
+                now,
+            )
         }
     }
 
@@ -244,7 +244,7 @@ pub struct UsageQuery {
     /// `hour` (default) or `day`.
     #[serde(default)]
     granularity: Option<String>,
-    /// `key`, `sandbox` or `template`.
+    /// `key`, `sandbox`, `template`, `agent` (agent runs' tokens and cost) or `model`.
     #[serde(default)]
     by: Option<String>,
     /// Events only: at most this many (default 1000).
@@ -328,7 +328,8 @@ async fn window(
     Ok(Window { org, from, to })
 }
 
-/// `GET /v1/usage`: summed usage per hour or day, optionally by key, sandbox or template.
+/// `GET /v1/usage`: summed usage per hour or day, optionally by key, sandbox, template,
+/// agent run or model.
 pub async fn usage_report(
     State(k): State<AppState>,
     Extension(c): Extension<Caller>,
@@ -344,7 +345,9 @@ pub async fn usage_report(
         Some("key") => UsageGroup::Key,
         Some("sandbox") => UsageGroup::Sandbox,
         Some("template") => UsageGroup::Template,
-        Some(o) => return Err(bad("by", o, "use key, sandbox or template")),
+        Some("agent") => UsageGroup::Agent,
+        Some("model") => UsageGroup::Model,
+        Some(o) => return Err(bad("by", o, "use key, sandbox, template, agent or model")),
     };
     let w = window(
         &k,
@@ -370,8 +373,14 @@ pub async fn usage_report(
                 cpu_seconds: r.cpu_seconds,
                 memory_gib_seconds: r.memory_gib_seconds,
                 disk_gib_seconds: r.disk_gib_seconds,
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                cost_usd: r.cost_usd,
                 events: r.events,
             };
+            total.input_tokens += u.input_tokens;
+            total.output_tokens += u.output_tokens;
+            total.cost_usd += u.cost_usd;
             total.sandbox_seconds += u.sandbox_seconds;
             total.cpu_seconds += u.cpu_seconds;
             total.memory_gib_seconds += u.memory_gib_seconds;
@@ -419,7 +428,11 @@ pub async fn usage_events(
         .into_iter()
         .map(|e| UsageEvent {
             specversion: "1.0".into(),
-            subject: format!("org/{}/key/{}/sandbox/{}", e.org_id, e.key_id, e.sandbox_id),
+            subject: if e.agent_run.is_empty() {
+                format!("org/{}/key/{}/sandbox/{}", e.org_id, e.key_id, e.sandbox_id)
+            } else {
+                format!("org/{}/key/{}/agent/{}", e.org_id, e.key_id, e.agent_run)
+            },
             time: rfc3339(e.time_ms),
             datacontenttype: "application/json".into(),
             data: UsageData {
@@ -433,6 +446,11 @@ pub async fn usage_events(
                 cpu_seconds: e.cpu_seconds,
                 memory_gib_seconds: e.memory_gib_seconds,
                 disk_gib_seconds: e.disk_gib_seconds,
+                agent_run: (!e.agent_run.is_empty()).then_some(e.agent_run),
+                model: (!e.model.is_empty()).then_some(e.model),
+                input_tokens: e.input_tokens,
+                output_tokens: e.output_tokens,
+                cost_usd: e.cost_usd,
             },
             id: e.id,
             source: e.source,

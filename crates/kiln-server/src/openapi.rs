@@ -705,7 +705,7 @@ fn operations(b: &mut Builder) {
         "GET",
         "/v1/usage",
         "control plane",
-        "Metered usage by hour or day, optionally by key, sandbox or template",
+        "Metered usage (sandbox time, agent tokens and cost) by hour or day, optionally by key, sandbox, template, agent run or model",
         q.clone(),
         None,
         200,

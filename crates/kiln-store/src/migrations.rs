@@ -180,6 +180,14 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         );
         CREATE UNIQUE INDEX git_credentials_org_host ON git_credentials(org_id, host);",
     ),
+    (
+        10,
+        "ALTER TABLE usage_events ADD COLUMN agent_run TEXT NOT NULL DEFAULT '';
+        ALTER TABLE usage_events ADD COLUMN model TEXT NOT NULL DEFAULT '';
+        ALTER TABLE usage_events ADD COLUMN input_tokens BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE usage_events ADD COLUMN output_tokens BIGINT NOT NULL DEFAULT 0;
+        ALTER TABLE usage_events ADD COLUMN cost_usd DOUBLE PRECISION NOT NULL DEFAULT 0;",
+    ),
 ];
 
 const PG_LOCK: i64 = 0x6b696c6e; // "kiln"

@@ -440,6 +440,26 @@ fn usage_event(id: &str, sandbox: &str, key: &str, end_ms: u64, secs: f64) -> Us
         memory_gib_seconds: secs / 4.0,
         disk_gib_seconds: secs / 2.0,
         cpu_total_ns: Some(end_ms * 1000),
+        ..UsageEventRow::new(String::new(), String::new(), "", "", 0)
+    }
+}
+
+fn token_event(id: &str, run: &str, model: &str, end_ms: u64, tokens: u64) -> UsageEventRow {
+    UsageEventRow {
+        key_id: "k1".into(),
+        sandbox_id: "sb-a".into(),
+        agent_run: run.into(),
+        model: model.into(),
+        input_tokens: tokens,
+        output_tokens: tokens / 10,
+        cost_usd: tokens as f64 / 1e6,
+        ..UsageEventRow::new(
+            id.into(),
+            "kiln://host-a".into(),
+            "dev.kiln.agent.tokens",
+            "o1",
+            end_ms,
+        )
     }
 }
 
@@ -459,6 +479,16 @@ async fn usage_events_are_idempotent_and_aggregate_by_bucket_and_group() {
         // A replay (same id, even with different numbers) changes nothing.
         let replay = usage_event("e2", "sb-a", "k1", 10 * H + 60_000, 999.0);
         assert!(!s.append_usage(&replay).await.expect("replay"));
+        // Agent token events: attributed to the sandbox, but not part of its usage chain.
+        for t in [
+            token_event("run-1:tokens:3", "run-1", "m/a", 10 * H + 90_000, 1000),
+            token_event("run-1:tokens:9", "run-1", "m/a", 10 * H + 95_000, 500),
+            token_event("run-2:tokens:3", "run-2", "m/b", 10 * H + 96_000, 200),
+        ] {
+            assert!(s.append_usage(&t).await.expect("append tokens"));
+        }
+        let again = token_event("run-1:tokens:9", "run-1", "m/a", 10 * H + 95_000, 77);
+        assert!(!s.append_usage(&again).await.expect("replayed tokens"));
 
         let last = s.last_usage("sb-a").await.expect("last").expect("some");
         assert_eq!((last.id.as_str(), last.sandbox_seconds), ("e2", 30.0));
@@ -485,17 +515,50 @@ async fn usage_events_are_idempotent_and_aggregate_by_bucket_and_group() {
             .await
             .expect("report");
         expect_test::expect![[r#"
-            10 k1     sb=60 cpu=6 mem=15 disk=30 n=2
+            10 k1     sb=60 cpu=6 mem=15 disk=30 n=5
             11 k2     sb=10 cpu=1 mem=2.5 disk=5 n=1
             35 k2     sb=20 cpu=2 mem=5 disk=10 n=1
         "#]]
         .assert_eq(&fmt(by_hour));
+        let tokens = |rows: Vec<UsageAgg>| {
+            rows.iter()
+                .map(|r| {
+                    format!(
+                        "{} {} in={} out={} usd={} n={}\n",
+                        r.bucket_start_ms / H,
+                        r.group,
+                        r.input_tokens,
+                        r.output_tokens,
+                        r.cost_usd,
+                        r.events
+                    )
+                })
+                .collect::<String>()
+        };
+        let by_agent = s
+            .usage_report("o1", 0, 100 * H, H, UsageGroup::Agent)
+            .await
+            .expect("report");
+        expect_test::expect![[r#"
+            10 run-1 in=1500 out=150 usd=0.0015 n=2
+            10 run-2 in=200 out=20 usd=0.0002 n=1
+        "#]]
+        .assert_eq(&tokens(by_agent));
+        let by_model = s
+            .usage_report("o1", 0, 100 * H, 24 * H, UsageGroup::Model)
+            .await
+            .expect("report");
+        expect_test::expect![[r#"
+            0 m/a in=1500 out=150 usd=0.0015 n=2
+            0 m/b in=200 out=20 usd=0.0002 n=1
+        "#]]
+        .assert_eq(&tokens(by_model));
         let by_day = s
             .usage_report("o1", 0, 100 * H, 24 * H, UsageGroup::None)
             .await
             .expect("report");
         expect_test::expect![[r#"
-            0        sb=70 cpu=7 mem=17.5 disk=35 n=3
+            0        sb=70 cpu=7 mem=17.5 disk=35 n=6
             24        sb=20 cpu=2 mem=5 disk=10 n=1
         "#]]
         .assert_eq(&fmt(by_day));
@@ -505,7 +568,7 @@ async fn usage_events_are_idempotent_and_aggregate_by_bucket_and_group() {
             .await
             .expect("report");
         expect_test::expect![[r#"
-            10 sb-a   sb=30 cpu=3 mem=7.5 disk=15 n=1
+            10 sb-a   sb=30 cpu=3 mem=7.5 disk=15 n=4
             11 sb-b   sb=10 cpu=1 mem=2.5 disk=5 n=1
         "#]]
         .assert_eq(&fmt(window));
@@ -515,6 +578,12 @@ async fn usage_events_are_idempotent_and_aggregate_by_bucket_and_group() {
             .expect("report")
             .is_empty());
         let evs = s.usage_events("o1", 0, 100 * H, 2).await.expect("events");
+        let all = s.usage_events("o1", 0, 100 * H, 100).await.expect("events");
+        let t = all
+            .iter()
+            .find(|e| e.id == "run-1:tokens:9")
+            .expect("token event");
+        assert_eq!((t.input_tokens, t.model.as_str()), (500, "m/a"));
         assert_eq!(
             evs.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
             ["e1", "e2"]

@@ -1,6 +1,10 @@
 //! Integration tests of the providers against the scripted model server over real HTTP:
 //! streaming assembly of text and (parallel) tool calls for the OpenAI, Ollama and Anthropic
 //! protocols, what each request carried (Ollama's `num_ctx`, keys in headers only), errors.
+//! `mcp`: the MCP client against real servers; `bus`: the NATS message bus.
+
+mod bus;
+mod mcp;
 
 use kiln_agent::config::AgentConfig;
 use kiln_agent::model::{ChatRequest, Message, ToolCall, ToolSpec};

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 mod agents;
+mod evals;
 mod templates;
 
 fn kiln() -> PathBuf {

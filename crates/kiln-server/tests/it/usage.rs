@@ -207,7 +207,7 @@ async fn usage_windows_chain_through_pause_crash_and_restart_and_aggregate() {
     }
     expect_test::expect![[r#"
         granularity=week -> 400 granularity="week" is not understood | use hour or day
-        by=colour -> 400 by="colour" is not understood | use key, sandbox or template
+        by=colour -> 400 by="colour" is not understood | use key, sandbox, template, agent or model
         from=yesterday -> 400 from="yesterday" is not understood | use unix milliseconds, RFC 3339 (2026-11-24T08:00:00Z), a UTC date (2026-11-24) or a duration ago (24h, 7d)
         from=2026-11-24&to=2026-11-23 -> 400 from (2026-11-24T00:00:00.000Z) is not before to (2026-11-23T00:00:00.000Z) | give a from earlier than to
     "#]]

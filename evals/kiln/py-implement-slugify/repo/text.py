@@ -1,0 +1,3 @@
+def slugify(s):
+    """'Hello, World!' -> 'hello-world'."""
+    raise NotImplementedError

@@ -1,0 +1,3 @@
+export function parseQuery(q: string): Record<string, string> {
+  return {};
+}

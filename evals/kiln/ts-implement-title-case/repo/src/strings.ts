@@ -1,0 +1,3 @@
+export function titleCase(s: string): string {
+  return s;
+}
