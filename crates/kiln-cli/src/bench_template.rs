@@ -225,38 +225,40 @@ pub async fn run(g: &Global, b: TemplateBench) -> Result<i32> {
     let src = b.src.sources();
     let cold = b.cold;
     let compare = b.compare_debootstrap;
-    let (figures, base_cmp) = tokio::task::spawn_blocking(move || -> Result<(Vec<TemplateFigures>, Option<BaseComparison>)> {
-        let store = ImageStore::open(&dir)?;
-        // Cold stores live next to the real one (same filesystem, like a real build).
-        let cold_root = dir.with_file_name(format!(
-            "{}-bench-cold",
-            dir.file_name().and_then(|n| n.to_str()).unwrap_or("images")
-        ));
-        let mut out = Vec::new();
-        for n in &names {
-            out.push(measure(
-                &store,
-                &src,
-                n,
-                cold.then_some(cold_root.as_path()),
-            )?);
-        }
-        let cmp = if compare {
-            let (mm_s, mm_size) = cold_base(&cold_root, Bootstrapper::Mmdebstrap)?;
-            let (db_s, db_size) = cold_base(&cold_root, Bootstrapper::Debootstrap)?;
-            Some(BaseComparison {
-                mmdebstrap_s: mm_s,
-                mmdebstrap_size_bytes: mm_size,
-                debootstrap_s: db_s,
-                debootstrap_size_bytes: db_size,
-                time_ratio: round(mm_s / db_s.max(0.01)),
-            })
-        } else {
-            None
-        };
-        let _ = std::fs::remove_dir_all(&cold_root);
-        Ok((out, cmp))
-    })
+    let (figures, base_cmp) = tokio::task::spawn_blocking(
+        move || -> Result<(Vec<TemplateFigures>, Option<BaseComparison>)> {
+            let store = ImageStore::open(&dir)?;
+            // Cold stores live next to the real one (same filesystem, like a real build).
+            let cold_root = dir.with_file_name(format!(
+                "{}-bench-cold",
+                dir.file_name().and_then(|n| n.to_str()).unwrap_or("images")
+            ));
+            let mut out = Vec::new();
+            for n in &names {
+                out.push(measure(
+                    &store,
+                    &src,
+                    n,
+                    cold.then_some(cold_root.as_path()),
+                )?);
+            }
+            let cmp = if compare {
+                let (mm_s, mm_size) = cold_base(&cold_root, Bootstrapper::Mmdebstrap)?;
+                let (db_s, db_size) = cold_base(&cold_root, Bootstrapper::Debootstrap)?;
+                Some(BaseComparison {
+                    mmdebstrap_s: mm_s,
+                    mmdebstrap_size_bytes: mm_size,
+                    debootstrap_s: db_s,
+                    debootstrap_size_bytes: db_size,
+                    time_ratio: round(mm_s / db_s.max(0.01)),
+                })
+            } else {
+                None
+            };
+            let _ = std::fs::remove_dir_all(&cold_root);
+            Ok((out, cmp))
+        },
+    )
     .await??;
     let targets = serde_json::json!({
         "base_cold_s": 60, "python_cold_s": 180, "no_change_rebuild_s": 3

@@ -125,7 +125,10 @@ pub fn run_role(
         binds.push((c(Path::new(src)), c(&merged.join(&src[1..])), rec));
     }
     if let Some((lists, archives)) = run.apt_cache {
-        for (src, rel) in [(lists, "var/lib/apt/lists"), (archives, "var/cache/apt/archives")] {
+        for (src, rel) in [
+            (lists, "var/lib/apt/lists"),
+            (archives, "var/cache/apt/archives"),
+        ] {
             // A bind needs its mount point; lower layers normally have it already.
             if !run.lower.iter().any(|l| l.join(rel).is_dir()) {
                 let d = upper.join(rel);

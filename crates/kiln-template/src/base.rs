@@ -155,7 +155,11 @@ fn command(spec: &BaseSpec, exe: &Path, rootfs: &Path, mirror: &str) -> Command 
 /// The progress stage of one line the bootstrapper printed (without its `I: `).
 fn stage_of(msg: &str) -> &'static str {
     let m = msg.to_ascii_lowercase();
-    if m.starts_with("retrieving") || m.starts_with("validating") || m.contains("apt-get update") || m.starts_with("downloading") {
+    if m.starts_with("retrieving")
+        || m.starts_with("validating")
+        || m.contains("apt-get update")
+        || m.starts_with("downloading")
+    {
         "fetch"
     } else if m.starts_with("extracting") || m.starts_with("unpacking") {
         "unpack"
@@ -218,8 +222,14 @@ pub fn build_base(
         // debootstrap reports on stdout, mmdebstrap on stderr: read both, in arrival order.
         let (tx, rx) = std::sync::mpsc::channel::<String>();
         let readers: Vec<_> = [
-            child.stdout.take().map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|o| Box::new(o) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|e| Box::new(e) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -358,7 +368,12 @@ mod tests {
                 tool,
                 ..BaseSpec::default()
             };
-            let c = command(&spec, Path::new("/usr/bin/x"), Path::new("/s/rootfs"), "http://m/debian");
+            let c = command(
+                &spec,
+                Path::new("/usr/bin/x"),
+                Path::new("/s/rootfs"),
+                "http://m/debian",
+            );
             c.get_args()
                 .map(|a| a.to_string_lossy().to_string())
                 .collect::<Vec<_>>()
@@ -367,8 +382,10 @@ mod tests {
         expect_test::expect![[r#"
             --variant=minbase --include=python3,python3-apt --dpkgopt=path-exclude=/usr/share/man/* --dpkgopt=path-exclude=/usr/share/info/* --dpkgopt=path-exclude=/usr/share/groff/* --dpkgopt=path-exclude=/usr/share/lintian/* --dpkgopt=path-exclude=/usr/share/linda/* --dpkgopt=path-exclude=/usr/share/doc/* --dpkgopt=path-include=/usr/share/doc/*/copyright --dpkgopt=path-exclude=/usr/share/locale/* --dpkgopt=path-include=/usr/share/locale/locale.alias --skip=cleanup/apt/lists bookworm /s/rootfs http://m/debian"#]]
         .assert_eq(&line(Bootstrapper::Mmdebstrap));
-        expect_test::expect![[r#"--variant=minbase --include=python3,python3-apt bookworm /s/rootfs http://m/debian"#]]
-            .assert_eq(&line(Bootstrapper::Debootstrap));
+        expect_test::expect![[
+            r#"--variant=minbase --include=python3,python3-apt bookworm /s/rootfs http://m/debian"#
+        ]]
+        .assert_eq(&line(Bootstrapper::Debootstrap));
         assert_eq!(stage_of("downloading packages with apt..."), "fetch");
         assert_eq!(stage_of("Extracting zlib1g..."), "unpack");
         assert_eq!(stage_of("installing essential packages..."), "configure");

@@ -359,11 +359,91 @@ impl ImageStore {
         Ok(())
     }
 
+    /// A private view of the apt cache for one role run, inside `scratch`: every package list
+    /// and downloaded `.deb` hard-linked in. Concurrent builds each hold their own view, so
+    /// apt's lock files (`lists/lock`, `archives/lock`) are never shared between them, while
+    /// nothing is copied. `(lists, archives)`; hand the same `scratch` to `apt_merge_back`.
+    pub fn apt_view(&self, scratch: &Path) -> Result<(PathBuf, PathBuf), TemplateError> {
+        use std::os::unix::fs::MetadataExt;
+        let (lists, archives) = self.apt_cache()?;
+        let (vl, va) = (scratch.join("apt/lists"), scratch.join("apt/archives"));
+        // The inodes linked in: what a run did not replace is not published back.
+        let mut linked = String::new();
+        for (from, to) in [(&lists, &vl), (&archives, &va)] {
+            let partial = to.join("partial");
+            std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
+            for e in std::fs::read_dir(from).map_err(io_err(from))?.flatten() {
+                if !apt_cache_file(&e) {
+                    continue;
+                }
+                let dst = to.join(e.file_name());
+                // A file gc removes meanwhile is simply not in this view.
+                match std::fs::hard_link(e.path(), &dst) {
+                    Ok(()) => {
+                        if let Ok(m) = std::fs::metadata(&dst) {
+                            linked.push_str(&format!("{}\n", m.ino()));
+                        }
+                    }
+                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(err) => return Err(io_err(&dst)(err)),
+                }
+            }
+        }
+        let record = scratch.join("apt/linked");
+        std::fs::write(&record, linked).map_err(io_err(&record))?;
+        Ok((vl, va))
+    }
+
+    /// Publishes what a role run added to its private view (`apt_view`): package lists an
+    /// `apt-get update` replaced take the place of the shared ones (atomic renames), new
+    /// `.deb` files are linked into the shared cache unless another build got there first.
+    pub fn apt_merge_back(&self, scratch: &Path) -> Result<(), TemplateError> {
+        use std::os::unix::fs::MetadataExt;
+        let (lists, archives) = self.apt_cache()?;
+        let linked: std::collections::HashSet<u64> =
+            std::fs::read_to_string(scratch.join("apt/linked"))
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.parse().ok())
+                .collect();
+        for (to, from) in [
+            (&lists, scratch.join("apt/lists")),
+            (&archives, scratch.join("apt/archives")),
+        ] {
+            let Ok(rd) = std::fs::read_dir(&from) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                if !apt_cache_file(&e) {
+                    continue;
+                }
+                if e.metadata().is_ok_and(|m| linked.contains(&m.ino())) {
+                    continue;
+                }
+                let dst = to.join(e.file_name());
+                let res = if to == &lists {
+                    std::fs::rename(e.path(), &dst)
+                } else {
+                    std::fs::hard_link(e.path(), &dst)
+                };
+                match res {
+                    Ok(()) => {}
+                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(err) => return Err(io_err(&dst)(err)),
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Empties the shared download cache (`.deb` files); the package lists stay.
     pub fn clear_apt_archives(&self) -> Result<u64, TemplateError> {
         let (_, archives) = self.apt_cache()?;
         let mut freed = 0;
-        for e in std::fs::read_dir(&archives).map_err(io_err(&archives))?.flatten() {
+        for e in std::fs::read_dir(&archives)
+            .map_err(io_err(&archives))?
+            .flatten()
+        {
             let p = e.path();
             if p.extension().is_some_and(|x| x == "deb") {
                 freed += e.metadata().map(|m| m.len()).unwrap_or(0);
@@ -494,9 +574,60 @@ impl ImageStore {
     }
 }
 
+/// A regular file of an apt cache directory, not apt's lock or bookkeeping.
+fn apt_cache_file(e: &std::fs::DirEntry) -> bool {
+    let name = e.file_name();
+    name != "lock"
+        && name != "partial"
+        && name != "auxfiles"
+        && e.file_type().is_ok_and(|t| t.is_file())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn apt_views_are_private_and_merge_back_what_a_run_added() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = ImageStore::open(dir.path()).expect("open");
+        let (lists, archives) = store.apt_cache().expect("cache");
+        std::fs::write(lists.join("d_Packages"), "old").expect("write");
+        std::fs::write(archives.join("a.deb"), "a").expect("write");
+        let (s1, s2) = (
+            store.scratch("r1").expect("s"),
+            store.scratch("r2").expect("s"),
+        );
+        let (vl1, va1) = store.apt_view(&s1).expect("view");
+        let (_, va2) = store.apt_view(&s2).expect("view");
+        assert_eq!(
+            std::fs::read_to_string(va1.join("a.deb")).expect("read"),
+            "a"
+        );
+        // apt's lock files are per view, never the shared ones.
+        std::fs::write(va1.join("lock"), "").expect("lock");
+        assert!(!va2.join("lock").exists() && !archives.join("lock").exists());
+        // Run 1 refreshes the lists (apt renames new files in) and downloads b.deb;
+        // run 2 downloads b.deb too.
+        std::fs::write(vl1.join("d_Packages.new"), "new").expect("write");
+        std::fs::rename(vl1.join("d_Packages.new"), vl1.join("d_Packages")).expect("rename");
+        std::fs::write(va1.join("b.deb"), "b1").expect("write");
+        std::fs::write(va2.join("b.deb"), "b2").expect("write");
+        store.apt_merge_back(&s1).expect("merge");
+        store.apt_merge_back(&s2).expect("merge");
+        assert_eq!(
+            std::fs::read_to_string(lists.join("d_Packages")).expect("read"),
+            "new"
+        );
+        assert_eq!(
+            std::fs::read_to_string(archives.join("b.deb")).expect("read"),
+            "b1"
+        );
+        assert!(!archives.join("lock").exists());
+        // Removing the shared download cache leaves a running view's files alone.
+        store.clear_apt_archives().expect("clear");
+        assert!(va2.join("a.deb").is_file() && !archives.join("a.deb").exists());
+    }
 
     #[test]
     fn publish_dedupes_and_refs_round_trip() {

@@ -155,7 +155,7 @@ pub fn build(
             None => {
                 rebuilt += 1;
                 let scratch = store.scratch(&format!("role-{role}"))?;
-                let (lists, archives) = store.apt_cache()?;
+                let (lists, archives) = store.apt_view(&scratch)?;
                 let lower: Vec<PathBuf> =
                     stack.iter().rev().map(|d| store.layer_rootfs(d)).collect();
                 let result = ansible::run_role(
@@ -178,6 +178,7 @@ pub fn build(
                     },
                 )
                 .and_then(|upper| {
+                    store.apt_merge_back(&scratch)?;
                     let l = store.publish(
                         &upper,
                         Some(parent.clone()),

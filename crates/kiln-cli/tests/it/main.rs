@@ -395,7 +395,15 @@ fn sandbox_commands_end_to_end() {
 
     // The benchmark speaks JSON with the fields it promises.
     let o = s.run(&[
-        "bench", "sandbox", "--n", "3", "--idle", "2", "--template", "python", "--json",
+        "bench",
+        "sandbox",
+        "--n",
+        "3",
+        "--idle",
+        "2",
+        "--template",
+        "python",
+        "--json",
     ]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let b: serde_json::Value = serde_json::from_slice(&o.stdout).expect("bench json");
@@ -412,8 +420,18 @@ fn sandbox_commands_end_to_end() {
     assert_eq!(b["idle_sandboxes"], 2);
     assert!(b["memory_per_idle_sandbox_mib"].as_f64().is_some());
     assert_eq!(b["templates"][0]["template"], "python", "{b}");
-    assert!(b["templates"][0]["p50_ratio_to_base"].as_f64().is_some(), "{b}");
-    let o = s.run(&["bench", "sandbox", "--n", "1", "--template", "no-such-template"]);
+    assert!(
+        b["templates"][0]["p50_ratio_to_base"].as_f64().is_some(),
+        "{b}"
+    );
+    let o = s.run(&[
+        "bench",
+        "sandbox",
+        "--n",
+        "1",
+        "--template",
+        "no-such-template",
+    ]);
     assert_eq!(o.status.code(), Some(125), "{}", text(&o.stderr));
 
     let log_hint = s.log();

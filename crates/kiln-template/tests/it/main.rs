@@ -226,7 +226,10 @@ fn apt_lists_and_downloads_live_in_the_store_cache_not_in_layers() {
     let name = unique("apt");
     ts.template(
         &name,
-        &format!("roles = [\"base\", \"tapt\"]\n[vars]\ntapt_salt = \"{}\"\n", unique("s")),
+        &format!(
+            "roles = [\"base\", \"tapt\"]\n[vars]\ntapt_salt = \"{}\"\n",
+            unique("s")
+        ),
     );
     let (r, rebuilt) = build(&store, &ts.sources(), &name);
     let r = r.expect("build");
@@ -238,7 +241,10 @@ fn apt_lists_and_downloads_live_in_the_store_cache_not_in_layers() {
             .filter_map(|e| e.ok())
             .any(|e| e.file_name().to_string_lossy().contains(needle))
     };
-    assert!(cached(&lists, "_Packages"), "the store cache holds the lists");
+    assert!(
+        cached(&lists, "_Packages"),
+        "the store cache holds the lists"
+    );
     assert!(cached(&archives, "bc_"), "the download stays in the cache");
     let m = r.template.as_ref().expect("manifest");
     for (role, digest) in std::iter::once(("debian", &m.base))
@@ -256,7 +262,10 @@ fn apt_lists_and_downloads_live_in_the_store_cache_not_in_layers() {
         );
     }
     assert!(
-        store.layer_rootfs(&r.layers[0]).join("usr/bin/bc").is_file(),
+        store
+            .layer_rootfs(&r.layers[0])
+            .join("usr/bin/bc")
+            .is_file(),
         "the role's package is in its layer"
     );
     template::remove(&store, &name).expect("rm");
@@ -461,15 +470,25 @@ fn gc_keeps_referenced_and_mounted_layers() {
     // gc also empties the apt download cache (the lists stay).
     let (lists, archives) = store.apt_cache().expect("cache");
     std::fs::write(archives.join("x_1.0_all.deb"), [0u8; 100]).expect("deb");
-    std::fs::write(lists.join("m_dists_bookworm_main_binary-amd64_Packages"), "P").expect("list");
+    std::fs::write(
+        lists.join("m_dists_bookworm_main_binary-amd64_Packages"),
+        "P",
+    )
+    .expect("list");
     let layer_bytes: u64 = digests[..2]
         .iter()
         .map(|d| store.layer(d).expect("layer").size_bytes)
         .sum();
     let rep = template::gc(&store, &Default::default()).expect("gc");
     assert!(!archives.join("x_1.0_all.deb").exists());
-    assert!(lists.join("m_dists_bookworm_main_binary-amd64_Packages").exists());
-    assert_eq!(rep.freed_bytes, layer_bytes + 100, "the download counts as freed");
+    assert!(lists
+        .join("m_dists_bookworm_main_binary-amd64_Packages")
+        .exists());
+    assert_eq!(
+        rep.freed_bytes,
+        layer_bytes + 100,
+        "the download counts as freed"
+    );
     let mut both = vec![digests[0].clone(), digests[1].clone()];
     both.sort();
     assert_eq!(rep.removed, both);
