@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::ToolSpec;
+use crate::runner::Env;
 use crate::tools::{truncate, Tool, ToolCtx};
 
 /// Separates the server name from the tool name.
@@ -85,7 +86,7 @@ pub enum McpError {
 pub struct McpServer {
     pub name: String,
     cfg: McpServerConfig,
-    env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+    env: Env,
     client: tokio::sync::Mutex<Option<RunningService<RoleClient, ()>>>,
     /// (tool name, description, input schema) as the server listed them.
     pub tools: Vec<(String, String, Value)>,
@@ -96,7 +97,7 @@ impl McpServer {
     pub async fn connect(
         name: &str,
         cfg: McpServerConfig,
-        env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
+        env: Env,
     ) -> Result<Arc<McpServer>, McpError> {
         if name.is_empty()
             || name.contains(SEP)
@@ -320,10 +321,7 @@ pub struct McpHub {
 impl McpHub {
     /// Connects to every server of `cfg`. A server that fails is reported and left out; the
     /// others still serve.
-    pub async fn connect(
-        cfg: &McpConfig,
-        env: Arc<dyn Fn(&str) -> Option<String> + Send + Sync>,
-    ) -> (McpHub, Vec<McpError>) {
+    pub async fn connect(cfg: &McpConfig, env: Env) -> (McpHub, Vec<McpError>) {
         let mut hub = McpHub::default();
         let mut errors = Vec::new();
         for (name, sc) in &cfg.servers {

@@ -11,7 +11,7 @@ use kiln_agent::mcp::{McpConfig, McpHub, McpServerConfig};
 use kiln_agent::tools::{Registry, Tool, ToolCtx};
 use serde_json::{json, Value};
 
-fn no_env() -> Arc<dyn Fn(&str) -> Option<String> + Send + Sync> {
+fn no_env() -> kiln_agent::runner::Env {
     Arc::new(|_: &str| None)
 }
 
