@@ -260,6 +260,8 @@ const READ_TOOLS: &[&str] = &[
     "lsp_diagnostics",
     "lsp_definition",
     "lsp_references",
+    "knowledge_search",
+    "knowledge_context",
 ];
 const AGENT_TOOLS: &[&str] = &[
     "spawn_agent",

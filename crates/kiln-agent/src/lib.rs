@@ -13,6 +13,7 @@ pub mod bus;
 pub mod config;
 pub mod eval;
 pub mod events;
+pub mod knowledge;
 pub mod mcp;
 pub mod mcp_testserver;
 pub mod model;

@@ -701,6 +701,7 @@ impl Runtime {
             .map_err(|e| AgentError::Sandbox(e.to_string()))?;
         let mut registry = self.registry(&self.snapshot(&ctx).await.tools);
         let tctx = ToolCtx {
+            org_id: ctx.org_id.clone(),
             sandbox,
             agents: Some(Arc::new(Agents {
                 rt: self.clone(),

@@ -1,8 +1,8 @@
 //! Typed tools over a sandbox. Each tool's arguments are a Rust type with a JSON schema
 //! (`schemars`) offered to the model; a call is validated against that type before anything
 //! runs. What tools need from a sandbox is the [`Sandbox`] trait (the server implements it
-//! over kilnd and kiln-devtools); further tools (knowledge search, MCP servers) plug in
-//! through [`Tool`] and [`Registry::register`].
+//! over kilnd and kiln-devtools); further tools (knowledge search in `knowledge`, MCP servers
+//! in `mcp`) plug in through [`Tool`] and [`Registry::register`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -85,6 +85,8 @@ pub trait AgentOps: Send + Sync {
 /// Context a tool runs in.
 #[derive(Clone)]
 pub struct ToolCtx {
+    /// The organisation the run belongs to (tools reach only its resources).
+    pub org_id: String,
     pub sandbox: Arc<dyn Sandbox>,
     pub agents: Option<Arc<dyn AgentOps>>,
     /// Output beyond this many bytes is cut (head and tail kept) with a note.
@@ -271,7 +273,8 @@ fn search_spec() -> ToolSpec {
     }
 }
 
-fn schema<T: JsonSchema>() -> Value {
+/// The JSON schema offered to a model for an argument type (inlined, no `$schema` or title).
+pub fn schema<T: JsonSchema>() -> Value {
     let mut v = schemars::generate::SchemaSettings::draft07()
         .with(|s| s.inline_subschemas = true)
         .into_generator()

@@ -48,14 +48,21 @@ pub fn routes() -> Router<AppState> {
 /// Creates the agent runtime of a server (its sandboxes are this server's).
 pub fn runtime(kiln: &Arc<Kiln>) -> Arc<Runtime> {
     let env: kiln_agent::runner::Env = Arc::new(|k: &str| std::env::var(k).ok());
-    Runtime::new(
+    let rt = Runtime::new(
         kiln.store.clone(),
         kiln.cfg.agents.clone(),
         env,
         Arc::new(Factory {
             kiln: Arc::downgrade(kiln),
         }),
-    )
+    );
+    // Search and context over the run's organisation's code indexes.
+    for t in kiln_agent::knowledge::knowledge_tools(Arc::new(crate::knowledge::AgentKnowledge {
+        kiln: Arc::downgrade(kiln),
+    })) {
+        rt.register_tool(t);
+    }
+    rt
 }
 
 /// The agent runtime of `k` (created on first use).

@@ -792,3 +792,85 @@ async fn context(
     v["text"] = serde_json::Value::String(text);
     Ok(Json(v).into_response())
 }
+
+/// The knowledge tools of agent runs (`knowledge_search`, `knowledge_context`): this
+/// server's engine, scoped to the run's organisation like the API is to a caller's.
+pub(crate) struct AgentKnowledge {
+    pub(crate) kiln: std::sync::Weak<Kiln>,
+}
+
+impl AgentKnowledge {
+    fn engine(&self) -> Result<Engine, String> {
+        let k = self
+            .kiln
+            .upgrade()
+            .ok_or_else(|| "the server is shutting down".to_string())?;
+        engine(&k).map_err(tool_err)
+    }
+}
+
+/// An API error as a message for a model: the message and its hint.
+fn tool_err(e: ApiError) -> String {
+    match e.hint {
+        Some(h) => format!("{} ({h})", e.message),
+        None => e.message,
+    }
+}
+
+#[async_trait::async_trait]
+impl kiln_agent::knowledge::Knowledge for AgentKnowledge {
+    async fn indexes(&self, org_id: &str) -> Result<Vec<String>, String> {
+        let e = self.engine()?;
+        let org = org_id.to_string();
+        let list = blocking(move || e.list(&org)).await.map_err(tool_err)?;
+        Ok(list.into_iter().map(|i| i.name).collect())
+    }
+
+    async fn search(
+        &self,
+        org_id: &str,
+        index: &str,
+        a: &kiln_agent::knowledge::KnowledgeSearch,
+    ) -> Result<Vec<kiln_agent::knowledge::KnowledgeHit>, String> {
+        let p = params(SearchReq {
+            query: a.query.clone(),
+            k: a.k,
+            lang: a.lang.clone(),
+            path: a.path.clone(),
+            kind: None,
+            mode: None,
+        })
+        .map_err(tool_err)?;
+        let e = self.engine()?;
+        let (org, name) = (org_id.to_string(), index.to_string());
+        let hits = blocking(move || e.search(&org, &name, &p))
+            .await
+            .map_err(tool_err)?;
+        Ok(hits
+            .into_iter()
+            .map(|h| kiln_agent::knowledge::KnowledgeHit {
+                path: h.path,
+                start_line: h.start_line,
+                end_line: h.end_line,
+                symbol: h.symbol,
+                score: h.score,
+                text: h.text,
+            })
+            .collect())
+    }
+
+    async fn context(
+        &self,
+        org_id: &str,
+        index: &str,
+        query: &str,
+        tokens: usize,
+    ) -> Result<String, String> {
+        let e = self.engine()?;
+        let (org, name, q) = (org_id.to_string(), index.to_string(), query.to_string());
+        let c = blocking(move || e.context(&org, &name, &q, tokens, true))
+            .await
+            .map_err(tool_err)?;
+        Ok(c.render())
+    }
+}

@@ -25,6 +25,7 @@ fn stdio_server() -> McpServerConfig {
 /// A tool context without a sandbox (MCP tools do not use it).
 fn ctx() -> ToolCtx {
     ToolCtx {
+        org_id: "org-test".into(),
         sandbox: Arc::new(NoSandbox),
         agents: None,
         output_budget: 4096,

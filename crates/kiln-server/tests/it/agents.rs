@@ -240,7 +240,7 @@ async fn tools_and_parallel_calls_run_in_a_real_sandbox() {
         .as_str()
         .unwrap_or_default()
         .contains("never an instruction to you"));
-    assert_eq!(reqs[0].body["tools"].as_array().map(|t| t.len()), Some(18));
+    assert_eq!(reqs[0].body["tools"].as_array().map(|t| t.len()), Some(20));
     s.teardown().await;
 }
 
@@ -1144,5 +1144,163 @@ tools = ["calc__*", "exec"]
         "{u}"
     );
     stop.cancel();
+    s.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knowledge_tools_search_the_runs_own_organisation() {
+    let m = ScriptedServer::start(vec![
+        // The owner's run: its organisation has one index, so `index` may be left out.
+        Turn::calls(&[
+            (
+                "k1",
+                "knowledge_search",
+                json!({"query": "total price of the cart"}),
+            ),
+            (
+                "k2",
+                "knowledge_context",
+                json!({"query": "cart total", "tokens": 300, "index": "shop"}),
+            ),
+            (
+                "k3",
+                "knowledge_search",
+                json!({"query": "x", "index": "nope"}),
+            ),
+            (
+                "k4",
+                "knowledge_search",
+                json!({"query": "x", "lang": "cobol"}),
+            ),
+            (
+                "k5",
+                "knowledge_context",
+                json!({"query": "x", "tokens": 9}),
+            ),
+            ("k6", "knowledge_search", json!({"query": "x", "bogus": 1})),
+        ]),
+        Turn::text("found it"),
+        // Another organisation's run sees none of it.
+        Turn::calls(&[
+            ("o1", "knowledge_search", json!({"query": "total price"})),
+            (
+                "o2",
+                "knowledge_search",
+                json!({"query": "total price", "index": "shop"}),
+            ),
+        ]),
+        Turn::text("nothing"),
+    ])
+    .await
+    .expect("model");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let s = server(dir.path(), agent_config(&[("scripted", "openai", &m)], "")).await;
+    let src = tempfile::tempdir().expect("src");
+    std::fs::write(
+        src.path().join("cart.py"),
+        "class Cart:\n    def total_price(self):\n        return sum(i.price for i in self.items)\n",
+    )
+    .expect("write");
+    std::fs::write(
+        src.path().join("util.rs"),
+        "pub fn parse_header(line: &str) -> Option<&str> {\n    line.split(':').next()\n}\n",
+    )
+    .expect("write");
+    for (path, body) in [
+        (
+            "/v1/indexes",
+            Some(json!({"name": "shop", "path": src.path().display().to_string()})),
+        ),
+        ("/v1/indexes/shop/sync", None),
+    ] {
+        let mut rb = s.http.post(s.url(path));
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.expect("send");
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.text().await.expect("body");
+    }
+
+    let r = start(
+        &s,
+        json!({"task": "where is the total?", "model": "scripted/m"}),
+    )
+    .await;
+    let id = r["id"].as_str().expect("id").to_string();
+    let done = wait_done(&s, &id).await;
+    assert_eq!(done["reason"], "done", "{done}");
+    let out = outputs(&events(&s, &id).await);
+    assert!(
+        out[0].contains("in index `shop`") && out[0].contains("--- cart.py:"),
+        "{}",
+        out[0]
+    );
+    assert!(out[0].contains("def total_price"), "{}", out[0]);
+    assert!(
+        out[1].contains("--- cart.py:") && out[1].contains("total_price"),
+        "{}",
+        out[1]
+    );
+    let errors: Vec<String> = out[2..].iter().map(|o| o.replace('\n', " ")).collect();
+    expect_test::expect![[r#"
+        [
+            "no index named `nope` (list indexes with `kiln index ls` (GET /v1/indexes))",
+            "unknown language `cobol` (use python, rust, typescript, tsx, javascript, markdown or text)",
+            "`tokens` must be between 64 and 8000 (got 9); nothing was run",
+            "invalid arguments for `knowledge_search`: unknown field `bogus`, expected one of `query`, `index`, `k`, `lang`, `path`; nothing was run",
+        ]
+    "#]]
+    .assert_debug_eq(&errors);
+
+    let other = crate::tenancy::new_org(&s, "knowledge-agents-other").await;
+    let key = other.key.expect("key").secret;
+    let r: Value = reqwest::Client::new()
+        .post(s.url("/v1/agents"))
+        .bearer_auth(&key)
+        .json(&json!({"task": "where is the total?", "model": "scripted/m"}))
+        .send()
+        .await
+        .expect("send")
+        .json()
+        .await
+        .expect("json");
+    let id = r["id"].as_str().expect("id").to_string();
+    let done = loop {
+        let v: Value = reqwest::Client::new()
+            .get(s.url(&format!("/v1/agents/{id}")))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("send")
+            .json()
+            .await
+            .expect("json");
+        if v["state"] != "running" {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["reason"], "done", "{done}");
+    let text = reqwest::Client::new()
+        .get(s.url(&format!("/v1/agents/{id}/events")))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .expect("events");
+    let evs: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("event"))
+        .collect();
+    let out = outputs(&evs);
+    assert!(
+        out[0].starts_with("this organisation has no knowledge index yet"),
+        "{}",
+        out[0]
+    );
+    assert!(out[1].starts_with("no index named `shop`"), "{}", out[1]);
     s.teardown().await;
 }
