@@ -37,7 +37,8 @@ pub enum BenchCmd {
     Devtools(crate::bench_devtools::DevtoolsBench),
     /// Knowledge engine, in process: embedding throughput, walk-to-searchable (BM25), one-file
     /// sync in a large tree with embedding-cache hits, hybrid query p99 at 100k chunks with the
-    /// query's embedding, IVF p99 and recall@10 at 1M vectors, HumanEval retrieval quality
+    /// query's embedding, HNSW and IVF p99 and recall@10 at 1M vectors against an exact scan,
+    /// HumanEval retrieval quality
     Knowledge(crate::bench_knowledge::KnowledgeBench),
 }
 
