@@ -480,7 +480,7 @@ fn ann_bench(nvec: usize, json_out: bool) -> Result<serde_json::Value> {
     ));
     drop(index);
     let mut hnsw_rows = Vec::new();
-    for ef in [16usize, 32, 64, 128, 256] {
+    for ef in [16usize, 32, 64, 128, 256, 384, 512] {
         let mut lat = Vec::new();
         let found: Vec<Vec<i64>> = queries
             .iter()
