@@ -209,7 +209,10 @@ fn join(dir: &str, name: &str) -> String {
 
 /// Walks any [`Tree`] with the rules of [`walk`]: one `list` per directory not ignored, the
 /// ignore files read as they are met. An unreadable root is an error; a directory that
-/// vanishes during the walk is skipped.
+/// vanishes during the walk (`NotFound`) or may not be read (`PermissionDenied`) is skipped;
+/// any other failure to list (the source stopped answering: a sandbox going away, a broken
+/// connection) ends the walk with that error, so a sync never takes what it could not list
+/// for deleted files.
 pub fn walk_tree<T: Tree + ?Sized>(
     tree: &T,
     opts: &WalkOptions,
@@ -218,7 +221,7 @@ pub fn walk_tree<T: Tree + ?Sized>(
     let mut skipped = Skipped::default();
     let mut levels: Vec<Level> = Vec::new();
     let root = tree.list("")?;
-    visit(tree, "", root, opts, &mut levels, &mut out, &mut skipped);
+    visit(tree, "", root, opts, &mut levels, &mut out, &mut skipped)?;
     out.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok((out, skipped))
 }
@@ -231,7 +234,7 @@ fn visit<T: Tree + ?Sized>(
     levels: &mut Vec<Level>,
     out: &mut Vec<WalkedFile>,
     skipped: &mut Skipped,
-) {
+) -> std::io::Result<()> {
     entries.sort_by(|a, b| a.name.cmp(&b.name));
     let has = |name: &str| {
         entries
@@ -264,8 +267,19 @@ fn visit<T: Tree + ?Sized>(
                 if SKIP_DIRS.contains(&e.name.as_str()) || ignored(levels, &rel, true) {
                     continue;
                 }
-                if let Ok(children) = tree.list(&rel) {
-                    visit(tree, &rel, children, opts, levels, out, skipped);
+                match tree.list(&rel) {
+                    Ok(children) => visit(tree, &rel, children, opts, levels, out, skipped)?,
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                        ) => {}
+                    Err(e) => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("listing `{rel}`: {e}"),
+                        ))
+                    }
                 }
             }
             EntryKind::File => {
@@ -295,6 +309,7 @@ fn visit<T: Tree + ?Sized>(
         }
     }
     levels.pop();
+    Ok(())
 }
 
 /// What reading a walked file gives: its text, or why it is left out.

@@ -176,6 +176,8 @@ impl SandboxTree {
 fn io_err(e: kilnd::client::ClientError) -> std::io::Error {
     let kind = match e.code() {
         Some(DaemonErrorCode::NotFound) => std::io::ErrorKind::NotFound,
+        Some(DaemonErrorCode::PermissionDenied) => std::io::ErrorKind::PermissionDenied,
+        // Transport failures too: the walk stops rather than skip what it could not list.
         _ => std::io::ErrorKind::Other,
     };
     std::io::Error::new(kind, e.to_string())

@@ -93,6 +93,66 @@ fn tree_walker_applies_the_same_rules_as_the_host_walker() {
     }
 }
 
+/// A tree whose listing of one directory fails with a given error kind.
+struct FailingList {
+    inner: LocalTree,
+    dir: &'static str,
+    kind: std::io::ErrorKind,
+}
+
+impl Tree for FailingList {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn list(&self, dir: &str) -> std::io::Result<Vec<kiln_knowledge::source::Entry>> {
+        if dir == self.dir {
+            return Err(std::io::Error::new(
+                self.kind,
+                "the source stopped answering",
+            ));
+        }
+        self.inner.list(dir)
+    }
+    fn read(&self, rel: &str) -> std::io::Result<Vec<u8>> {
+        self.inner.read(rel)
+    }
+}
+
+#[test]
+fn a_listing_that_fails_ends_the_walk_but_a_vanished_directory_is_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = dir.path();
+    write(r, "a.py", "a = 1\n");
+    write(r, "sub/b.py", "b = 2\n");
+    let walk = |kind| {
+        walk_tree(
+            &FailingList {
+                inner: LocalTree::new(r),
+                dir: "sub",
+                kind,
+            },
+            &WalkOptions::default(),
+        )
+        .map(|(files, _)| files.into_iter().map(|f| f.rel).collect::<Vec<_>>())
+        .map_err(|e| e.to_string())
+    };
+    // Gone or unreadable: the rest of the tree is still walked.
+    assert_eq!(
+        walk(std::io::ErrorKind::NotFound),
+        Ok(vec!["a.py".to_string()])
+    );
+    assert_eq!(
+        walk(std::io::ErrorKind::PermissionDenied),
+        Ok(vec!["a.py".to_string()])
+    );
+    // Anything else (a sandbox going away mid-walk) is an error, never "sub/ is empty",
+    // which a sync would take for deleted files.
+    assert_eq!(
+        walk(std::io::ErrorKind::ConnectionReset),
+        Err("listing `sub`: the source stopped answering".to_string())
+    );
+}
+
 #[test]
 fn git_url_policy() {
     let urls = [
