@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::model::ToolSpec;
-use crate::tools::{schema, truncate, Tool, ToolCtx};
+use crate::tools::{parse_args, schema, truncate, Tool, ToolCtx};
 
 pub const KNOWLEDGE_SEARCH: &str = "knowledge_search";
 pub const KNOWLEDGE_CONTEXT: &str = "knowledge_context";
@@ -99,11 +99,6 @@ async fn pick_index(
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(name: &str, args: Value) -> Result<T, String> {
-    serde_json::from_value(args)
-        .map_err(|e| format!("invalid arguments for `{name}`: {e}; nothing was run"))
-}
-
 struct SearchTool(Arc<dyn Knowledge>);
 
 #[async_trait]
@@ -119,7 +114,7 @@ impl Tool for SearchTool {
     }
 
     async fn run(&self, ctx: &ToolCtx, args: Value) -> Result<String, String> {
-        let mut a: KnowledgeSearch = parse(KNOWLEDGE_SEARCH, args)?;
+        let mut a: KnowledgeSearch = parse_args(KNOWLEDGE_SEARCH, args)?;
         if a.query.trim().is_empty() {
             return Err("`query` is empty; say what to look for".into());
         }
@@ -163,7 +158,7 @@ impl Tool for ContextTool {
     }
 
     async fn run(&self, ctx: &ToolCtx, args: Value) -> Result<String, String> {
-        let a: KnowledgeContext = parse(KNOWLEDGE_CONTEXT, args)?;
+        let a: KnowledgeContext = parse_args(KNOWLEDGE_CONTEXT, args)?;
         if a.query.trim().is_empty() {
             return Err("`query` is empty; say what the context is for".into());
         }

@@ -493,11 +493,13 @@ impl Registry {
 }
 
 fn typed<T: DeserializeOwned>(name: &str, v: Value) -> Result<T, CallError> {
-    serde_json::from_value(v).map_err(|e| {
-        CallError::Failed(format!(
-            "invalid arguments for `{name}`: {e}; nothing was run"
-        ))
-    })
+    parse_args(name, v).map_err(CallError::Failed)
+}
+
+/// A call's arguments as the tool's type, or the message a model gets when they do not fit.
+pub fn parse_args<T: DeserializeOwned>(name: &str, v: Value) -> Result<T, String> {
+    serde_json::from_value(v)
+        .map_err(|e| format!("invalid arguments for `{name}`: {e}; nothing was run"))
 }
 
 fn fail(e: SandboxError) -> CallError {

@@ -104,10 +104,7 @@ fn sb_err(e: ApiError) -> SandboxError {
     if e.status == StatusCode::NOT_FOUND {
         SandboxError::NotFound(e.message)
     } else {
-        SandboxError::Failed(match e.hint {
-            Some(h) => format!("{} ({h})", e.message),
-            None => e.message,
-        })
+        SandboxError::Failed(e.into_text())
     }
 }
 

@@ -45,6 +45,14 @@ impl ApiError {
         .hint("list sandboxes with `kiln sandbox ls` (GET /v1/sandboxes)")
     }
 
+    /// The error as one line for an agent's model: the message, then the hint in brackets.
+    pub fn into_text(self) -> String {
+        match self.hint {
+            Some(h) => format!("{} ({h})", self.message),
+            None => self.message,
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }

@@ -807,15 +807,7 @@ impl AgentKnowledge {
             .kiln
             .upgrade()
             .ok_or_else(|| "the server is shutting down".to_string())?;
-        engine(&k).map_err(tool_err)
-    }
-}
-
-/// An API error as a message for a model: the message and its hint.
-fn tool_err(e: ApiError) -> String {
-    match e.hint {
-        Some(h) => format!("{} ({h})", e.message),
-        None => e.message,
+        engine(&k).map_err(ApiError::into_text)
     }
 }
 
@@ -824,7 +816,9 @@ impl kiln_agent::knowledge::Knowledge for AgentKnowledge {
     async fn indexes(&self, org_id: &str) -> Result<Vec<String>, String> {
         let e = self.engine()?;
         let org = org_id.to_string();
-        let list = blocking(move || e.list(&org)).await.map_err(tool_err)?;
+        let list = blocking(move || e.list(&org))
+            .await
+            .map_err(ApiError::into_text)?;
         Ok(list.into_iter().map(|i| i.name).collect())
     }
 
@@ -842,12 +836,12 @@ impl kiln_agent::knowledge::Knowledge for AgentKnowledge {
             kind: None,
             mode: None,
         })
-        .map_err(tool_err)?;
+        .map_err(ApiError::into_text)?;
         let e = self.engine()?;
         let (org, name) = (org_id.to_string(), index.to_string());
         let hits = blocking(move || e.search(&org, &name, &p))
             .await
-            .map_err(tool_err)?;
+            .map_err(ApiError::into_text)?;
         Ok(hits
             .into_iter()
             .map(|h| kiln_agent::knowledge::KnowledgeHit {
@@ -872,7 +866,7 @@ impl kiln_agent::knowledge::Knowledge for AgentKnowledge {
         let (org, name, q) = (org_id.to_string(), index.to_string(), query.to_string());
         let c = blocking(move || e.context(&org, &name, &q, tokens, true))
             .await
-            .map_err(tool_err)?;
+            .map_err(ApiError::into_text)?;
         Ok(c.render())
     }
 }

@@ -362,14 +362,17 @@ impl ImageStore {
     /// A private view of the apt cache for one role run, inside `scratch`: every package list
     /// and downloaded `.deb` hard-linked in. Concurrent builds each hold their own view, so
     /// apt's lock files (`lists/lock`, `archives/lock`) are never shared between them, while
-    /// nothing is copied. `(lists, archives)`; hand the same `scratch` to `apt_merge_back`.
-    pub fn apt_view(&self, scratch: &Path) -> Result<(PathBuf, PathBuf), TemplateError> {
+    /// nothing is copied. Hand the view to `apt_merge_back` after the run.
+    pub fn apt_view(&self, scratch: &Path) -> Result<AptView, TemplateError> {
         use std::os::unix::fs::MetadataExt;
         let (lists, archives) = self.apt_cache()?;
-        let (vl, va) = (scratch.join("apt/lists"), scratch.join("apt/archives"));
-        // The inodes linked in: what a run did not replace is not published back.
-        let mut linked = String::new();
-        for (from, to) in [(&lists, &vl), (&archives, &va)] {
+        let view = AptView {
+            lists: scratch.join("apt/lists"),
+            archives: scratch.join("apt/archives"),
+            linked: Default::default(),
+        };
+        let mut linked = std::collections::HashSet::new();
+        for (from, to) in [(&lists, &view.lists), (&archives, &view.archives)] {
             let partial = to.join("partial");
             std::fs::create_dir_all(&partial).map_err(io_err(&partial))?;
             for e in std::fs::read_dir(from).map_err(io_err(from))?.flatten() {
@@ -381,7 +384,7 @@ impl ImageStore {
                 match std::fs::hard_link(e.path(), &dst) {
                     Ok(()) => {
                         if let Ok(m) = std::fs::metadata(&dst) {
-                            linked.push_str(&format!("{}\n", m.ino()));
+                            linked.insert(m.ino());
                         }
                     }
                     Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
@@ -389,35 +392,24 @@ impl ImageStore {
                 }
             }
         }
-        let record = scratch.join("apt/linked");
-        std::fs::write(&record, linked).map_err(io_err(&record))?;
-        Ok((vl, va))
+        Ok(AptView { linked, ..view })
     }
 
     /// Publishes what a role run added to its private view (`apt_view`): package lists an
     /// `apt-get update` replaced take the place of the shared ones (atomic renames), new
     /// `.deb` files are linked into the shared cache unless another build got there first.
-    pub fn apt_merge_back(&self, scratch: &Path) -> Result<(), TemplateError> {
+    pub fn apt_merge_back(&self, view: &AptView) -> Result<(), TemplateError> {
         use std::os::unix::fs::MetadataExt;
         let (lists, archives) = self.apt_cache()?;
-        let linked: std::collections::HashSet<u64> =
-            std::fs::read_to_string(scratch.join("apt/linked"))
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| l.parse().ok())
-                .collect();
-        for (to, from) in [
-            (&lists, scratch.join("apt/lists")),
-            (&archives, scratch.join("apt/archives")),
-        ] {
-            let Ok(rd) = std::fs::read_dir(&from) else {
+        for (to, from) in [(&lists, &view.lists), (&archives, &view.archives)] {
+            let Ok(rd) = std::fs::read_dir(from) else {
                 continue;
             };
             for e in rd.flatten() {
                 if !apt_cache_file(&e) {
                     continue;
                 }
-                if e.metadata().is_ok_and(|m| linked.contains(&m.ino())) {
+                if e.metadata().is_ok_and(|m| view.linked.contains(&m.ino())) {
                     continue;
                 }
                 let dst = to.join(e.file_name());
@@ -574,6 +566,17 @@ impl ImageStore {
     }
 }
 
+/// One role run's view of the apt cache (`ImageStore::apt_view`).
+pub struct AptView {
+    /// Bound over the build tree's `/var/lib/apt/lists`.
+    pub lists: PathBuf,
+    /// Bound over the build tree's `/var/cache/apt/archives`.
+    pub archives: PathBuf,
+    /// The inodes linked in from the shared cache: what the run did not replace is not
+    /// published back (a stale list never overwrites a fresher one).
+    linked: std::collections::HashSet<u64>,
+}
+
 /// A regular file of an apt cache directory, not apt's lock or bookkeeping.
 fn apt_cache_file(e: &std::fs::DirEntry) -> bool {
     let name = e.file_name();
@@ -598,8 +601,11 @@ mod tests {
             store.scratch("r1").expect("s"),
             store.scratch("r2").expect("s"),
         );
-        let (vl1, va1) = store.apt_view(&s1).expect("view");
-        let (_, va2) = store.apt_view(&s2).expect("view");
+        let (v1, v2) = (
+            store.apt_view(&s1).expect("view"),
+            store.apt_view(&s2).expect("view"),
+        );
+        let (vl1, va1, va2) = (&v1.lists, &v1.archives, &v2.archives);
         assert_eq!(
             std::fs::read_to_string(va1.join("a.deb")).expect("read"),
             "a"
@@ -613,8 +619,8 @@ mod tests {
         std::fs::rename(vl1.join("d_Packages.new"), vl1.join("d_Packages")).expect("rename");
         std::fs::write(va1.join("b.deb"), "b1").expect("write");
         std::fs::write(va2.join("b.deb"), "b2").expect("write");
-        store.apt_merge_back(&s1).expect("merge");
-        store.apt_merge_back(&s2).expect("merge");
+        store.apt_merge_back(&v1).expect("merge");
+        store.apt_merge_back(&v2).expect("merge");
         assert_eq!(
             std::fs::read_to_string(lists.join("d_Packages")).expect("read"),
             "new"

@@ -155,7 +155,7 @@ pub fn build(
             None => {
                 rebuilt += 1;
                 let scratch = store.scratch(&format!("role-{role}"))?;
-                let (lists, archives) = store.apt_view(&scratch)?;
+                let apt = store.apt_view(&scratch)?;
                 let lower: Vec<PathBuf> =
                     stack.iter().rev().map(|d| store.layer_rootfs(d)).collect();
                 let result = ansible::run_role(
@@ -166,7 +166,7 @@ pub fn build(
                         vars: &vars,
                         applied_deps: &closure,
                         scratch: &scratch,
-                        apt_cache: Some((&lists, &archives)),
+                        apt_cache: Some((&apt.lists, &apt.archives)),
                     },
                     &mut |e| match e {
                         RoleEvent::Task { n, name } => on(BuildEvent::Step {
@@ -178,7 +178,7 @@ pub fn build(
                     },
                 )
                 .and_then(|upper| {
-                    store.apt_merge_back(&scratch)?;
+                    store.apt_merge_back(&apt)?;
                     let l = store.publish(
                         &upper,
                         Some(parent.clone()),
